@@ -1,0 +1,23 @@
+//! Canopy's API machinery, without I/O: what the resources are, what their objects may
+//! contain, how they default, validate, patch, merge and print.
+//!
+//! Objects are handled as JSON values (`serde_json::Value`) shaped by the schemas of
+//! k8s-openapi's types, so one generic REST implementation serves every kind.
+
+#![deny(missing_docs)]
+
+mod generated;
+pub mod meta;
+pub mod quantity;
+pub mod registry;
+pub mod schema;
+pub mod status;
+
+pub use registry::{Registry, ResourceDef, Subresource};
+pub use status::{ApiError, ApiResult, Cause, Target};
+
+/// The Kubernetes version Canopy serves the API of. kubectl's version dispatcher picks its
+/// binary from the minor version.
+pub const KUBERNETES_MAJOR: &str = "1";
+/// See [`KUBERNETES_MAJOR`].
+pub const KUBERNETES_MINOR: &str = "33";

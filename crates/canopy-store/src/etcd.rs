@@ -1,0 +1,355 @@
+//! The etcd v3 store, through the `etcd-client` crate. Conditional writes are etcd
+//! transactions comparing the key's mod revision (create: create revision 0), exactly as the
+//! upstream apiserver's etcd3 storage does.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    Error, Event, EventKind, KeyValue, Outcome, RangeRequest, RangeResponse, Result, Revision,
+    Store, Watch, WatchResponse, prefix_end,
+};
+
+/// etcd's default `--max-request-bytes`; larger values are refused before they are sent.
+const MAX_VALUE_BYTES: usize = 1536 * 1024;
+
+/// A [`Store`] on an etcd v3 cluster.
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (any of `endpoints`).
+    pub async fn connect(endpoints: Vec<String>) -> Result<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(30))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        let client = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(|e| Error::Unavailable(format!("connecting to {endpoints:?}: {e}")))?;
+        let store = Self { client, endpoints };
+        // Fail at start, not at the first request, when the cluster is not there.
+        store.current_revision().await?;
+        Ok(store)
+    }
+
+    fn kv(&self) -> etcd_client::KvClient {
+        self.client.kv_client()
+    }
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
+    Ok(KeyValue {
+        key: String::from_utf8(kv.key().to_vec())
+            .map_err(|_| Error::Corrupt("etcd key is not UTF-8".into()))?,
+        value: Bytes::copy_from_slice(kv.value()),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+    })
+}
+
+fn map_err(e: etcd_client::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("required revision has been compacted") {
+        // The exact compaction revision is not in the message; callers only need the fact.
+        return Error::Compacted {
+            requested: 0,
+            compacted: 0,
+        };
+    }
+    if text.contains("request is too large") {
+        return Error::TooLarge {
+            size: 0,
+            limit: MAX_VALUE_BYTES,
+        };
+    }
+    match &e {
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+        {
+            Error::Unavailable(text)
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            Error::Unavailable(text)
+        }
+        _ => Error::Etcd(text),
+    }
+}
+
+fn check_size(value: &Bytes) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(Error::TooLarge {
+            size: value.len(),
+            limit: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The key read in a transaction's failure branch.
+fn current_from(responses: &[TxnOpResponse]) -> Result<Option<KeyValue>> {
+    for response in responses {
+        if let TxnOpResponse::Get(get) = response {
+            return get.kvs().first().map(to_kv).transpose();
+        }
+    }
+    Ok(None)
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Revision)> {
+        let response = self.kv().get(key, None).await.map_err(map_err)?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((response.kvs().first().map(to_kv).transpose()?, revision))
+    }
+
+    async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
+        let start = match &request.start_after {
+            Some(after) => {
+                let mut key = after.clone().into_bytes();
+                key.push(0);
+                key
+            }
+            None => request.prefix.clone().into_bytes(),
+        };
+        let mut options = GetOptions::new().with_range(prefix_end(&request.prefix));
+        if request.limit > 0 {
+            options = options.with_limit(request.limit as i64);
+        }
+        if let Some(rev) = request.revision.filter(|r| *r > 0) {
+            options = options.with_revision(rev);
+        }
+        let response = self.kv().get(start, Some(options)).await.map_err(|e| {
+            match (map_err(e), request.revision) {
+                (Error::Compacted { .. }, Some(rev)) => Error::Compacted {
+                    requested: rev,
+                    compacted: 0,
+                },
+                (other, _) => other,
+            }
+        })?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let kvs = response
+            .kvs()
+            .iter()
+            .map(to_kv)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RangeResponse {
+            kvs,
+            more: response.more(),
+            revision,
+        })
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<Outcome> {
+        check_size(&value)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.to_vec(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.kv().txn(txn).await.map_err(map_err)?;
+        if !response.succeeded() {
+            return Ok(Outcome::Conflict(current_from(
+                response.op_responses().as_slice(),
+            )?));
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Outcome::Committed(KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+        }))
+    }
+
+    async fn update(&self, key: &str, value: Bytes, expected: Revision) -> Result<Outcome> {
+        check_size(&value)?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(
+                key,
+                value.to_vec(),
+                Some(PutOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.kv().txn(txn).await.map_err(map_err)?;
+        if !response.succeeded() {
+            return Ok(Outcome::Conflict(current_from(
+                response.op_responses().as_slice(),
+            )?));
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let prev = response.op_responses().iter().find_map(|r| match r {
+            TxnOpResponse::Put(put) => put.prev_key().map(to_kv),
+            _ => None,
+        });
+        let prev = prev.transpose()?;
+        Ok(Outcome::Committed(KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision: prev.as_ref().map_or(revision, |p| p.create_revision),
+            mod_revision: revision,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+        }))
+    }
+
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<Outcome> {
+        let compare = match expected {
+            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+            // Unconditional: only require that the key exists.
+            None => Compare::create_revision(key, CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::delete(
+                key,
+                Some(etcd_client::DeleteOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.kv().txn(txn).await.map_err(map_err)?;
+        if !response.succeeded() {
+            return Ok(Outcome::Conflict(current_from(
+                response.op_responses().as_slice(),
+            )?));
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let prev = response.op_responses().iter().find_map(|r| match r {
+            TxnOpResponse::Delete(del) => del.prev_kvs().first().map(to_kv),
+            _ => None,
+        });
+        match prev.transpose()? {
+            Some(prev) => Ok(Outcome::Committed(KeyValue {
+                mod_revision: revision,
+                ..prev
+            })),
+            None => Ok(Outcome::Conflict(None)),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, start: Revision) -> Result<Watch> {
+        let options = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(start)
+            .with_prev_key()
+            .with_progress_notify();
+        let stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(map_err)?;
+        let (mut requests, mut responses) = stream.split();
+        let (tx, rx) = mpsc::channel(64);
+        let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = responses.message() => {
+                        let response = match message {
+                            Ok(Some(response)) => response,
+                            Ok(None) => {
+                                let _ = tx.send(Err(Error::Unavailable("etcd closed the watch".into()))).await;
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(map_err(e))).await;
+                                return;
+                            }
+                        };
+                        if response.canceled() {
+                            let compacted = response.compact_revision();
+                            let err = if compacted > 0 {
+                                Error::Compacted { requested: start, compacted }
+                            } else {
+                                Error::Unavailable(format!("etcd cancelled the watch: {}", response.cancel_reason()))
+                            };
+                            let _ = tx.send(Err(err)).await;
+                            return;
+                        }
+                        if response.created() && response.events().is_empty() {
+                            continue;
+                        }
+                        let progress = response.header().map(|h| h.revision()).unwrap_or(0);
+                        let mut events = Vec::with_capacity(response.events().len());
+                        for event in response.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            let kind = match event.event_type() {
+                                EventType::Put => EventKind::Put,
+                                EventType::Delete => EventKind::Delete,
+                            };
+                            let converted = (|| -> Result<Event> {
+                                Ok(Event {
+                                    kind,
+                                    kv: to_kv(kv)?,
+                                    prev: event.prev_kv().map(to_kv).transpose()?,
+                                })
+                            })();
+                            match converted {
+                                Ok(event) => events.push(event),
+                                Err(err) => {
+                                    let _ = tx.send(Err(err)).await;
+                                    return;
+                                }
+                            }
+                        }
+                        // A response with events reports the header revision, which can be
+                        // ahead of its last event; only the events' revision is certain.
+                        let progress = events.last().map_or(progress, |e| e.kv.mod_revision);
+                        if tx.send(Ok(WatchResponse { events, progress })).await.is_err() {
+                            return;
+                        }
+                    }
+                    request = progress_rx.recv() => {
+                        if request.is_none() {
+                            return;
+                        }
+                        if let Err(e) = requests.request_progress().await {
+                            let _ = tx.send(Err(map_err(e))).await;
+                            return;
+                        }
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Watch::new(rx, progress_tx))
+    }
+
+    async fn current_revision(&self) -> Result<Revision> {
+        // Any read returns the cluster's revision in its header; a count-only read of an
+        // empty range is the cheapest.
+        let response = self
+            .kv()
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(map_err)?;
+        Ok(response.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.kv()
+            .compact(revision, None)
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd:{}", self.endpoints.join(","))
+    }
+}
