@@ -6,12 +6,17 @@
 
 #![deny(missing_docs)]
 
+pub mod fieldmanager;
 mod generated;
+pub mod kinds;
 pub mod meta;
+pub mod patch;
 pub mod quantity;
 pub mod registry;
 pub mod schema;
+pub mod selector;
 pub mod status;
+pub mod table;
 
 pub use registry::{Registry, ResourceDef, Subresource};
 pub use status::{ApiError, ApiResult, Cause, Target};

@@ -24,6 +24,7 @@ const MAX_VALUE_BYTES: usize = 1536 * 1024;
 pub struct EtcdStore {
     client: Client,
     endpoints: Vec<String>,
+    ordered_progress: bool,
 }
 
 impl EtcdStore {
@@ -36,10 +37,25 @@ impl EtcdStore {
         let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|e| Error::Unavailable(format!("connecting to {endpoints:?}: {e}")))?;
-        let store = Self { client, endpoints };
-        // Fail at start, not at the first request, when the cluster is not there.
-        store.current_revision().await?;
-        Ok(store)
+        let version = client
+            .maintenance_client()
+            .status()
+            .await
+            .map_err(|e| Error::Unavailable(format!("etcd status at {endpoints:?}: {e}")))?
+            .version()
+            .to_string();
+        let ordered_progress = progress_is_ordered(&version);
+        if !ordered_progress {
+            tracing::warn!(
+                %version,
+                "etcd orders progress notifications after events only from 3.4.31 and 3.5.13; consistent lists will be read from etcd"
+            );
+        }
+        Ok(Self {
+            client,
+            endpoints,
+            ordered_progress,
+        })
     }
 
     fn kv(&self) -> etcd_client::KvClient {
@@ -351,5 +367,37 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd:{}", self.endpoints.join(","))
+    }
+
+    fn ordered_progress(&self) -> bool {
+        self.ordered_progress
+    }
+}
+
+/// Whether an etcd version has the fix for etcd-io/etcd#15220 and #17507.
+fn progress_is_ordered(version: &str) -> bool {
+    let parts: Vec<u64> = version
+        .split(['.', '-', '+'])
+        .take(3)
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    match parts.as_slice() {
+        [3, 4, patch] => *patch >= 31,
+        [3, 5, patch] => *patch >= 13,
+        [3, minor, _] => *minor >= 6,
+        [major, ..] => *major > 3,
+        [] => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_ordering_by_version() {
+        assert!(!super::progress_is_ordered("3.4.23"));
+        assert!(super::progress_is_ordered("3.4.31"));
+        assert!(!super::progress_is_ordered("3.5.12"));
+        assert!(super::progress_is_ordered("3.5.13"));
+        assert!(super::progress_is_ordered("3.6.0"));
     }
 }

@@ -196,6 +196,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// A human-readable description such as `embedded:/var/lib/canopy/store.redb`.
     fn describe(&self) -> String;
+
+    /// Whether a progress notification is delivered only after every event it covers. When
+    /// it is not (etcd before 3.4.31 and 3.5.13, etcd-io/etcd#15220), a watch cache cannot
+    /// prove it is fresh and consistent reads must go to the store.
+    fn ordered_progress(&self) -> bool {
+        true
+    }
 }
 
 /// A stream of watch responses for one prefix.

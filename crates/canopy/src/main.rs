@@ -1,1 +1,119 @@
-fn main() {}
+//! `canopy`: the one binary of Canopy. `canopy server` runs the whole control plane in one
+//! process; the other subcommands run single components and tools.
+
+mod bench;
+mod server;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "canopy",
+    version,
+    about = "Canopy: one Kubernetes-compatible control plane for a multi-tenant container cloud",
+    long_about = "Canopy runs a public container cloud over an IaaS with one Kubernetes-compatible \
+                  control plane. `canopy server` starts everything in one process on an embedded \
+                  store; kubectl, kube-rs and other Kubernetes clients work against it unchanged."
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CANOPY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter in tracing-subscriber's EnvFilter syntax, e.g. `info` or
+    /// `canopy_apiserver=debug,info`.
+    #[arg(long, global = true, default_value = "info", env = "CANOPY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane (API server and controllers) in one process.
+    Server(server::ServerArgs),
+    /// Measure Canopy's performance.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Issue a client certificate signed by the cluster CA and write a kubeconfig for it.
+    Kubeconfig(KubeconfigArgs),
+}
+
+#[derive(clap::Args)]
+struct KubeconfigArgs {
+    /// The server's data directory (holds the CA).
+    #[arg(long, default_value = "./canopy-data")]
+    data_dir: PathBuf,
+    /// User name (the certificate's common name).
+    #[arg(long)]
+    user: String,
+    /// Groups (the certificate's organizations); `system:masters` makes an administrator.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// API server URL to put in the kubeconfig.
+    #[arg(long, default_value = "https://127.0.0.1:6443")]
+    server: String,
+    /// Where to write the kubeconfig.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid --log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Kubeconfig(args) => issue_kubeconfig(args),
+        }
+    })
+}
+
+fn issue_kubeconfig(args: KubeconfigArgs) -> Result<()> {
+    let pki = canopy_apiserver::pki::Pki::new(&args.data_dir);
+    if !pki.ca_cert_path().exists() {
+        anyhow::bail!(
+            "no CA in {}: start `canopy server --data-dir {}` once first",
+            args.data_dir.display(),
+            args.data_dir.display()
+        );
+    }
+    let ca = pki.ensure_ca()?;
+    let groups: Vec<&str> = args.groups.iter().map(String::as_str).collect();
+    let pair = pki.issue_client(&args.user, &groups)?;
+    canopy_apiserver::kubeconfig::write(
+        &args.output,
+        &args.server,
+        &ca.cert_pem,
+        &pair,
+        &args.user,
+    )?;
+    eprintln!("wrote {} for user {:?}", args.output.display(), args.user);
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Subresources with their own representation: `scale`, `pods/binding`, `pods/log`.
+//! (`status` and `namespaces/finalize` are updates of the object itself, in `write`.)
+
+use canopy_api::{
+    ApiError, ApiResult, Cause, ResourceDef, meta, patch, selector::LabelSelector, status,
+};
+use canopy_store::Revision;
+use http::{Response, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::write::{admit_update, current, guaranteed_update};
+use super::{Body, Call, object_response, parse_rv, read_body, target};
+use crate::{
+    body,
+    request::{self, BodyType, Verb},
+};
+
+/// The `autoscaling/v1` Scale view of a deployment or replica set.
+fn to_scale(obj: &Value) -> Value {
+    let selector = meta::path(obj, "spec.selector")
+        .and_then(|s| LabelSelector::from_json(s).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let mut metadata = serde_json::Map::new();
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
+        if let Some(v) = meta::metadata(obj).and_then(|m| m.get(field)) {
+            metadata.insert(field.into(), v.clone());
+        }
+    }
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": metadata,
+        "spec": {"replicas": meta::path(obj, "spec.replicas").and_then(Value::as_i64).unwrap_or(0)},
+        "status": {
+            "replicas": meta::path(obj, "status.replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": selector,
+        },
+    })
+}
+
+pub(super) async fn get_scale(call: &Call<'_>) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let (obj, _) = current(call, def, &call.key())
+        .await?
+        .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    Ok(object_response(StatusCode::OK, output, &to_scale(&obj)))
+}
+
+pub(super) async fn write_scale(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let kind = request::body_type(content_type);
+    let (obj, _) = current(call, def, &call.key())
+        .await?
+        .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    let scale_now = to_scale(&obj);
+    let (scale, required) = match (call.req.verb, kind) {
+        (Verb::Update, Some(BodyType::Json | BodyType::Yaml) | None) => {
+            let decoded = match kind {
+                Some(BodyType::Yaml) => body::yaml(&bytes),
+                _ => body::json(&bytes),
+            }
+            .map_err(|e| ApiError::bad_request(format!("error decoding Scale: {e}")))?;
+            let required = match meta::resource_version(&decoded.value) {
+                "" => None,
+                rv => Some(parse_rv(rv)?),
+            };
+            (decoded.value, required)
+        }
+        (
+            Verb::Patch,
+            Some(k @ (BodyType::JsonPatch | BodyType::MergePatch | BodyType::StrategicMergePatch)),
+        ) => {
+            let document = body::json(&bytes)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
+                .value;
+            let schemas = call.ctx.registry.schemas();
+            let node = schemas
+                .definition("io.k8s.api.autoscaling.v1.Scale")
+                .ok_or_else(|| ApiError::internal("no Scale schema"))?;
+            let patched = match k {
+                BodyType::JsonPatch => patch::json_patch(&scale_now, &document),
+                BodyType::MergePatch => patch::merge_patch(&scale_now, &document),
+                _ => patch::strategic_merge_patch(schemas, node, &scale_now, &document),
+            }
+            .map_err(|e| match e {
+                patch::PatchError::BadRequest(m) => ApiError::bad_request(m),
+                patch::PatchError::Invalid(m) => ApiError::invalid(
+                    "autoscaling",
+                    "Scale",
+                    call.name(),
+                    vec![Cause::invalid("", &Value::Null, &m)],
+                ),
+            })?;
+            let required = meta::path_str(&document, "metadata.resourceVersion")
+                .filter(|r| !r.is_empty())
+                .map(parse_rv)
+                .transpose()?;
+            (patched, required)
+        }
+        _ => {
+            return Err(ApiError::unsupported_media_type(
+                content_type.unwrap_or(""),
+                if call.req.verb == Verb::Patch {
+                    request::PATCH_TYPES
+                } else {
+                    request::OBJECT_TYPES
+                },
+            ));
+        }
+    };
+    let replicas = match meta::path(&scale, "spec.replicas") {
+        None => 0,
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 0 && n <= i32::MAX as i64 => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "autoscaling",
+                    "Scale",
+                    call.name(),
+                    vec![Cause::invalid(
+                        "spec.replicas",
+                        v,
+                        "must be greater than or equal to 0",
+                    )],
+                ));
+            }
+        },
+    };
+    let (updated, code) = guaranteed_update(call, required, false, |old| {
+        let Some(old) = old else {
+            return Err(ApiError::not_found(target(def, call.name())));
+        };
+        let mut new = old.clone();
+        meta::set_path(&mut new, "spec.replicas", json!(replicas));
+        admit_update(call, &mut new, old, None, true)?;
+        Ok(new)
+    })
+    .await?;
+    Ok(object_response(code, output, &to_scale(&updated)))
+}
+
+pub(super) async fn bind(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let binding = body::json(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("error decoding Binding: {e}")))?
+        .value;
+    let node = meta::path_str(&binding, "target.name")
+        .unwrap_or("")
+        .to_string();
+    if node.is_empty() {
+        return Err(ApiError::invalid(
+            "",
+            "Binding",
+            call.name(),
+            vec![Cause::required("target.name", "")],
+        ));
+    }
+    if let Some(name) = meta::meta_str(&binding, "name") {
+        if !name.is_empty() && name != call.name() {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({name}) does not match the name on the URL ({})",
+                call.name()
+            )));
+        }
+    }
+    let annotations = meta::metadata(&binding)
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let manager = call.field_manager()?;
+    let schemas = call.ctx.registry.schemas();
+    let pod_node = schemas
+        .definition(def.definition)
+        .ok_or_else(|| ApiError::internal("no Pod schema"))?;
+    let required: Option<Revision> = None;
+    guaranteed_update(call, required, false, |old| {
+        let Some(old) = old else {
+            return Err(ApiError::not_found(target(def, call.name())));
+        };
+        if meta::is_deleting(old) {
+            return Err(ApiError::conflict(
+                target(def, call.name()),
+                &format!(
+                    "pod {} is being deleted, cannot be assigned to a host",
+                    call.name()
+                ),
+            ));
+        }
+        if let Some(current) = meta::path_str(old, "spec.nodeName").filter(|n| !n.is_empty()) {
+            return Err(ApiError::conflict(
+                target(def, call.name()),
+                &format!(
+                    "pod {} is already assigned to node {current:?}",
+                    call.name()
+                ),
+            ));
+        }
+        let mut new = old.clone();
+        meta::set_path(&mut new, "spec.nodeName", json!(node));
+        for (k, v) in &annotations {
+            let m = meta::metadata_mut(&mut new);
+            let entry = m.entry("annotations").or_insert_with(|| json!({}));
+            if let Some(map) = entry.as_object_mut() {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        set_condition(&mut new, "PodScheduled", "True");
+        canopy_api::fieldmanager::FieldManager::new(schemas, pod_node)
+            .update(
+                Some(old),
+                &mut new,
+                &manager,
+                "v1",
+                Some("binding"),
+                &meta::now_rfc3339(),
+            )
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(new)
+    })
+    .await?;
+    let ok = status::success_status(target(def, call.name()), None);
+    Ok(object_response(StatusCode::CREATED, output, &ok))
+}
+
+/// Sets a pod condition, keeping its transition time when the status does not change.
+fn set_condition(pod: &mut Value, kind: &str, value: &str) {
+    let now = meta::now_rfc3339();
+    let conditions = meta::path(pod, "status.conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut found = false;
+    let mut out: Vec<Value> = conditions
+        .into_iter()
+        .map(|mut c| {
+            if c.get("type").and_then(Value::as_str) == Some(kind) {
+                found = true;
+                if c.get("status").and_then(Value::as_str) != Some(value) {
+                    c["lastTransitionTime"] = json!(now);
+                }
+                c["status"] = json!(value);
+                if let Some(m) = c.as_object_mut() {
+                    m.remove("reason");
+                    m.remove("message");
+                }
+            }
+            c
+        })
+        .collect();
+    if !found {
+        out.push(json!({"type": kind, "status": value, "lastProbeTime": null, "lastTransitionTime": now}));
+    }
+    meta::set_path(pod, "status.conditions", Value::Array(out));
+}
+
+pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
+    let def: &ResourceDef = call.req.def;
+    let (pod, _) = current(call, def, &call.key())
+        .await?
+        .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    let containers: Vec<String> = ["spec.containers", "spec.initContainers"]
+        .iter()
+        .filter_map(|p| meta::path(&pod, p).and_then(Value::as_array))
+        .flatten()
+        .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    if let Some(container) = call.query.get("container").filter(|c| !c.is_empty()) {
+        if !containers.iter().any(|c| c == container) {
+            return Err(ApiError::bad_request(format!(
+                "container {container} is not valid for pod {}",
+                call.name()
+            )));
+        }
+    } else if containers.len() > 1 {
+        return Err(ApiError::bad_request(format!(
+            "a container name must be specified for pod {}, choose one of: [{}]",
+            call.name(),
+            containers.join(" ")
+        )));
+    }
+    match meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) {
+        None => Err(ApiError::bad_request(format!(
+            "pod {} does not have a host assigned",
+            call.name()
+        ))),
+        Some(node) => Err(ApiError::unavailable(format!(
+            "logs of pod {} are served by the node agent of node {node:?}, and no node agent is reachable from this API server",
+            call.name()
+        ))),
+    }
+}

@@ -1,0 +1,1082 @@
+//! Create, update, patch and delete: decoding, admission (defaults, validation, system
+//! fields, managed fields), and optimistic concurrency against the store.
+
+use bytes::Bytes;
+use canopy_api::{
+    ApiError, ApiResult, Cause, ResourceDef, Subresource,
+    fieldmanager::{ApplyError, FieldManager, conflict_error},
+    kinds, meta, patch,
+    schema::{DecodeReport, FieldPath},
+};
+use canopy_store::{Outcome, Revision};
+use http::{Response, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::{
+    Body, Call, add_warnings, deleted_status, object_response, parse_rv, read, read_body, target,
+};
+use crate::{
+    body,
+    cache::cache_key,
+    request::{self, BodyType},
+};
+
+/// How many times a write retries after losing a compare-and-swap race it did not ask for.
+const MAX_RETRIES: usize = 16;
+
+/// How unknown and duplicate fields are handled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FieldValidation {
+    Ignore,
+    Warn,
+    Strict,
+}
+
+fn field_validation(call: &Call<'_>) -> ApiResult<FieldValidation> {
+    match call.query.get("fieldValidation") {
+        None | Some("") | Some("Warn") => Ok(FieldValidation::Warn),
+        Some("Strict") => Ok(FieldValidation::Strict),
+        Some("Ignore") => Ok(FieldValidation::Ignore),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "fieldValidation parameter unsupported: {other:?}; must be one of Ignore, Warn or Strict"
+        ))),
+    }
+}
+
+/// Checks a decoded object against its kind: apiVersion and kind (filled in when missing),
+/// types, unknown fields (pruned) and duplicates, per `fieldValidation`. Returns warnings.
+fn check_object(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    obj: &mut Value,
+    duplicates: Vec<String>,
+) -> ApiResult<Vec<String>> {
+    let Value::Object(map) = obj else {
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON or YAML object",
+        ));
+    };
+    let api_version = def.api_version();
+    match map.get("apiVersion") {
+        None => {
+            map.insert("apiVersion".into(), json!(api_version));
+        }
+        Some(Value::String(v)) if *v == api_version => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({}) does not match the expected API version ({api_version})",
+                other.as_str().unwrap_or("<not a string>")
+            )));
+        }
+    }
+    match map.get("kind") {
+        None => {
+            map.insert("kind".into(), json!(def.kind));
+        }
+        Some(Value::String(k)) if k == def.kind => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({}) does not match the expected kind ({})",
+                other.as_str().unwrap_or("<not a string>"),
+                def.kind
+            )));
+        }
+    }
+    let schemas = call.ctx.registry.schemas();
+    let node = schemas
+        .definition(def.definition)
+        .ok_or_else(|| ApiError::internal(format!("no schema for {}", def.kind)))?;
+    let mut report = DecodeReport::default();
+    schemas
+        .normalize(node, obj, &FieldPath::default(), &mut report)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "{} in version {:?} cannot be handled as a {}: {e}",
+                def.kind, def.version, def.kind
+            ))
+        })?;
+    let problems: Vec<String> = report
+        .unknown_fields
+        .iter()
+        .map(|f| format!("unknown field {f:?}"))
+        .chain(duplicates.iter().map(|f| format!("duplicate field {f:?}")))
+        .collect();
+    match field_validation(call)? {
+        FieldValidation::Strict if !problems.is_empty() => Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            problems.join(", ")
+        ))),
+        FieldValidation::Ignore => Ok(Vec::new()),
+        _ => Ok(problems),
+    }
+}
+
+/// Decodes a create/update body.
+fn decode(call: &Call<'_>, def: &ResourceDef, bytes: &Bytes) -> ApiResult<(Value, Vec<String>)> {
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let decoded = match request::body_type(content_type) {
+        Some(BodyType::Json) => body::json(bytes),
+        Some(BodyType::Yaml) => body::yaml(bytes),
+        // Upstream treats a missing content type as JSON.
+        None if content_type.is_none() => body::json(bytes),
+        _ => {
+            return Err(ApiError::unsupported_media_type(
+                content_type.unwrap_or(""),
+                request::OBJECT_TYPES,
+            ));
+        }
+    }
+    .map_err(|e| {
+        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+    })?;
+    let mut value = decoded.value;
+    let warnings = check_object(call, def, &mut value, decoded.duplicates)?;
+    Ok((value, warnings))
+}
+
+fn encode(obj: &mut Value) -> Bytes {
+    // The resourceVersion is the store's revision, never stored in the value.
+    let rv = meta::remove_meta(obj, "resourceVersion");
+    let bytes = Bytes::from(serde_json::to_vec(obj).unwrap_or_default());
+    if let Some(rv) = rv {
+        meta::set_meta(obj, "resourceVersion", rv);
+    }
+    bytes
+}
+
+fn set_rv(obj: &mut Value, rev: Revision) {
+    meta::set_meta(obj, "resourceVersion", Value::String(rev.to_string()));
+}
+
+fn invalid(def: &ResourceDef, obj: &Value, causes: Vec<Cause>) -> ApiError {
+    ApiError::invalid(def.group, def.kind, meta::name(obj), causes)
+}
+
+/// A random suffix like upstream's `generateName` (no vowels, no ambiguous characters).
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The current state of an object: the watch cache first, the store when the cache does not
+/// have it (yet). A stale answer costs one failed compare-and-swap, never a wrong write.
+pub(super) async fn current(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    key: &str,
+) -> ApiResult<Option<(Value, Revision)>> {
+    if let Some(obj) = call.ctx.cache(def).get(&cache_key(def, key)) {
+        return Ok(Some((obj.value(), obj.revision)));
+    }
+    Ok(call
+        .ctx
+        .read_stored(def, key)
+        .await?
+        .map(|(v, kv)| (v, kv.mod_revision)))
+}
+
+/// Refuses new objects in a namespace that does not exist or is terminating
+/// (upstream's NamespaceLifecycle admission).
+async fn check_namespace(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    name: &str,
+    namespace: &str,
+) -> ApiResult<()> {
+    let Some(ns_def) = call.ctx.registry.get("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let ns = match call.ctx.cache(ns_def).get(namespace) {
+        Some(obj) => Some(obj.value()),
+        None => call
+            .ctx
+            .read_stored(ns_def, &ns_def.key("", namespace))
+            .await?
+            .map(|(v, _)| v),
+    };
+    let Some(ns) = ns else {
+        return Err(ApiError::not_found(target(ns_def, namespace)));
+    };
+    if meta::is_deleting(&ns) || meta::path_str(&ns, "status.phase") == Some("Terminating") {
+        let mut err = ApiError::forbidden(
+            target(def, name),
+            format!(
+                "unable to create new content in namespace {namespace} because it is being terminated"
+            ),
+        );
+        err.causes.push(Cause::new(
+            "NamespaceTerminating",
+            "metadata.namespace",
+            format!("namespace {namespace} is being terminated"),
+        ));
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Everything that happens to a new object before it is stored, except the namespace's
+/// existence ([`check_namespace`], which needs the store and runs first).
+fn admit_create(call: &Call<'_>, obj: &mut Value, managed: bool) -> ApiResult<()> {
+    let def = call.req.def;
+    if def.namespaced {
+        let url_ns = call.req.namespace.clone().unwrap_or_default();
+        match meta::meta_str(obj, "namespace") {
+            Some(ns) if !ns.is_empty() && ns != url_ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            _ => meta::set_meta(obj, "namespace", json!(url_ns)),
+        }
+    } else {
+        meta::remove_meta(obj, "namespace");
+    }
+    if !meta::resource_version(obj).is_empty() {
+        return Err(ApiError::bad_request(
+            "resourceVersion should not be set on objects to be created",
+        ));
+    }
+    if meta::name(obj).is_empty() {
+        match meta::meta_str(obj, "generateName").filter(|g| !g.is_empty()) {
+            Some(prefix) => {
+                let name = format!("{prefix}{}", random_suffix());
+                meta::set_meta(obj, "name", json!(name));
+            }
+            None => {
+                return Err(invalid(
+                    def,
+                    obj,
+                    vec![Cause::required(
+                        "metadata.name",
+                        "name or generateName is required",
+                    )],
+                ));
+            }
+        }
+    }
+    // System fields: the server owns these.
+    meta::set_meta(obj, "uid", json!(uuid::Uuid::new_v4().to_string()));
+    meta::set_meta(obj, "creationTimestamp", json!(meta::now_rfc3339()));
+    meta::remove_meta(obj, "deletionTimestamp");
+    meta::remove_meta(obj, "deletionGracePeriodSeconds");
+    meta::remove_meta(obj, "selfLink");
+    if def.generation {
+        meta::set_meta(obj, "generation", json!(1));
+    } else {
+        meta::remove_meta(obj, "generation");
+    }
+    kinds::prepare_create(def, obj);
+    kinds::apply_defaults(def, obj);
+    let causes = kinds::validate_create(def, obj);
+    if !causes.is_empty() {
+        return Err(invalid(def, obj, causes));
+    }
+    if managed {
+        let manager = call.field_manager()?;
+        field_manager(call, def)?
+            .update(
+                None,
+                obj,
+                &manager,
+                &def.api_version(),
+                None,
+                &meta::now_rfc3339(),
+            )
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn field_manager<'a>(call: &'a Call<'_>, def: &ResourceDef) -> ApiResult<FieldManager<'a>> {
+    let schemas = call.ctx.registry.schemas();
+    let node = schemas
+        .definition(def.definition)
+        .ok_or_else(|| ApiError::internal(format!("no schema for {}", def.kind)))?;
+    Ok(FieldManager::new(schemas, node))
+}
+
+/// Everything that happens to an updated object before it is stored. `managed`: record
+/// managed fields for this write (false when server-side apply already did).
+pub(super) fn admit_update(
+    call: &Call<'_>,
+    new: &mut Value,
+    old: &Value,
+    sub: Option<Subresource>,
+    managed: bool,
+) -> ApiResult<()> {
+    let def = call.req.def;
+    let name = call.name();
+    if meta::name(new).is_empty() {
+        meta::set_meta(new, "name", json!(name));
+    } else if meta::name(new) != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            meta::name(new)
+        )));
+    }
+    if def.namespaced {
+        let url_ns = call.req.namespace.clone().unwrap_or_default();
+        match meta::meta_str(new, "namespace") {
+            Some(ns) if !ns.is_empty() && ns != url_ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            _ => meta::set_meta(new, "namespace", json!(url_ns)),
+        }
+    } else {
+        meta::remove_meta(new, "namespace");
+    }
+    let mut causes = Vec::new();
+    for field in ["uid", "creationTimestamp"] {
+        match (
+            meta::meta_str(new, field),
+            meta::metadata(old).and_then(|m| m.get(field)),
+        ) {
+            (None | Some(""), Some(value)) => meta::set_meta(new, field, value.clone()),
+            (Some(given), Some(Value::String(was))) if given != was => {
+                causes.push(Cause::invalid(
+                    format!("metadata.{field}"),
+                    &json!(given),
+                    "field is immutable",
+                ));
+            }
+            _ => {}
+        }
+    }
+    if !causes.is_empty() {
+        return Err(invalid(def, new, causes));
+    }
+    // Only deletion sets these.
+    for field in [
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
+        match meta::metadata(old).and_then(|m| m.get(field)).cloned() {
+            Some(v) => meta::set_meta(new, field, v),
+            None => {
+                meta::remove_meta(new, field);
+            }
+        }
+    }
+    meta::remove_meta(new, "selfLink");
+    match sub {
+        None => kinds::prepare_update(def, new, old),
+        Some(Subresource::Status) => kinds::prepare_status_update(def, new, old),
+        Some(Subresource::Finalize) => {
+            // Only spec.finalizers changes through /finalize.
+            let finalizers = meta::path(new, "spec.finalizers").cloned();
+            *new = old.clone();
+            match finalizers {
+                Some(f) => meta::set_path(new, "spec.finalizers", f),
+                None => {
+                    if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                        spec.remove("finalizers");
+                    }
+                }
+            }
+        }
+        Some(_) => {}
+    }
+    kinds::apply_defaults(def, new);
+    if def.generation && kinds::spec_changed(def, new, old) {
+        let generation = meta::metadata(old)
+            .and_then(|m| m.get("generation"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        meta::set_meta(new, "generation", json!(generation + 1));
+    }
+    let causes = kinds::validate_update(def, new, old);
+    if !causes.is_empty() {
+        return Err(invalid(def, new, causes));
+    }
+    if managed {
+        let manager = call.field_manager()?;
+        field_manager(call, def)?
+            .update(
+                Some(old),
+                new,
+                &manager,
+                &def.api_version(),
+                sub.map(|s| s.name()),
+                &meta::now_rfc3339(),
+            )
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Whether an update leaves an object that must now be deleted: being deleted, with no
+/// finalizers left and no grace period running (upstream's shouldDeleteDuringUpdate).
+fn should_delete(def: &ResourceDef, obj: &Value) -> bool {
+    if !meta::is_deleting(obj) || !meta::finalizers(obj).is_empty() {
+        return false;
+    }
+    let grace = meta::metadata(obj)
+        .and_then(|m| m.get("deletionGracePeriodSeconds"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if grace > 0 {
+        return false;
+    }
+    if def.kind == "Namespace" {
+        return meta::path(obj, "spec.finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(|f| f.is_empty());
+    }
+    true
+}
+
+pub(super) async fn create(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let (mut obj, warnings) = decode(call, def, &bytes)?;
+    if let Some(ns) = &call.req.namespace {
+        check_namespace(call, def, meta::name(&obj), ns).await?;
+    }
+    admit_create(call, &mut obj, true)?;
+    let dry_run = call.dry_run()?;
+    if !dry_run {
+        store_create(call, def, &mut obj).await?;
+    }
+    let mut response = object_response(StatusCode::CREATED, output, &obj);
+    add_warnings(&mut response, &warnings);
+    Ok(response)
+}
+
+async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> ApiResult<()> {
+    let key = def.key(meta::namespace(obj), meta::name(obj));
+    let bytes = encode(obj);
+    match call
+        .ctx
+        .timed("create", def, call.ctx.store.create(&key, bytes))
+        .await?
+    {
+        Outcome::Committed(kv) => {
+            set_rv(obj, kv.mod_revision);
+            Ok(())
+        }
+        Outcome::Conflict(_) => {
+            let mut err = ApiError::already_exists(target(def, meta::name(obj)));
+            if meta::meta_str(obj, "generateName").is_some() {
+                err.message
+                    .push_str(": the server was not able to generate a unique name for the object");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// A precondition on the resourceVersion the client based its write on.
+fn precondition(obj: &Value) -> ApiResult<Option<Revision>> {
+    match meta::resource_version(obj) {
+        "" => Ok(None),
+        rv => parse_rv(rv).map(Some).map_err(|_| {
+            ApiError::invalid(
+                "",
+                "",
+                meta::name(obj),
+                vec![Cause::invalid(
+                    "metadata.resourceVersion",
+                    &json!(rv),
+                    "must be a non-negative integer",
+                )],
+            )
+        }),
+    }
+}
+
+/// Compare-and-swap loop shared by update and patch. `mutate` turns the current object into
+/// the new one (or an error); it runs again on every lost race.
+pub(super) async fn guaranteed_update<F>(
+    call: &Call<'_>,
+    required_rv: Option<Revision>,
+    allow_create: bool,
+    mut mutate: F,
+) -> ApiResult<(Value, StatusCode)>
+where
+    F: FnMut(Option<&Value>) -> ApiResult<Value>,
+{
+    let def = call.req.def;
+    let key = call.key();
+    let dry_run = call.dry_run()?;
+    let mut state = current(call, def, &key).await?;
+    for _ in 0..MAX_RETRIES {
+        let Some((old, old_rev)) = &state else {
+            if !allow_create {
+                return Err(ApiError::not_found(target(def, call.name())));
+            }
+            let mut obj = mutate(None)?;
+            if dry_run {
+                return Ok((obj, StatusCode::CREATED));
+            }
+            match store_create(call, def, &mut obj).await {
+                Ok(()) => return Ok((obj, StatusCode::CREATED)),
+                Err(err) if err.reason == "AlreadyExists" => {
+                    state = current(call, def, &key).await?;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        if let Some(required) = required_rv {
+            if required != *old_rev {
+                return Err(ApiError::conflict(
+                    target(def, call.name()),
+                    ApiError::MODIFIED,
+                ));
+            }
+        }
+        let mut new = mutate(Some(old))?;
+        set_rv(&mut new, *old_rev);
+        // An update that changes nothing is not written (and keeps its resourceVersion).
+        if &new == old {
+            return Ok((new, StatusCode::OK));
+        }
+        if dry_run {
+            return Ok((new, StatusCode::OK));
+        }
+        let outcome = if should_delete(def, &new) {
+            call.ctx
+                .timed("delete", def, call.ctx.store.delete(&key, Some(*old_rev)))
+                .await?
+        } else {
+            let bytes = encode(&mut new);
+            call.ctx
+                .timed("update", def, call.ctx.store.update(&key, bytes, *old_rev))
+                .await?
+        };
+        match outcome {
+            Outcome::Committed(kv) => {
+                set_rv(&mut new, kv.mod_revision);
+                return Ok((new, StatusCode::OK));
+            }
+            Outcome::Conflict(latest) => {
+                state = match latest {
+                    Some(kv) => {
+                        let (value, rev) =
+                            crate::cache::decode(def, &kv).map_err(ApiError::internal)?;
+                        Some((value, rev))
+                    }
+                    None => None,
+                };
+                if required_rv.is_some() {
+                    return Err(ApiError::conflict(
+                        target(def, call.name()),
+                        ApiError::MODIFIED,
+                    ));
+                }
+            }
+        }
+    }
+    Err(ApiError::conflict(
+        target(def, call.name()),
+        "too many concurrent updates; please try again",
+    ))
+}
+
+pub(super) async fn update(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+    sub: Option<Subresource>,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let (given, warnings) = decode(call, def, &bytes)?;
+    let required = precondition(&given)?;
+    let (obj, code) = guaranteed_update(call, required, false, |old| {
+        let mut new = given.clone();
+        match old {
+            Some(old) => admit_update(call, &mut new, old, sub, true)?,
+            None => return Err(ApiError::not_found(target(def, call.name()))),
+        }
+        Ok(new)
+    })
+    .await?;
+    let mut response = object_response(code, output, &obj);
+    add_warnings(&mut response, &warnings);
+    Ok(response)
+}
+
+/// Whether a patch document sets metadata.resourceVersion (then it is a precondition).
+fn patch_precondition(kind: BodyType, patch: &Value) -> ApiResult<Option<Revision>> {
+    let rv = match kind {
+        BodyType::JsonPatch => patch.as_array().and_then(|ops| {
+            ops.iter().rev().find_map(|op| {
+                (op.get("path").and_then(Value::as_str) == Some("/metadata/resourceVersion")
+                    && matches!(
+                        op.get("op").and_then(Value::as_str),
+                        Some("add" | "replace")
+                    ))
+                .then(|| op.get("value").and_then(Value::as_str).map(str::to_string))
+                .flatten()
+            })
+        }),
+        _ => meta::path_str(patch, "metadata.resourceVersion").map(str::to_string),
+    };
+    rv.filter(|r| !r.is_empty())
+        .map(|r| parse_rv(&r))
+        .transpose()
+}
+
+pub(super) async fn patch(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+    sub: Option<Subresource>,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let kind = match request::body_type(content_type) {
+        Some(
+            k @ (BodyType::JsonPatch
+            | BodyType::MergePatch
+            | BodyType::StrategicMergePatch
+            | BodyType::ApplyPatch),
+        ) => k,
+        _ => {
+            return Err(ApiError::unsupported_media_type(
+                content_type.unwrap_or(""),
+                request::PATCH_TYPES,
+            ));
+        }
+    };
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let document = match kind {
+        BodyType::ApplyPatch => body::yaml(&bytes),
+        _ => body::json(&bytes),
+    }
+    .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
+    .value;
+    if kind == BodyType::ApplyPatch {
+        return apply(call, document, sub, output).await;
+    }
+    if call.query.get("force").is_some() {
+        return Err(ApiError::bad_request(
+            "force is only allowed for apply patches",
+        ));
+    }
+    let required = patch_precondition(kind, &document)?;
+    let schemas = call.ctx.registry.schemas();
+    let node = schemas
+        .definition(def.definition)
+        .ok_or_else(|| ApiError::internal(format!("no schema for {}", def.kind)))?;
+    let mut warnings = Vec::new();
+    let (obj, code) = guaranteed_update(call, required, false, |old| {
+        let Some(old) = old else {
+            return Err(ApiError::not_found(target(def, call.name())));
+        };
+        let patched = match kind {
+            BodyType::JsonPatch => patch::json_patch(old, &document),
+            BodyType::MergePatch => patch::merge_patch(old, &document),
+            _ => patch::strategic_merge_patch(schemas, node, old, &document),
+        }
+        .map_err(|e| match e {
+            patch::PatchError::BadRequest(msg) => ApiError::bad_request(msg),
+            patch::PatchError::Invalid(msg) => ApiError::invalid(
+                def.group,
+                def.kind,
+                call.name(),
+                vec![Cause::invalid("", &Value::Null, &msg)],
+            ),
+        })?;
+        let mut new = patched;
+        warnings = check_object(call, def, &mut new, Vec::new())?;
+        // A patch may not rename the object.
+        admit_update(call, &mut new, old, sub, true)?;
+        Ok(new)
+    })
+    .await?;
+    let mut response = object_response(code, output, &obj);
+    add_warnings(&mut response, &warnings);
+    Ok(response)
+}
+
+/// Server-side apply.
+async fn apply(
+    call: &Call<'_>,
+    mut config: Value,
+    sub: Option<Subresource>,
+    output: request::Output,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let Some(manager) = call.query.get("fieldManager").filter(|m| !m.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "PATCH, field manager is required for apply requests",
+        ));
+    };
+    let manager = manager.to_string();
+    let force = call.query.bool("force")?.unwrap_or(false);
+    let warnings = check_object(call, def, &mut config, Vec::new())?;
+    if meta::name(&config) != call.name() {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({})",
+            meta::name(&config),
+            call.name()
+        )));
+    }
+    let now = meta::now_rfc3339();
+    let fm = field_manager(call, def)?;
+    if let Some(ns) = &call.req.namespace {
+        if sub.is_none() && current(call, def, &call.key()).await?.is_none() {
+            check_namespace(call, def, call.name(), ns).await?;
+        }
+    }
+    let (obj, code) = guaranteed_update(call, None, sub.is_none(), |old| {
+        let mut merged = fm
+            .apply(
+                old,
+                &config,
+                &manager,
+                &def.api_version(),
+                sub.map(|s| s.name()),
+                force,
+                &now,
+            )
+            .map_err(|e| match e {
+                ApplyError::Conflicts(conflicts) => conflict_error(&conflicts),
+                ApplyError::Invalid(msg) => ApiError::bad_request(msg),
+            })?;
+        match old {
+            Some(old) => admit_update(call, &mut merged, old, sub, false)?,
+            None => {
+                // Creating through apply: the create admission, keeping apply's managed fields.
+                meta::remove_meta(&mut merged, "resourceVersion");
+                admit_create(call, &mut merged, false)?;
+            }
+        }
+        Ok(merged)
+    })
+    .await?;
+    let mut response = object_response(code, output, &obj);
+    add_warnings(&mut response, &warnings);
+    Ok(response)
+}
+
+/// DeleteOptions from the body (if any) and the query.
+struct DeleteOptions {
+    grace_period: Option<i64>,
+    propagation: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+}
+
+fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
+    let body = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        Value::Object(Default::default())
+    } else {
+        body::json(bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
+            .value
+    };
+    if !body.is_object() {
+        return Err(ApiError::bad_request("DeleteOptions must be an object"));
+    }
+    let grace_period =
+        match call.query.int("gracePeriodSeconds")? {
+            Some(g) => Some(g),
+            None => match body.get("gracePeriodSeconds") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_i64().ok_or_else(|| {
+                    ApiError::bad_request("gracePeriodSeconds must be an integer")
+                })?),
+            },
+        };
+    let orphan = call
+        .query
+        .bool("orphanDependents")?
+        .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
+    let mut propagation = call
+        .query
+        .get("propagationPolicy")
+        .map(str::to_string)
+        .or_else(|| {
+            body.get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .filter(|p| !p.is_empty());
+    if let Some(p) = &propagation {
+        if !matches!(p.as_str(), "Orphan" | "Background" | "Foreground") {
+            return Err(ApiError::invalid(
+                "meta.k8s.io",
+                "DeleteOptions",
+                "",
+                vec![Cause::not_supported(
+                    "propagationPolicy",
+                    &json!(p),
+                    &["Foreground", "Background", "Orphan"],
+                )],
+            ));
+        }
+        if orphan.is_some() {
+            return Err(ApiError::invalid(
+                "meta.k8s.io",
+                "DeleteOptions",
+                "",
+                vec![Cause::invalid(
+                    "propagationPolicy",
+                    &json!(p),
+                    "orphanDependents and deletionPropagation cannot be both set",
+                )],
+            ));
+        }
+    } else if orphan == Some(true) {
+        propagation = Some("Orphan".into());
+    }
+    if grace_period.is_some_and(|g| g < 0) {
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "DeleteOptions",
+            "",
+            vec![Cause::invalid(
+                "gracePeriodSeconds",
+                &json!(grace_period),
+                "must be greater than or equal to 0",
+            )],
+        ));
+    }
+    let pre = body.get("preconditions");
+    Ok(DeleteOptions {
+        grace_period,
+        propagation,
+        uid: pre
+            .and_then(|p| p.get("uid"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        resource_version: pre
+            .and_then(|p| p.get("resourceVersion"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+/// Namespaces the cluster itself needs.
+const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
+
+pub(super) async fn delete(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let options = delete_options(call, &bytes)?;
+    if def.kind == "Namespace" && PROTECTED_NAMESPACES.contains(&call.name()) {
+        return Err(ApiError::forbidden(
+            target(def, call.name()),
+            "this namespace may not be deleted",
+        ));
+    }
+    let key = call.key();
+    let (obj, code) = delete_one(call, def, &key, &options).await?;
+    Ok(match obj {
+        Deleted::Gone(obj) if !matches!(def.kind, "Pod" | "Namespace") => {
+            object_response(code, output, &deleted_status(def, &obj))
+        }
+        Deleted::Gone(obj) | Deleted::Pending(obj) => object_response(code, output, &obj),
+    })
+}
+
+enum Deleted {
+    /// Removed from the store.
+    Gone(Value),
+    /// Marked for deletion; finalizers or a grace period remain.
+    Pending(Value),
+}
+
+async fn delete_one(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    key: &str,
+    options: &DeleteOptions,
+) -> ApiResult<(Deleted, StatusCode)> {
+    let name = key.rsplit('/').next().unwrap_or("").to_string();
+    let dry_run = call.dry_run()?;
+    let mut state = current(call, def, key).await?;
+    for _ in 0..MAX_RETRIES {
+        let Some((old, old_rev)) = &state else {
+            return Err(ApiError::not_found(target(def, &name)));
+        };
+        if let Some(uid) = &options.uid {
+            if uid != meta::uid(old) {
+                return Err(ApiError::conflict(
+                    target(def, &name),
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta::uid(old)
+                    ),
+                ));
+            }
+        }
+        if let Some(rv) = &options.resource_version {
+            if *rv != old_rev.to_string() {
+                return Err(ApiError::conflict(
+                    target(def, &name),
+                    &format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {old_rev}"
+                    ),
+                ));
+            }
+        }
+        let mut new = old.clone();
+        let mut finalizers = meta::finalizers(&new);
+        let add = match options.propagation.as_deref() {
+            Some("Orphan") => Some("orphan"),
+            Some("Foreground") => Some("foregroundDeletion"),
+            _ => None,
+        };
+        if let Some(f) = add {
+            if !finalizers.iter().any(|x| x == f) && !meta::is_deleting(old) {
+                finalizers.push(f.to_string());
+                meta::set_meta(&mut new, "finalizers", json!(finalizers));
+            }
+        }
+        let grace = grace_period(def, old, options);
+        let namespace_pending = def.kind == "Namespace"
+            && meta::path(old, "spec.finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+        let pending = !finalizers.is_empty() || grace > 0 || namespace_pending;
+        if pending {
+            let already = meta::is_deleting(old);
+            let current_grace = meta::metadata(old)
+                .and_then(|m| m.get("deletionGracePeriodSeconds"))
+                .and_then(Value::as_i64);
+            // A second delete may only shorten a running grace period.
+            if !already || current_grace.is_some_and(|g| grace < g) {
+                meta::set_meta(
+                    &mut new,
+                    "deletionTimestamp",
+                    json!(meta::rfc3339_in(grace)),
+                );
+                meta::set_meta(&mut new, "deletionGracePeriodSeconds", json!(grace));
+            }
+            if def.kind == "Namespace" {
+                meta::set_path(&mut new, "status.phase", json!("Terminating"));
+            }
+            if &new == old {
+                return Ok((Deleted::Pending(new), StatusCode::OK));
+            }
+            if !should_delete(def, &new) {
+                if dry_run {
+                    return Ok((Deleted::Pending(new), StatusCode::OK));
+                }
+                let bytes = encode(&mut new);
+                match call
+                    .ctx
+                    .timed("update", def, call.ctx.store.update(key, bytes, *old_rev))
+                    .await?
+                {
+                    Outcome::Committed(kv) => {
+                        set_rv(&mut new, kv.mod_revision);
+                        return Ok((Deleted::Pending(new), StatusCode::OK));
+                    }
+                    Outcome::Conflict(latest) => {
+                        state = decode_latest(def, latest)?;
+                        continue;
+                    }
+                }
+            }
+        }
+        if dry_run {
+            return Ok((Deleted::Gone(old.clone()), StatusCode::OK));
+        }
+        match call
+            .ctx
+            .timed("delete", def, call.ctx.store.delete(key, Some(*old_rev)))
+            .await?
+        {
+            Outcome::Committed(kv) => {
+                let mut gone = old.clone();
+                set_rv(&mut gone, kv.mod_revision);
+                return Ok((Deleted::Gone(gone), StatusCode::OK));
+            }
+            Outcome::Conflict(latest) => state = decode_latest(def, latest)?,
+        }
+    }
+    Err(ApiError::conflict(
+        target(def, &name),
+        "too many concurrent updates; please try again",
+    ))
+}
+
+fn decode_latest(
+    def: &ResourceDef,
+    latest: Option<canopy_store::KeyValue>,
+) -> ApiResult<Option<(Value, Revision)>> {
+    latest
+        .map(|kv| crate::cache::decode(def, &kv).map_err(ApiError::internal))
+        .transpose()
+}
+
+/// The grace period of a deletion: only pods that may be running on a node have one
+/// (upstream's pod strategy CheckGracefulDelete).
+fn grace_period(def: &ResourceDef, obj: &Value, options: &DeleteOptions) -> i64 {
+    if def.kind != "Pod" {
+        return 0;
+    }
+    let scheduled = meta::path_str(obj, "spec.nodeName").is_some_and(|n| !n.is_empty());
+    let terminal = matches!(
+        meta::path_str(obj, "status.phase"),
+        Some("Succeeded" | "Failed")
+    );
+    if !scheduled || terminal {
+        return 0;
+    }
+    options.grace_period.unwrap_or_else(|| {
+        meta::path(obj, "spec.terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(30)
+    })
+}
+
+pub(super) async fn delete_collection(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    let def = call.req.def;
+    let output = call.output()?;
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let options = delete_options(call, &bytes)?;
+    let filter = read::filter(call)?;
+    let page = call
+        .ctx
+        .cache(def)
+        .list(&filter, 0, None, None)
+        .map_err(super::cache_error)?;
+    let mut items = Vec::new();
+    for obj in &page.items {
+        if def.kind == "Namespace" && PROTECTED_NAMESPACES.contains(&obj.name()) {
+            continue;
+        }
+        let key = def.key(obj.namespace(), obj.name());
+        match delete_one(call, def, &key, &options).await {
+            Ok((Deleted::Gone(v) | Deleted::Pending(v), _)) => items.push(v),
+            // Deleted meanwhile: nothing to do.
+            Err(err) if err.code == 404 => {}
+            Err(err) => return Err(err),
+        }
+    }
+    let list = json!({
+        "kind": def.list_kind(),
+        "apiVersion": def.api_version(),
+        "metadata": {"resourceVersion": page.revision.to_string()},
+        "items": items,
+    });
+    Ok(object_response(StatusCode::OK, output, &list))
+}

@@ -1,0 +1,161 @@
+//! Processes a benchmark runs: a `canopy server` and, for the etcd store, an etcd.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// An etcd started for the benchmark in a temporary directory.
+pub struct Etcd {
+    child: Child,
+    /// Client URL.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts `etcd` from PATH on free loopback ports and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+                "--quota-backend-bytes",
+                &(8u64 << 30).to_string(),
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (is etcd-server installed?)")?;
+        let etcd = Self {
+            child,
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if Instant::now() > deadline {
+                bail!("etcd did not start listening");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(etcd)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `canopy server` child process.
+pub struct ServerProcess {
+    child: Child,
+    /// The API URL.
+    pub url: String,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts this binary's `server` subcommand with the given store and data directory.
+    pub fn start(data_dir: &Path, store: &str, extra: &[&str]) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the canopy binary")?;
+        let mut child = Command::new(exe)
+            .args([
+                "--log",
+                "warn",
+                "server",
+                "--bind",
+                "127.0.0.1:0",
+                "--store",
+                store,
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting canopy server")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the server's start line")?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("https://"))
+            .map(|w| w.trim_end_matches([';', ',']).to_string())
+            .with_context(|| format!("server did not report its URL: {line:?}"))?;
+        Ok(Self {
+            child,
+            url,
+            kubeconfig: data_dir.join("admin.kubeconfig"),
+        })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server, in bytes.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

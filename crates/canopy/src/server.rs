@@ -1,0 +1,162 @@
+//! `canopy server`: the whole control plane in one process, started as a readiness chain:
+//! store → API server (caches loaded, default namespaces) → controllers.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use canopy_apiserver::{ApiServer, ServerConfig, kubeconfig, pki::Pki};
+
+/// Flags of `canopy server`.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Directory for the store, certificates and kubeconfigs; created on first start.
+    #[arg(long, default_value = "./canopy-data", env = "CANOPY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address and port the API server listens on (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    pub bind: SocketAddr,
+    /// The store: `embedded` (a redb file in the data directory), `embedded:<path>`, or
+    /// `etcd=http://host:port[,http://host:port...]` for an etcd v3 cluster.
+    #[arg(long, default_value = "embedded", env = "CANOPY_STORE")]
+    pub store: String,
+    /// Extra DNS names or IP addresses for the serving certificate (repeatable), e.g. the
+    /// virtual IP of a load balancer in front of several API servers.
+    #[arg(long = "tls-san")]
+    pub tls_sans: Vec<String>,
+    /// Most read-only requests served at once (watches excluded); more get 429.
+    #[arg(long, default_value_t = 400)]
+    pub max_requests_inflight: usize,
+    /// Most mutating requests served at once; more get 429.
+    #[arg(long, default_value_t = 200)]
+    pub max_mutating_requests_inflight: usize,
+    /// Largest request body in bytes; larger requests get 413.
+    #[arg(long, default_value_t = 3 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// Events kept per resource for watches that resume from a past resourceVersion.
+    #[arg(long, default_value_t = 50_000)]
+    pub watch_cache_size: usize,
+    /// Events queued for one watcher before it is dropped as too slow (it then re-watches).
+    #[arg(long, default_value_t = 4096)]
+    pub watcher_queue: usize,
+    /// Seconds between compactions of store history (0 disables).
+    #[arg(long, default_value_t = 300)]
+    pub compaction_interval_seconds: u64,
+    /// Seconds events are kept.
+    #[arg(long, default_value_t = 3600)]
+    pub event_ttl_seconds: u64,
+    /// Watches without timeoutSeconds last between this and twice this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub min_request_timeout_seconds: u64,
+    /// Do not run the controllers in this process (run them elsewhere).
+    #[arg(long)]
+    pub disable_controllers: bool,
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+    }
+}
+
+/// The URL clients on this machine use to reach the server.
+fn local_url(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    format!("https://{host}:{}", addr.port())
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let store = canopy_store::open(&args.store, &args.data_dir)
+        .await
+        .with_context(|| format!("opening store {:?}", args.store))?;
+    tracing::info!(store = %store.describe(), "store ready");
+    let mut config = ServerConfig::new(args.bind, args.data_dir.clone());
+    config.tls_sans = args.tls_sans.clone();
+    config.max_requests_inflight = args.max_requests_inflight;
+    config.max_mutating_requests_inflight = args.max_mutating_requests_inflight;
+    config.rest.max_body_bytes = args.max_request_body_bytes;
+    config.rest.min_request_timeout = Duration::from_secs(args.min_request_timeout_seconds.max(1));
+    config.rest.consistent_reads_from_cache = store.ordered_progress();
+    config.cache.window = args.watch_cache_size.max(1);
+    config.cache.watcher_queue = args.watcher_queue.max(1);
+    config.compaction_interval = Duration::from_secs(args.compaction_interval_seconds);
+    config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    let server = ApiServer::new(config, store.clone()).await?;
+    let url = local_url(server.local_addr());
+
+    // Credentials: the administrator's kubeconfig, and the controllers' own identity.
+    let pki = Pki::new(&args.data_dir);
+    let ca = pki.ensure_ca()?;
+    let admin = pki.ensure_client("admin", "canopy-admin", &["system:masters"])?;
+    let admin_path = args.data_dir.join("admin.kubeconfig");
+    kubeconfig::write(&admin_path, &url, &ca.cert_pem, &admin, "canopy-admin")?;
+    let controllers_cert = pki.ensure_client(
+        "controller-manager",
+        "system:kube-controller-manager",
+        &["system:masters"],
+    )?;
+    let controllers_path = args.data_dir.join("controller-manager.kubeconfig");
+    kubeconfig::write(
+        &controllers_path,
+        &url,
+        &ca.cert_pem,
+        &controllers_cert,
+        "system:kube-controller-manager",
+    )?;
+
+    server.wait_ready().await;
+    server.bootstrap().await?;
+    let serving = tokio::spawn(server.run(shutdown_signal()));
+
+    let controllers = if args.disable_controllers {
+        None
+    } else {
+        let client = client_from(&controllers_path).await?;
+        Some(tokio::spawn(canopy_controllers::namespace::run(client)))
+    };
+
+    println!(
+        "Canopy is serving the Kubernetes API at {url}; use it with: export KUBECONFIG={}",
+        std::fs::canonicalize(&admin_path)
+            .unwrap_or(admin_path)
+            .display()
+    );
+    let result = serving.await.context("API server task failed")?;
+    if let Some(task) = controllers {
+        task.abort();
+    }
+    drop(store);
+    tracing::info!("stopped");
+    result
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .context("loading kubeconfig")?;
+    kube::Client::try_from(config).context("building the API client")
+}
