@@ -11,6 +11,7 @@ mod generated;
 pub mod kinds;
 pub mod meta;
 pub mod patch;
+pub mod protobuf;
 pub mod quantity;
 pub mod registry;
 pub mod schema;

@@ -580,10 +580,10 @@ fn annotate(prop: &mut Value, strategy: MergeStrategy) {
 pub fn rewrite_refs(value: &mut Value, prefix: &str) {
     match value {
         Value::Object(map) => {
-            if let Some(Value::String(r)) = map.get_mut("$ref") {
-                if let Some(name) = r.strip_prefix("#/components/schemas/") {
-                    *r = format!("{prefix}{name}");
-                }
+            if let Some(Value::String(r)) = map.get_mut("$ref")
+                && let Some(name) = r.strip_prefix("#/components/schemas/")
+            {
+                *r = format!("{prefix}{name}");
             }
             for v in map.values_mut() {
                 rewrite_refs(v, prefix);

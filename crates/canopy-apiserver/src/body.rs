@@ -120,6 +120,26 @@ pub fn json(bytes: &[u8]) -> Result<Decoded, String> {
     Ok(Decoded { value, duplicates })
 }
 
+/// Decodes a body by its media type: JSON (also when none is given, as upstream),
+/// YAML, or Kubernetes protobuf. Other types are the caller's to refuse.
+pub fn by_type(
+    kind: Option<crate::request::BodyType>,
+    bytes: &[u8],
+) -> Option<Result<Decoded, String>> {
+    use crate::request::BodyType;
+    Some(match kind {
+        None | Some(BodyType::Json) => json(bytes),
+        Some(BodyType::Yaml) => yaml(bytes),
+        Some(BodyType::Protobuf) => canopy_api::protobuf::decode(bytes)
+            .map(|d| Decoded {
+                value: d.object,
+                duplicates: Vec::new(),
+            })
+            .map_err(|e| e.to_string()),
+        Some(_) => return None,
+    })
+}
+
 /// Decodes a YAML body (a JSON body is YAML too). YAML maps with duplicate keys are an
 /// error in the YAML parser itself.
 pub fn yaml(bytes: &[u8]) -> Result<Decoded, String> {

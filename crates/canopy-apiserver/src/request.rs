@@ -354,10 +354,16 @@ pub enum BodyType {
     StrategicMergePatch,
     /// `application/apply-patch+yaml` (server-side apply; JSON is YAML).
     ApplyPatch,
+    /// `application/vnd.kubernetes.protobuf` (what kubectl's typed clients send).
+    Protobuf,
 }
 
 /// Media types accepted for create and update.
-pub const OBJECT_TYPES: &[&str] = &["application/json", "application/yaml"];
+pub const OBJECT_TYPES: &[&str] = &[
+    "application/json",
+    "application/yaml",
+    "application/vnd.kubernetes.protobuf",
+];
 /// Media types accepted for patch.
 pub const PATCH_TYPES: &[&str] = &[
     "application/json-patch+json",
@@ -376,6 +382,7 @@ pub fn body_type(content_type: Option<&str>) -> Option<BodyType> {
         "application/merge-patch+json" => BodyType::MergePatch,
         "application/strategic-merge-patch+json" => BodyType::StrategicMergePatch,
         "application/apply-patch+yaml" | "application/apply-patch+json" => BodyType::ApplyPatch,
+        "application/vnd.kubernetes.protobuf" => BodyType::Protobuf,
         _ => return None,
     })
 }

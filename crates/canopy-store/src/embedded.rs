@@ -363,10 +363,10 @@ fn range_at(
         if !key.starts_with(request.prefix.as_str()) {
             break;
         }
-        if in_range(key) {
-            if let Some((rev, record)) = record_at(log, rev.value(), revision)? {
-                found.insert(key.to_string(), record.into_kv(rev));
-            }
+        if in_range(key)
+            && let Some((rev, record)) = record_at(log, rev.value(), revision)?
+        {
+            found.insert(key.to_string(), record.into_kv(rev));
         }
     }
     // Keys deleted after `revision` are not in `keys` but existed then.
@@ -376,10 +376,9 @@ fn range_at(
         if record.kind == EventKind::Delete
             && in_range(&record.key)
             && !found.contains_key(&record.key)
+            && let Some((rev, record)) = record_at(log, record.prev, revision)?
         {
-            if let Some((rev, record)) = record_at(log, record.prev, revision)? {
-                found.insert(record.key.clone(), record.into_kv(rev));
-            }
+            found.insert(record.key.clone(), record.into_kv(rev));
         }
     }
     let mut kvs: Vec<KeyValue> = found.into_values().collect();
@@ -502,12 +501,15 @@ fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Database(e.to_string())
 }
 
+/// Callers waiting for a compaction to finish.
+type Waiters = Vec<oneshot::Sender<Result<()>>>;
+
 /// The single writer. Owns every write transaction.
 struct Writer {
     shared: Arc<Shared>,
     options: EmbeddedOptions,
     /// A compaction in progress: target revision, where it got to, and who waits for it.
-    compaction: Option<(u64, u64, Vec<oneshot::Sender<Result<()>>>)>,
+    compaction: Option<(u64, u64, Waiters)>,
 }
 
 impl Writer {
@@ -825,16 +827,16 @@ impl Watcher {
                 }
             }
             loop {
-                if let Some(target) = progress_wanted {
-                    if self.next > target {
-                        progress_wanted = None;
-                        let response = WatchResponse {
-                            events: Vec::new(),
-                            progress: self.next - 1,
-                        };
-                        if self.tx.send(Ok(response)).await.is_err() {
-                            return;
-                        }
+                if let Some(target) = progress_wanted
+                    && self.next > target
+                {
+                    progress_wanted = None;
+                    let response = WatchResponse {
+                        events: Vec::new(),
+                        progress: self.next - 1,
+                    };
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        return;
                     }
                 }
                 tokio::select! {

@@ -71,12 +71,10 @@ pub(super) async fn write_scale(
         .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
     let scale_now = to_scale(&obj);
     let (scale, required) = match (call.req.verb, kind) {
-        (Verb::Update, Some(BodyType::Json | BodyType::Yaml) | None) => {
-            let decoded = match kind {
-                Some(BodyType::Yaml) => body::yaml(&bytes),
-                _ => body::json(&bytes),
-            }
-            .map_err(|e| ApiError::bad_request(format!("error decoding Scale: {e}")))?;
+        (Verb::Update, Some(BodyType::Json | BodyType::Yaml | BodyType::Protobuf) | None) => {
+            let decoded = body::by_type(kind, &bytes)
+                .unwrap_or_else(|| Err("unsupported media type".into()))
+                .map_err(|e| ApiError::bad_request(format!("error decoding Scale: {e}")))?;
             let required = match meta::resource_version(&decoded.value) {
                 "" => None,
                 rv => Some(parse_rv(rv)?),
@@ -163,7 +161,12 @@ pub(super) async fn bind(
     let def = call.req.def;
     let output = call.output()?;
     let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
-    let binding = body::json(&bytes)
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let binding = body::by_type(request::body_type(content_type), &bytes)
+        .unwrap_or_else(|| Err("unsupported media type".into()))
         .map_err(|e| ApiError::bad_request(format!("error decoding Binding: {e}")))?
         .value;
     let node = meta::path_str(&binding, "target.name")

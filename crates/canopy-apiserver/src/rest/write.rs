@@ -117,21 +117,18 @@ fn decode(call: &Call<'_>, def: &ResourceDef, bytes: &Bytes) -> ApiResult<(Value
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let decoded = match request::body_type(content_type) {
-        Some(BodyType::Json) => body::json(bytes),
-        Some(BodyType::Yaml) => body::yaml(bytes),
-        // Upstream treats a missing content type as JSON.
-        None if content_type.is_none() => body::json(bytes),
-        _ => {
-            return Err(ApiError::unsupported_media_type(
-                content_type.unwrap_or(""),
-                request::OBJECT_TYPES,
-            ));
-        }
+    let kind = request::body_type(content_type);
+    // Upstream treats a missing content type as JSON.
+    let unsupported =
+        || ApiError::unsupported_media_type(content_type.unwrap_or(""), request::OBJECT_TYPES);
+    if kind.is_none() && content_type.is_some() {
+        return Err(unsupported());
     }
-    .map_err(|e| {
-        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
-    })?;
+    let decoded = body::by_type(kind, bytes)
+        .ok_or_else(unsupported)?
+        .map_err(|e| {
+            ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+        })?;
     let mut value = decoded.value;
     let warnings = check_object(call, def, &mut value, decoded.duplicates)?;
     Ok((value, warnings))
@@ -665,6 +662,21 @@ pub(super) async fn patch(
     if kind == BodyType::ApplyPatch {
         return apply(call, document, sub, output).await;
     }
+    if kind == BodyType::JsonPatch
+        && document
+            .as_array()
+            .is_some_and(|ops| ops.len() > patch::MAX_JSON_PATCH_OPERATIONS)
+    {
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "The allowed maximum operations in a JSON patch is {}, got {}",
+                patch::MAX_JSON_PATCH_OPERATIONS,
+                document.as_array().map_or(0, Vec::len)
+            ),
+        ));
+    }
     if call.query.get("force").is_some() {
         return Err(ApiError::bad_request(
             "force is only allowed for apply patches",
@@ -779,7 +791,13 @@ fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
     let body = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         Value::Object(Default::default())
     } else {
-        body::json(bytes)
+        let kind = request::body_type(
+            call.headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        body::by_type(kind, bytes)
+            .unwrap_or_else(|| Err("unsupported media type".into()))
             .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
             .value
     };

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::json;
 
+use canopy::procs::{Etcd, ServerProcess};
+
 use super::{
-    Etcd, ServerProcess,
     client::{Target, ok, request, send},
     percentiles,
 };
@@ -98,7 +99,8 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     println!("canopy bench api: store {store}, machine {}", machine());
-    let server = ServerProcess::start(dir.path(), &store, &["--disable-controllers"])?;
+    let exe = std::env::current_exe().context("locating the canopy binary")?;
+    let server = ServerProcess::start(&exe, dir.path(), &store, &["--disable-controllers"])?;
     let target = Target::from_kubeconfig(&server.kubeconfig)?;
     let mut conn = target.http1().await?;
     for ns in ["bench", "bench-watch"] {

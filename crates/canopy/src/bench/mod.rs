@@ -2,9 +2,6 @@
 
 mod api;
 mod client;
-mod procs;
-
-pub use procs::{Etcd, ServerProcess};
 
 /// Benchmarks.
 #[derive(clap::Subcommand)]

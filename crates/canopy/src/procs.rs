@@ -1,4 +1,4 @@
-//! Processes a benchmark runs: a `canopy server` and, for the etcd store, an etcd.
+//! Running Canopy and etcd as child processes, for benchmarks and end-to-end tests.
 
 use std::{
     io::{BufRead, BufReader},
@@ -88,13 +88,18 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts this binary's `server` subcommand with the given store and data directory.
-    pub fn start(data_dir: &Path, store: &str, extra: &[&str]) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating the canopy binary")?;
+    /// Starts `exe server` (exe: the canopy binary) on a free port with the given store
+    /// and data directory; its log goes to `<data_dir>/server.log`.
+    pub fn start(exe: &Path, data_dir: &Path, store: &str, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))?;
         let mut child = Command::new(exe)
             .args([
                 "--log",
-                "warn",
+                "info",
                 "server",
                 "--bind",
                 "127.0.0.1:0",
@@ -105,7 +110,7 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .context("starting canopy server")?;
         let stdout = child.stdout.take().context("no stdout")?;
@@ -128,6 +133,17 @@ impl ServerProcess {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Resident memory of the server, in bytes.

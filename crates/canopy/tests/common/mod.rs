@@ -1,0 +1,243 @@
+//! Shared by the end-to-end tests: a real `canopy server` (on the embedded store or on an
+//! etcd the test starts), and ways to talk to it with kubectl, kube-rs and raw HTTP.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use canopy::procs::{Etcd, ServerProcess};
+
+/// Which store the server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded redb store.
+    Embedded,
+    /// An etcd started for the test.
+    Etcd,
+}
+
+/// A running server and what it needs.
+pub struct Cluster {
+    pub server: ServerProcess,
+    pub backend: Backend,
+    store: String,
+    extra: Vec<String>,
+    etcd: Option<Etcd>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn canopy_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_canopy"))
+}
+
+/// The kubectl to test with (`$KUBECTL`, else `kubectl` on PATH).
+pub fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+fn require(tool: &str, hint: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is required by this test and was not found on PATH: {hint}"
+    );
+}
+
+impl Cluster {
+    /// Starts a server on the backend.
+    pub fn start(backend: Backend) -> Self {
+        Self::start_with(backend, &[])
+    }
+
+    /// Starts a server with extra `canopy server` flags.
+    pub fn start_with(backend: Backend, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let etcd = match backend {
+            Backend::Embedded => None,
+            Backend::Etcd => {
+                require("etcd", "install Debian's etcd-server (.ci/run does)");
+                Some(Etcd::start().expect("starting etcd"))
+            }
+        };
+        let store = match &etcd {
+            Some(etcd) => format!("etcd={}", etcd.url),
+            None => "embedded".to_string(),
+        };
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let server = start_server(dir.path(), &store, &extra);
+        Self {
+            server,
+            backend,
+            store,
+            extra,
+            etcd,
+            dir,
+        }
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same data.
+    pub fn crash_and_restart(&mut self) {
+        self.server.kill();
+        self.server = start_server(self.dir.path(), &self.store, &self.extra);
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.server.kubeconfig
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs kubectl with the admin kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_env(args, &[])
+    }
+
+    /// Runs kubectl with extra environment variables.
+    pub fn kubectl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(kubectl_bin());
+        cmd.args(args).env("KUBECONFIG", self.kubeconfig());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running kubectl")
+    }
+
+    /// Runs kubectl, asserting success; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl with stdin, asserting success.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new(kubectl_bin())
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("writing stdin");
+        let out = child.wait_with_output().expect("kubectl output");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A kube-rs client with the admin credentials.
+    pub async fn client(&self) -> kube::Client {
+        client_for(self.kubeconfig()).await
+    }
+
+    /// A kubeconfig for another user (client certificate signed by the cluster CA).
+    pub fn user_kubeconfig(&self, user: &str, group: Option<&str>) -> PathBuf {
+        let path = self.dir.path().join(format!("{user}.kubeconfig"));
+        let mut cmd = Command::new(canopy_exe());
+        cmd.args(["kubeconfig", "--user", user, "--server", &self.server.url])
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--output")
+            .arg(&path);
+        if let Some(group) = group {
+            cmd.args(["--group", group]);
+        }
+        let out = cmd.output().expect("canopy kubeconfig");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+fn start_server(dir: &Path, store: &str, extra: &[String]) -> ServerProcess {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    ServerProcess::start(&canopy_exe(), dir, store, &extra).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        panic!("starting canopy server: {e:#}\n{log}")
+    })
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_for(path: &Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    kube::Client::try_from(config).expect("kube client")
+}
+
+/// Polls `f` until it returns true or the timeout passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// Sends a raw request through a kube-rs client; returns status, headers and body.
+pub async fn raw(
+    client: &kube::Client,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, serde_json::Value) {
+    let mut builder = http::Request::builder().method(method).uri(path);
+    if let Some(ct) = content_type {
+        builder = builder.header("content-type", ct);
+    }
+    let request = builder.body(body).expect("request");
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
+    (status, headers, value)
+}
