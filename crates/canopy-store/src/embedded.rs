@@ -62,7 +62,7 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             max_batch: 1024,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
             compaction_chunk: 10_000,
             watch_buffer: 4096,
         }

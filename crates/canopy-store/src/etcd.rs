@@ -270,6 +270,7 @@ impl Store for EtcdStore {
             .await
             .map_err(map_err)?;
         let (mut requests, mut responses) = stream.split();
+        let ordered = self.ordered_progress;
         let (tx, rx) = mpsc::channel(64);
         let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);
         tokio::spawn(async move {
@@ -298,6 +299,12 @@ impl Store for EtcdStore {
                             return;
                         }
                         if response.created() && response.events().is_empty() {
+                            continue;
+                        }
+                        // Before 3.4.31/3.5.13, a progress notification someone requested
+                        // (watch id -1) can overtake events still queued for the watch
+                        // (etcd-io/etcd#15220); only periodic ones are ordered with events.
+                        if response.events().is_empty() && response.watch_id() < 0 && !ordered {
                             continue;
                         }
                         let progress = response.header().map(|h| h.revision()).unwrap_or(0);

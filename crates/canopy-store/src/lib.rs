@@ -228,7 +228,8 @@ impl Watch {
 
     /// Asks for a progress notification: a response (possibly without events) whose
     /// `progress` is at least the store's revision at the time of the request, once all
-    /// events up to it have been delivered.
+    /// events up to it have been delivered. Stores without [`Store::ordered_progress`] may
+    /// not answer; a watch only ever reports progress it is certain of.
     pub fn request_progress(&self) {
         // A request already pending answers this one too.
         let _ = self.progress.try_send(());

@@ -50,6 +50,9 @@ impl Etcd {
                 &(8u64 << 30).to_string(),
                 "--log-level",
                 "error",
+                // As kubeadm configures it: idle watches learn the revision every 5 s.
+                "--experimental-watch-progress-notify-interval",
+                "5s",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

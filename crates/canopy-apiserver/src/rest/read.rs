@@ -126,13 +126,19 @@ pub(super) async fn get(call: &Call<'_>) -> ApiResult<Response<Body>> {
         Some(rv) => {
             let rv = parse_rv(rv)?;
             let cache = call.ctx.cache(def);
-            cache
-                .wait_for(rv, call.ctx.options.cache_wait)
-                .await
-                .map_err(cache_error)?;
-            cache
-                .get(&crate::cache::cache_key(def, &key))
-                .map(|o| o.value())
+            match cache.wait_for(rv, call.ctx.options.cache_wait).await {
+                Ok(()) => {
+                    own_writes(call.ctx, cache).await?;
+                    cache
+                        .get(&crate::cache::cache_key(def, &key))
+                        .map(|o| o.value())
+                }
+                // The cache cannot show it reached `rv`; the store has.
+                Err(CacheError::TooNew { .. }) => {
+                    call.ctx.read_stored(def, &key).await?.map(|(v, _)| v)
+                }
+                Err(err) => return Err(cache_error(err)),
+            }
         }
     };
     let obj = obj.ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
@@ -243,13 +249,26 @@ pub(super) async fn list(call: &Call<'_>) -> ApiResult<Response<Body>> {
             (None, _) => consistent_list(ctx, cache, &filter, limit).await?,
             (Some(rv), None | Some("NotOlderThan")) => {
                 let rv = parse_rv(rv)?;
-                cache
-                    .wait_for(rv, ctx.options.cache_wait)
-                    .await
-                    .map_err(cache_error)?;
-                cache
-                    .list(&filter, limit, None, None)
-                    .map_err(cache_error)?
+                match cache.wait_for(rv, ctx.options.cache_wait).await {
+                    Ok(()) => {
+                        own_writes(ctx, cache).await?;
+                        cache.list(&filter, limit, None, None).map_err(cache_error)?
+                    }
+                    // The cache cannot show it reached `rv` (an idle resource on a store
+                    // without ordered progress): a consistent store read is at least as new.
+                    Err(CacheError::TooNew { requested, .. }) => {
+                        let current = ctx
+                            .timed("current_revision", def, ctx.store.current_revision())
+                            .await?;
+                        if requested > current {
+                            return Err(ApiError::timeout(format!(
+                                "Timeout: Too large resource version: {requested}, current: {current}"
+                            )));
+                        }
+                        store_list(ctx, def, &filter, limit, None, None).await?
+                    }
+                    Err(err) => return Err(cache_error(err)),
+                }
             }
             (Some(rv), Some("Exact")) => {
                 let rv = parse_rv(rv)?;
@@ -340,7 +359,7 @@ async fn store_list(
         revision = Some(page.revision);
         for kv in &page.kvs {
             let (value, rev) = crate::cache::decode(def, kv).map_err(ApiError::internal)?;
-            let obj = Arc::new(CachedObject::new(def, &value, rev));
+            let obj = Arc::new(CachedObject::new(def, &value, rev, None));
             if filter.matches(def, &obj) {
                 if limit > 0 && items.len() == limit {
                     let last = items.last().map(|o| o.key.clone());
@@ -378,7 +397,7 @@ fn render_list(call: &Call<'_>, output: Output, page: ListPage) -> ApiResult<Res
     match output {
         Output::Json => {
             let mut out = Vec::with_capacity(
-                page.items.iter().map(|o| o.json.len() + 1).sum::<usize>() + 256,
+                page.items.iter().map(|o| o.json_len() + 1).sum::<usize>() + 256,
             );
             out.extend_from_slice(b"{\"kind\":\"");
             out.extend_from_slice(def.list_kind().as_bytes());
@@ -391,7 +410,7 @@ fn render_list(call: &Call<'_>, output: Output, page: ListPage) -> ApiResult<Res
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend_from_slice(&obj.json);
+                obj.append_json(&mut out);
             }
             out.extend_from_slice(b"]}");
             Ok(json_response(StatusCode::OK, Bytes::from(out)))
@@ -545,37 +564,52 @@ pub(super) async fn watch(call: &Call<'_>) -> ApiResult<Response<Body>> {
     };
     let cache = ctx.cache(def).clone();
     // Where the stream starts, and whether it opens with the current state.
-    let (initial, from) = match (send_initial, rv) {
-        (Some(initial), None) => {
-            wait_consistent(ctx, &cache).await?;
-            (initial, cache.revision())
-        }
-        (Some(initial), Some(rv)) => {
-            let rv = parse_rv(rv)?;
-            if rv > 0 {
-                cache
-                    .wait_for(rv, ctx.options.cache_wait)
-                    .await
-                    .map_err(cache_error)?;
-            }
-            (initial, cache.revision())
-        }
-        (None, None) => {
-            wait_consistent(ctx, &cache).await?;
-            (true, cache.revision())
-        }
-        (None, Some("0")) => (true, cache.revision()),
-        (None, Some(rv)) => {
-            let rv = parse_rv(rv)?;
-            cache
-                .wait_for(rv, ctx.options.cache_wait)
-                .await
-                .map_err(cache_error)?;
-            (false, rv)
-        }
+    let start = match (send_initial, rv) {
+        (initial, None) => Start::Consistent(initial.unwrap_or(true)),
+        (Some(initial), Some(rv)) => match parse_rv(rv)? {
+            0 => Start::Any(initial),
+            rv => Start::AtLeast(rv, initial),
+        },
+        (None, Some("0")) => Start::Any(true),
+        (None, Some(rv)) => Start::After(parse_rv(rv)?),
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let subscription = match cache.subscribe(filter.clone(), initial, from) {
+    let subscription = match start {
+        Start::Consistent(initial) if ctx.options.consistent_reads_from_cache => {
+            wait_consistent(ctx, &cache).await?;
+            cache.subscribe(filter.clone(), initial, cache.revision())
+        }
+        Start::Consistent(initial) => from_store(ctx, &cache, &filter, initial).await,
+        Start::AtLeast(rv, initial) => match cache.wait_for(rv, ctx.options.cache_wait).await {
+            Ok(()) => {
+                own_writes(ctx, &cache).await?;
+                cache.subscribe(filter.clone(), initial, cache.revision())
+            }
+            // The cache cannot show it has reached `rv`; a consistent read has.
+            Err(CacheError::TooNew { .. }) => from_store(ctx, &cache, &filter, initial).await,
+            Err(err) => return Err(cache_error(err)),
+        },
+        Start::Any(initial) => {
+            own_writes(ctx, &cache).await?;
+            cache.subscribe(filter.clone(), initial, cache.revision())
+        }
+        Start::After(rv) => {
+            // Events after `rv` flow from the cache whether or not it has reached `rv` yet;
+            // only a revision the store has not reached is refused, as upstream does.
+            if rv > cache.revision() {
+                let current = ctx
+                    .timed("current_revision", def, ctx.store.current_revision())
+                    .await?;
+                if rv > current {
+                    return Err(ApiError::timeout(format!(
+                        "Timeout: Too large resource version: {rv}, current: {current}"
+                    )));
+                }
+            }
+            cache.subscribe(filter.clone(), false, rv)
+        }
+    };
+    let subscription = match subscription {
         Ok(sub) => sub,
         Err(CacheError::TooOld { requested, oldest }) => {
             // Upstream reports an expired start point as an ERROR event in a 200 stream.
@@ -608,6 +642,45 @@ pub(super) async fn watch(call: &Call<'_>) -> ApiResult<Response<Body>> {
         }
     });
     Ok(streaming_response(rx))
+}
+
+/// Reads at "any" resourceVersion still see what this server acknowledged.
+async fn own_writes(ctx: &Context, cache: &Arc<WatchCache>) -> ApiResult<()> {
+    match cache.wait_for_own_writes(ctx.options.cache_wait).await {
+        Ok(()) | Err(CacheError::TooNew { .. }) => Ok(()),
+        Err(err) => Err(cache_error(err)),
+    }
+}
+
+/// Where a watch starts.
+enum Start {
+    /// At the store's current state (`resourceVersion` unset), with or without it first.
+    Consistent(bool),
+    /// At a state no older than a revision, with or without it first.
+    AtLeast(Revision, bool),
+    /// At any state the cache has, with or without it first.
+    Any(bool),
+    /// After a revision, without initial state.
+    After(Revision),
+}
+
+/// A subscription whose initial state comes from a consistent store read and whose events
+/// come from the cache after that read's revision.
+async fn from_store(
+    ctx: &Context,
+    cache: &Arc<WatchCache>,
+    filter: &Arc<Filter>,
+    initial: bool,
+) -> Result<crate::cache::Subscription, CacheError> {
+    let page = match store_list(ctx, cache.def(), filter, 0, None, None).await {
+        Ok(page) => page,
+        Err(_) => return Err(CacheError::NotReady(cache.def().plural)),
+    };
+    let mut sub = cache.subscribe(filter.clone(), false, page.revision)?;
+    if initial {
+        sub.initial = page.items;
+    }
+    Ok(sub)
 }
 
 async fn wait_consistent(ctx: &Context, cache: &Arc<WatchCache>) -> ApiResult<()> {
@@ -651,7 +724,7 @@ async fn watch_frames(
     let mut first = true;
     let mut last_sent = sub.revision;
     for obj in std::mem::take(&mut sub.initial) {
-        let f = presentation.frame(def, EventType::Added, &obj.json, None, &mut first);
+        let f = presentation.frame(def, EventType::Added, &obj.json(), None, &mut first);
         tx.send(f).await.map_err(|_| ())?;
         events_sent.inc();
     }

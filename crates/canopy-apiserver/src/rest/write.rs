@@ -460,6 +460,7 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
         .await?
     {
         Outcome::Committed(kv) => {
+            call.ctx.cache(def).note_write(kv.mod_revision);
             set_rv(obj, kv.mod_revision);
             Ok(())
         }
@@ -555,6 +556,7 @@ where
         };
         match outcome {
             Outcome::Committed(kv) => {
+                call.ctx.cache(def).note_write(kv.mod_revision);
                 set_rv(&mut new, kv.mod_revision);
                 return Ok((new, StatusCode::OK));
             }
@@ -1001,6 +1003,7 @@ async fn delete_one(
                     .await?
                 {
                     Outcome::Committed(kv) => {
+                        call.ctx.cache(def).note_write(kv.mod_revision);
                         set_rv(&mut new, kv.mod_revision);
                         return Ok((Deleted::Pending(new), StatusCode::OK));
                     }
@@ -1020,6 +1023,7 @@ async fn delete_one(
             .await?
         {
             Outcome::Committed(kv) => {
+                call.ctx.cache(def).note_write(kv.mod_revision);
                 let mut gone = old.clone();
                 set_rv(&mut gone, kv.mod_revision);
                 return Ok((Deleted::Gone(gone), StatusCode::OK));

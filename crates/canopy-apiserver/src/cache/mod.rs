@@ -39,6 +39,10 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::Metrics;
 
+mod packed;
+
+pub use packed::{Dictionary, Packed};
+
 /// One object as the cache holds it.
 #[derive(Debug)]
 pub struct CachedObject {
@@ -47,15 +51,26 @@ pub struct CachedObject {
     /// The store revision that last modified the object (its resourceVersion).
     pub revision: Revision,
     /// The object's JSON, resourceVersion included.
-    pub json: Bytes,
-    labels: Box<[(Box<str>, Box<str>)]>,
-    /// Values of the kind's selectable fields, in `ResourceDef::field_selectors` order.
-    fields: Box<[Box<str>]>,
+    packed: Packed,
+    /// Labels, then the kind's selectable field values (in `ResourceDef::field_selectors`
+    /// order), as length-prefixed strings in one allocation.
+    attrs: Box<[u8]>,
+    labels: u16,
+}
+
+fn push_attr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 impl CachedObject {
     /// Builds the cached form of an object; `obj` must already carry its resourceVersion.
-    pub fn new(def: &ResourceDef, obj: &Value, revision: Revision) -> Self {
+    pub fn new(
+        def: &ResourceDef,
+        obj: &Value,
+        revision: Revision,
+        dictionary: Option<&Arc<Dictionary>>,
+    ) -> Self {
         let namespace = meta::namespace(obj);
         let name = meta::name(obj);
         let key: Arc<str> = if def.namespaced {
@@ -63,21 +78,34 @@ impl CachedObject {
         } else {
             name.into()
         };
-        let labels = meta::labels(obj)
-            .map(|(k, v)| (Box::from(k), Box::from(v)))
-            .collect();
-        let fields = def
-            .field_selectors
-            .iter()
-            .map(|f| Box::from(kinds::field_value(def, obj, f).unwrap_or_default()))
-            .collect();
+        let mut attrs = Vec::new();
+        let mut labels = 0u16;
+        for (k, v) in meta::labels(obj) {
+            push_attr(&mut attrs, k);
+            push_attr(&mut attrs, v);
+            labels = labels.saturating_add(1);
+        }
+        for f in def.field_selectors {
+            push_attr(&mut attrs, &kinds::field_value(def, obj, f).unwrap_or_default());
+        }
         let json = Bytes::from(serde_json::to_vec(obj).unwrap_or_default());
         Self {
             key,
             revision,
-            json,
+            packed: Packed::new(json, dictionary),
+            attrs: attrs.into_boxed_slice(),
             labels,
-            fields,
+        }
+    }
+
+    /// The same object packed with another dictionary.
+    fn repacked(&self, dictionary: &Arc<Dictionary>) -> Self {
+        Self {
+            key: self.key.clone(),
+            revision: self.revision,
+            packed: Packed::new(self.packed.json(), Some(dictionary)),
+            attrs: self.attrs.clone(),
+            labels: self.labels,
         }
     }
 
@@ -91,28 +119,62 @@ impl CachedObject {
         self.key.split_once('/').map_or(&self.key, |(_, n)| n)
     }
 
+    /// The object's JSON.
+    pub fn json(&self) -> Bytes {
+        self.packed.json()
+    }
+
+    /// Appends the object's JSON to `out`.
+    pub fn append_json(&self, out: &mut Vec<u8>) {
+        self.packed.append_to(out);
+    }
+
+    /// The length of the object's JSON.
+    pub fn json_len(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// Bytes the object's JSON takes in memory.
+    pub fn footprint(&self) -> usize {
+        self.packed.footprint() + self.attrs.len() + self.key.len()
+    }
+
     /// The object as a JSON value.
     pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+        serde_json::from_slice(&self.json()).unwrap_or(Value::Null)
+    }
+
+    fn attrs(&self) -> impl Iterator<Item = &str> {
+        let mut rest: &[u8] = &self.attrs;
+        std::iter::from_fn(move || {
+            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let s = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
+            rest = &rest[4 + len..];
+            Some(s)
+        })
     }
 
     fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, v)| &**v)
+        let mut attrs = self.attrs();
+        for _ in 0..self.labels {
+            let (k, v) = (attrs.next()?, attrs.next()?);
+            if k == key {
+                return Some(v);
+            }
+        }
+        None
     }
 
     fn field(&self, def: &ResourceDef, name: &str) -> Option<String> {
         match name {
             "metadata.name" => Some(self.name().to_string()),
             "metadata.namespace" => Some(self.namespace().to_string()),
-            _ => def
-                .field_selectors
-                .iter()
-                .position(|f| *f == name)
-                .and_then(|i| self.fields.get(i))
-                .map(|v| v.to_string()),
+            _ => {
+                let index = def.field_selectors.iter().position(|f| *f == name)?;
+                self.attrs()
+                    .nth(2 * self.labels as usize + index)
+                    .map(str::to_string)
+            }
         }
     }
 }
@@ -187,12 +249,12 @@ impl CacheEvent {
         match (seen, self.kind) {
             (EventType::Deleted, EventType::Deleted)
             | (EventType::Added, _)
-            | (EventType::Modified, _) => self.object.json.clone(),
+            | (EventType::Modified, _) => self.object.json(),
             (EventType::Deleted, _) => self
                 .prev_at_revision
                 .get_or_init(|| {
                     let Some(prev) = &self.prev else {
-                        return self.object.json.clone();
+                        return self.object.json();
                     };
                     let mut value = prev.value();
                     meta::set_meta(
@@ -267,7 +329,20 @@ struct Inner {
     watchers: HashMap<u64, WatcherSlot>,
     snapshots: VecDeque<Snapshot>,
     ready: bool,
+    /// The dictionary new objects are compressed with.
+    dictionary: Option<Arc<Dictionary>>,
+    /// How many objects there were when the dictionary was last trained.
+    trained_for: usize,
 }
+
+/// Objects a resource needs before its first dictionary is trained; later ones are
+/// trained each time the resource grows this many times over.
+const TRAIN_MIN: usize = 512;
+const RETRAIN_GROWTH: usize = 8;
+/// Objects sampled to train a dictionary.
+const TRAIN_SAMPLES: usize = 2048;
+/// Objects repacked per lock acquisition after training.
+const REPACK_CHUNK: usize = 1024;
 
 /// Tuning of a watch cache.
 #[derive(Clone, Debug)]
@@ -339,6 +414,9 @@ pub struct WatchCache {
     progress_wanted: Notify,
     next_watcher: AtomicU64,
     metrics: Arc<Metrics>,
+    training: std::sync::atomic::AtomicBool,
+    /// The highest revision of a write to this resource this server acknowledged.
+    written: std::sync::atomic::AtomicI64,
 }
 
 /// A registered watch: initial objects (if asked for), then live events.
@@ -388,11 +466,15 @@ impl WatchCache {
                 watchers: HashMap::new(),
                 snapshots: VecDeque::new(),
                 ready: false,
+                dictionary: None,
+                trained_for: 0,
             }),
             revision: watch::channel(0).0,
             progress_wanted: Notify::new(),
             next_watcher: AtomicU64::new(1),
             metrics,
+            training: std::sync::atomic::AtomicBool::new(false),
+            written: std::sync::atomic::AtomicI64::new(0),
         });
         tokio::spawn(cache.clone().feed());
         cache
@@ -449,6 +531,23 @@ impl WatchCache {
                 return Ok(());
             }
         }
+    }
+
+    /// Records a write this server acknowledged, so that later reads through this server see
+    /// it (see [`WatchCache::wait_for_own_writes`]).
+    pub fn note_write(&self, revision: Revision) {
+        self.written.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// Waits until the cache holds every write this server has acknowledged for the
+    /// resource. Reads that accept any resourceVersion ("0") still see the client's own
+    /// writes; the wait is normally the time the store takes to deliver one event.
+    pub async fn wait_for_own_writes(&self, timeout: Duration) -> Result<(), CacheError> {
+        let written = self.written.load(Ordering::Acquire);
+        if self.revision() >= written && self.is_ready() {
+            return Ok(());
+        }
+        self.wait_for(written, timeout).await
     }
 
     /// One object by key (`ns/name`).
@@ -667,7 +766,7 @@ impl WatchCache {
 
     /// Loads the whole resource from the store. Watchers of a previous incarnation cannot
     /// be continued consistently and are ended.
-    async fn relist(&self) -> Result<Revision, StoreError> {
+    async fn relist(self: &Arc<Self>) -> Result<Revision, StoreError> {
         let started = Instant::now();
         let list = self
             .store
@@ -680,7 +779,7 @@ impl WatchCache {
         for kv in &list.kvs {
             match decode(self.def, kv) {
                 Ok((value, rev)) => {
-                    let obj = Arc::new(CachedObject::new(self.def, &value, rev));
+                    let obj = Arc::new(CachedObject::new(self.def, &value, rev, None));
                     objects.insert(obj.key.clone(), obj);
                 }
                 Err(err) => {
@@ -697,8 +796,12 @@ impl WatchCache {
             inner.events.clear();
             inner.snapshots.clear();
             inner.watchers.clear();
-            inner.ready = true;
         }
+        // Compress before serving: a large resource would otherwise sit in memory uncompressed.
+        if self.training_due() {
+            self.train().await;
+        }
+        self.inner.write().ready = true;
         self.revision.send_replace(list.revision);
         tracing::info!(
             resource = self.def.plural,
@@ -711,7 +814,7 @@ impl WatchCache {
     }
 
     /// Applies store events from `from` on. Returns where to resume when the watch ends.
-    async fn follow(&self, from: Revision) -> Result<Revision, (Revision, StoreError)> {
+    async fn follow(self: &Arc<Self>, from: Revision) -> Result<Revision, (Revision, StoreError)> {
         let mut watch = self
             .store
             .watch(&self.def.key_prefix(), from)
@@ -729,8 +832,13 @@ impl WatchCache {
                     if let Some(last) = response.events.last() {
                         next = last.kv.mod_revision + 1;
                     }
-                    self.apply(response.events, response.progress);
-                    next = next.max(response.progress + 1);
+                    let progress = response.progress;
+                    self.apply(response.events, progress);
+                    next = next.max(progress + 1);
+                    if self.training_due() {
+                        let cache = self.clone();
+                        tokio::spawn(async move { cache.train().await });
+                    }
                 }
                 _ = self.progress_wanted.notified() => watch.request_progress(),
             }
@@ -738,12 +846,18 @@ impl WatchCache {
     }
 
     fn apply(&self, events: Vec<StoreEvent>, progress: Revision) {
+        let dictionary = self.inner.read().dictionary.clone();
         let mut applied = Vec::with_capacity(events.len());
         for event in events {
             let revision = event.kv.mod_revision;
             let built = match event.kind {
                 EventKind::Put => match decode(self.def, &event.kv) {
-                    Ok((value, rev)) => Some(Arc::new(CachedObject::new(self.def, &value, rev))),
+                    Ok((value, rev)) => Some(Arc::new(CachedObject::new(
+                        self.def,
+                        &value,
+                        rev,
+                        dictionary.as_ref(),
+                    ))),
                     Err(err) => {
                         tracing::error!(resource = self.def.plural, key = %event.kv.key, error = %err, "skipping undecodable stored object");
                         None
@@ -786,7 +900,12 @@ impl WatchCache {
                     CacheEvent {
                         kind: EventType::Deleted,
                         revision,
-                        object: Arc::new(CachedObject::new(self.def, &value, revision)),
+                        object: Arc::new(CachedObject::new(
+                            self.def,
+                            &value,
+                            revision,
+                            dictionary.as_ref(),
+                        )),
                         prev: Some(prev),
                         prev_at_revision: OnceLock::new(),
                     }
@@ -851,6 +970,89 @@ impl WatchCache {
                     .inc();
             }
         }
+    }
+
+    fn training_due(&self) -> bool {
+        let inner = self.inner.read();
+        inner.objects.len() >= TRAIN_MIN.max(inner.trained_for.saturating_mul(RETRAIN_GROWTH))
+            && !self.training.load(Ordering::Acquire)
+    }
+
+    /// Trains a compression dictionary on a sample of the cached objects, then compresses
+    /// the objects still held uncompressed, a chunk at a time.
+    async fn train(self: &Arc<Self>) {
+        if self.training.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let started = Instant::now();
+        let (samples, count) = {
+            let inner = self.inner.read();
+            let count = inner.objects.len();
+            let step = (count / TRAIN_SAMPLES).max(1);
+            let samples: Vec<Bytes> = inner
+                .objects
+                .values()
+                .step_by(step)
+                .take(TRAIN_SAMPLES)
+                .map(|o| o.json())
+                .collect();
+            (samples, count)
+        };
+        let dictionary = tokio::task::spawn_blocking(move || Dictionary::train(&samples))
+            .await
+            .ok()
+            .flatten();
+        {
+            let mut inner = self.inner.write();
+            inner.trained_for = count;
+            if let Some(d) = &dictionary {
+                inner.dictionary = Some(d.clone());
+            }
+        }
+        if let Some(dictionary) = dictionary {
+            let plain: Vec<Arc<CachedObject>> = self
+                .inner
+                .read()
+                .objects
+                .values()
+                .filter(|o| !o.packed.is_compressed())
+                .cloned()
+                .collect();
+            for chunk in plain.chunks(REPACK_CHUNK) {
+                let d = dictionary.clone();
+                let chunk = chunk.to_vec();
+                let repacked = tokio::task::spawn_blocking(move || {
+                    chunk
+                        .into_iter()
+                        .map(|o| {
+                            let packed = Arc::new(o.repacked(&d));
+                            (o, packed)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                let mut inner = self.inner.write();
+                for (old, packed) in repacked {
+                    // Only if nothing replaced the object meanwhile.
+                    if inner
+                        .objects
+                        .get(&old.key)
+                        .is_some_and(|current| Arc::ptr_eq(current, &old))
+                    {
+                        inner.objects.insert(old.key.clone(), packed);
+                    }
+                }
+            }
+            tracing::info!(
+                resource = self.def.plural,
+                objects = count,
+                dictionary_bytes = dictionary.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "watch cache compression dictionary trained"
+            );
+        }
+        self.training.store(false, Ordering::Release);
     }
 
     /// The number of objects cached.
