@@ -207,10 +207,10 @@ struct Operation<'a> {
 
 /// Applies an `application/json-patch+json` patch.
 ///
-/// A patch that is not a list of operations, or an operation without a known `op`, a
-/// string `path` (or `from` for move and copy), is a [`PatchError::BadRequest`]; an
-/// operation that does not apply (a failed `test`, a missing path) is a
-/// [`PatchError::Invalid`]. A `null` patch changes nothing, as upstream decodes it to an
+/// A patch that is not a list of operation objects is a [`PatchError::BadRequest`]; an
+/// operation without a known `op` or a string `path` (or `from` for move and copy), or one
+/// that does not apply (a failed `test`, a missing path), is a [`PatchError::Invalid`], as
+/// upstream only finds those when applying. A `null` patch changes nothing, as upstream decodes it to an
 /// empty list. The caller enforces [`MAX_JSON_PATCH_OPERATIONS`].
 pub fn json_patch(original: &Value, patch: &Value) -> Result<Value, PatchError> {
     let items = match patch {
@@ -252,15 +252,17 @@ fn decode_operation(item: &Value) -> Result<Operation<'_>, PatchError> {
         Some("move") => OpKind::Move,
         Some("copy") => OpKind::Copy,
         Some("test") => OpKind::Test,
+        // Upstream decodes operations lazily: a bad op or path fails when the patch is
+        // applied, which it reports as 422.
         other => {
-            return Err(bad(format!(
+            return Err(invalid(format!(
                 "Unexpected kind: {}",
                 other.unwrap_or("unknown")
             )));
         }
     };
     let path = fields.get("path").and_then(Value::as_str).ok_or_else(|| {
-        bad(format!(
+        invalid(format!(
             "{} operation failed to decode path: missing value",
             kind.name()
         ))
@@ -270,7 +272,7 @@ fn decode_operation(item: &Value) -> Result<Operation<'_>, PatchError> {
             .get("from")
             .and_then(Value::as_str)
             .ok_or_else(|| {
-                bad(format!(
+                invalid(format!(
                     "{} operation failed to decode from: operation, missing from field: missing value",
                     kind.name()
                 ))
@@ -2054,7 +2056,7 @@ mod tests {
     }
 
     #[test]
-    fn json_patch_malformed_is_bad_request() {
+    fn json_patch_malformed_is_bad_request_bad_operations_are_invalid() {
         let doc = json!({"a": 1});
         assert_eq!(
             bad_request(json_patch(&doc, &json!({"op": "add"}))),
@@ -2065,17 +2067,15 @@ mod tests {
             "json: cannot unmarshal string into Go value of type jsonpatch.Operation"
         );
         assert_eq!(
-            bad_request(json_patch(&doc, &json!([{"path": "/a", "value": 2}]))),
+            invalid(json_patch(&doc, &json!([{"path": "/a", "value": 2}]))),
             "Unexpected kind: unknown"
         );
         assert_eq!(
-            bad_request(json_patch(&doc, &json!([{"op": "frob", "path": "/a"}]))),
+            invalid(json_patch(&doc, &json!([{"op": "frob", "path": "/a"}]))),
             "Unexpected kind: frob"
         );
-        assert!(bad_request(json_patch(&doc, &json!([{"op": "remove"}]))).contains("path"));
-        assert!(
-            bad_request(json_patch(&doc, &json!([{"op": "move", "path": "/b"}]))).contains("from")
-        );
+        assert!(invalid(json_patch(&doc, &json!([{"op": "remove"}]))).contains("path"));
+        assert!(invalid(json_patch(&doc, &json!([{"op": "move", "path": "/b"}]))).contains("from"));
         // Upstream decodes null into an empty patch.
         assert_eq!(json_patch(&doc, &Value::Null).unwrap(), doc);
     }

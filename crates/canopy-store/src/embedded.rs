@@ -255,6 +255,7 @@ impl Store for EmbeddedStore {
             let start = request.start_after.as_deref().unwrap_or(&request.prefix);
             let mut kvs = Vec::new();
             let mut more = false;
+            let mut count = 0;
             for entry in keys.range::<&str>(start..).map_err(db_err)? {
                 let (key, rev) = entry.map_err(db_err)?;
                 let key = key.value();
@@ -264,15 +265,18 @@ impl Store for EmbeddedStore {
                 if request.start_after.as_deref() == Some(key) {
                     continue;
                 }
+                count += 1;
                 if request.limit > 0 && kvs.len() == request.limit {
+                    // Past the page only keys are counted, not loaded.
                     more = true;
-                    break;
+                    continue;
                 }
                 kvs.push(load(&log, rev.value())?.into_kv(rev.value()));
             }
             Ok(RangeResponse {
                 kvs,
                 more,
+                count,
                 revision: current,
             })
         })
@@ -382,6 +386,7 @@ fn range_at(
         }
     }
     let mut kvs: Vec<KeyValue> = found.into_values().collect();
+    let count = kvs.len();
     let more = request.limit > 0 && kvs.len() > request.limit;
     if more {
         kvs.truncate(request.limit);
@@ -389,6 +394,7 @@ fn range_at(
     Ok(RangeResponse {
         kvs,
         more,
+        count,
         revision,
     })
 }

@@ -158,13 +158,18 @@ impl Store for EtcdStore {
                 (other, _) => other,
             }
         })?;
-        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        // The header carries the current revision; a read at a past revision happened there.
+        let revision = match request.revision.filter(|r| *r > 0) {
+            Some(rev) => rev,
+            None => response.header().map(|h| h.revision()).unwrap_or(0),
+        };
         let kvs = response
             .kvs()
             .iter()
             .map(to_kv)
             .collect::<Result<Vec<_>>>()?;
         Ok(RangeResponse {
+            count: usize::try_from(response.count()).unwrap_or(kvs.len()),
             kvs,
             more: response.more(),
             revision,

@@ -115,6 +115,8 @@ pub struct RangeResponse {
     pub kvs: Vec<KeyValue>,
     /// True when more keys match beyond the limit.
     pub more: bool,
+    /// How many keys the range holds from its start, ignoring the limit (etcd's `count`).
+    pub count: usize,
     /// The revision the read was served at.
     pub revision: Revision,
 }

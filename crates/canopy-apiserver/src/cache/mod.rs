@@ -86,7 +86,10 @@ impl CachedObject {
             labels = labels.saturating_add(1);
         }
         for f in def.field_selectors {
-            push_attr(&mut attrs, &kinds::field_value(def, obj, f).unwrap_or_default());
+            push_attr(
+                &mut attrs,
+                &kinds::field_value(def, obj, f).unwrap_or_default(),
+            );
         }
         let json = Bytes::from(serde_json::to_vec(obj).unwrap_or_default());
         Self {
@@ -607,7 +610,6 @@ impl WatchCache {
         let unfiltered = filter.labels.is_empty() && filter.fields.is_empty();
         let mut items = Vec::new();
         let mut more_after = None;
-        let mut scanned = 0usize;
         for (key, obj) in iter {
             if start_after == Some(&**key) {
                 continue;
@@ -617,7 +619,6 @@ impl WatchCache {
                     break;
                 }
             }
-            scanned += 1;
             if !filter.matches(self.def, obj) {
                 continue;
             }
@@ -627,12 +628,19 @@ impl WatchCache {
             }
             items.push(obj.clone());
         }
-        let remaining = match (&more_after, unfiltered, &ns_prefix) {
-            (Some(_), true, None) => {
-                let before = start_after.map_or(0, |after| {
-                    objects.range(..Arc::<str>::from(after)).count() + 1
-                });
-                Some(objects.len().saturating_sub(before + scanned - 1))
+        // Upstream reports how many objects remain only when no selector filters the list.
+        let remaining = match (&more_after, unfiltered) {
+            (Some(last), true) => {
+                let after = objects.range((
+                    std::ops::Bound::Excluded(last.clone()),
+                    std::ops::Bound::Unbounded,
+                ));
+                Some(match &ns_prefix {
+                    Some(prefix) => after
+                        .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+                        .count(),
+                    None => after.count(),
+                })
             }
             _ => None,
         };

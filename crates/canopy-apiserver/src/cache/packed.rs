@@ -193,7 +193,12 @@ mod tests {
         let original = sample(123_456);
         let packed = Packed::new(original.clone(), Some(&dictionary));
         assert!(packed.is_compressed());
-        assert!(packed.footprint() * 4 < original.len(), "{} vs {}", packed.footprint(), original.len());
+        assert!(
+            packed.footprint() * 4 < original.len(),
+            "{} vs {}",
+            packed.footprint(),
+            original.len()
+        );
         assert_eq!(packed.json(), original);
         let mut out = b"[".to_vec();
         packed.append_to(&mut out);

@@ -113,7 +113,7 @@ pub fn store_error(err: canopy_store::Error) -> ApiError {
         E::Compacted {
             requested,
             compacted,
-        } => ApiError::gone(format!(
+        } => ApiError::expired(format!(
             "too old resource version: {requested} ({compacted})"
         )),
         E::FutureRevision(rev) => ApiError::timeout(format!("Too large resource version: {rev}")),
@@ -259,6 +259,31 @@ impl Call<'_> {
             .key(self.req.namespace.as_deref().unwrap_or(""), self.name())
     }
 
+    /// The options kind upstream validates this request's query against.
+    pub fn options_kind(&self) -> &'static str {
+        match self.req.verb {
+            Verb::Create => "CreateOptions",
+            Verb::Update => "UpdateOptions",
+            Verb::Patch => "PatchOptions",
+            Verb::Delete | Verb::DeleteCollection => "DeleteOptions",
+            _ => "ListOptions",
+        }
+    }
+
+    /// A 422 for a bad query option, as upstream's option validation.
+    pub fn invalid_option(&self, field: &str, value: &str, detail: &str) -> ApiError {
+        ApiError::invalid(
+            "meta.k8s.io",
+            self.options_kind(),
+            "",
+            vec![canopy_api::Cause::invalid(
+                field,
+                &Value::String(value.to_string()),
+                detail,
+            )],
+        )
+    }
+
     /// `dryRun=All`.
     pub fn dry_run(&self) -> ApiResult<bool> {
         let mut dry = false;
@@ -267,9 +292,7 @@ impl Call<'_> {
                 "All" => dry = true,
                 "" => {}
                 other => {
-                    return Err(ApiError::bad_request(format!(
-                        "Invalid dry run value {other:?}: valid values are \"All\""
-                    )));
+                    return Err(self.invalid_option("dryRun", other, "supported values: \"All\""));
                 }
             }
         }

@@ -207,9 +207,18 @@ pub(super) async fn list(call: &Call<'_>) -> ApiResult<Response<Body>> {
         .get("resourceVersionMatch")
         .filter(|v| !v.is_empty());
     if cont.is_some() && rv.is_some() && rv != Some("0") {
-        return Err(list_invalid(vec![Cause::forbidden(
-            "resourceVersion",
+        return Err(ApiError::bad_request(
             "specifying resource version is not allowed when using continue",
+        ));
+    }
+    if call
+        .query
+        .get("sendInitialEvents")
+        .is_some_and(|v| !v.is_empty())
+    {
+        return Err(list_invalid(vec![Cause::forbidden(
+            "sendInitialEvents",
+            "sendInitialEvents is forbidden for list",
         )]));
     }
     if rvm.is_some() && rv.is_none() {
@@ -245,6 +254,12 @@ pub(super) async fn list(call: &Call<'_>) -> ApiResult<Response<Body>> {
             }
         }
     } else {
+        // A paginated list at a given version, without a match rule, is an exact read
+        // (upstream's legacy rule for resourceVersion with limit).
+        let rvm = match (rv, rvm) {
+            (Some(v), None) if v != "0" && limit > 0 => Some("Exact"),
+            (_, rvm) => rvm,
+        };
         match (rv, rvm) {
             (None, _) => consistent_list(ctx, cache, &filter, limit).await?,
             (Some(rv), None | Some("NotOlderThan")) => {
@@ -252,7 +267,9 @@ pub(super) async fn list(call: &Call<'_>) -> ApiResult<Response<Body>> {
                 match cache.wait_for(rv, ctx.options.cache_wait).await {
                     Ok(()) => {
                         own_writes(ctx, cache).await?;
-                        cache.list(&filter, limit, None, None).map_err(cache_error)?
+                        cache
+                            .list(&filter, limit, None, None)
+                            .map_err(cache_error)?
                     }
                     // The cache cannot show it reached `rv` (an idle resource on a store
                     // without ordered progress): a consistent store read is at least as new.
@@ -363,11 +380,19 @@ async fn store_list(
             if filter.matches(def, &obj) {
                 if limit > 0 && items.len() == limit {
                     let last = items.last().map(|o| o.key.clone());
+                    // Unfiltered, every key of the range is an item: the rest are remaining.
+                    let unfiltered = filter.labels.is_empty() && filter.fields.is_empty();
+                    let returned_from_page = page
+                        .kvs
+                        .iter()
+                        .position(|kv| kv.key == def.key(obj.namespace(), obj.name()))
+                        .unwrap_or(page.kvs.len());
                     return Ok(ListPage {
                         items,
                         revision: page.revision,
                         more_after: last,
-                        remaining: None,
+                        remaining: unfiltered
+                            .then(|| page.count.saturating_sub(returned_from_page)),
                     });
                 }
                 items.push(obj);
@@ -742,8 +767,13 @@ async fn watch_frames(
         }
     }
     let start = sub.revision;
+    // Bookmarks every minute, and one shortly before the watch ends so that its client can
+    // resume from a recent revision (upstream's cacheWatcher does the same).
     let period = Duration::from_secs(60);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let now = tokio::time::Instant::now();
+    let first_bookmark =
+        (now + period).min(deadline.checked_sub(Duration::from_secs(2)).unwrap_or(now));
+    let mut ticker = tokio::time::interval_at(first_bookmark.max(now), period);
     loop {
         tokio::select! {
             item = sub.events.recv() => {

@@ -37,20 +37,30 @@ fn field_validation(call: &Call<'_>) -> ApiResult<FieldValidation> {
         None | Some("") | Some("Warn") => Ok(FieldValidation::Warn),
         Some("Strict") => Ok(FieldValidation::Strict),
         Some("Ignore") => Ok(FieldValidation::Ignore),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "fieldValidation parameter unsupported: {other:?}; must be one of Ignore, Warn or Strict"
-        ))),
+        Some(other) => Err(call.invalid_option(
+            "fieldValidation",
+            other,
+            "fieldValidation must be one of \"Ignore\", \"Warn\", or \"Strict\"",
+        )),
     }
 }
 
+/// What checking a body found that did not fail the request.
+struct Checked {
+    /// Warnings for the client (unknown and duplicate fields, under `fieldValidation=Warn`).
+    warnings: Vec<String>,
+    /// Paths of the unknown fields removed, whatever the validation mode.
+    unknown: Vec<String>,
+}
+
 /// Checks a decoded object against its kind: apiVersion and kind (filled in when missing),
-/// types, unknown fields (pruned) and duplicates, per `fieldValidation`. Returns warnings.
+/// types, unknown fields (pruned) and duplicates, per `fieldValidation`.
 fn check_object(
     call: &Call<'_>,
     def: &ResourceDef,
     obj: &mut Value,
     duplicates: Vec<String>,
-) -> ApiResult<Vec<String>> {
+) -> ApiResult<Checked> {
     let Value::Object(map) = obj else {
         return Err(ApiError::bad_request(
             "the body of the request must be a JSON or YAML object",
@@ -82,6 +92,7 @@ fn check_object(
             )));
         }
     }
+    tidy_metadata(obj);
     let schemas = call.ctx.registry.schemas();
     let node = schemas
         .definition(def.definition)
@@ -101,13 +112,34 @@ fn check_object(
         .map(|f| format!("unknown field {f:?}"))
         .chain(duplicates.iter().map(|f| format!("duplicate field {f:?}")))
         .collect();
-    match field_validation(call)? {
-        FieldValidation::Strict if !problems.is_empty() => Err(ApiError::bad_request(format!(
-            "strict decoding error: {}",
-            problems.join(", ")
-        ))),
-        FieldValidation::Ignore => Ok(Vec::new()),
-        _ => Ok(problems),
+    let warnings = match field_validation(call)? {
+        FieldValidation::Strict if !problems.is_empty() => {
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                problems.join(", ")
+            )));
+        }
+        FieldValidation::Ignore => Vec::new(),
+        _ => problems,
+    };
+    Ok(Checked {
+        warnings,
+        unknown: report.unknown_fields,
+    })
+}
+
+/// Drops empty values from `metadata`. Every ObjectMeta field is `omitempty` upstream, so
+/// an empty one means "unset"; protobuf bodies (kubectl's typed clients) carry them all.
+fn tidy_metadata(obj: &mut Value) {
+    if let Some(Value::Object(m)) = obj.get_mut("metadata") {
+        m.retain(|k, v| match v {
+            Value::String(s) => !s.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            // generation 0 is unset; deletionGracePeriodSeconds 0 is not.
+            Value::Number(n) => k != "generation" || n.as_i64() != Some(0),
+            _ => true,
+        });
     }
 }
 
@@ -130,7 +162,7 @@ fn decode(call: &Call<'_>, def: &ResourceDef, bytes: &Bytes) -> ApiResult<(Value
             ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
         })?;
     let mut value = decoded.value;
-    let warnings = check_object(call, def, &mut value, decoded.duplicates)?;
+    let warnings = check_object(call, def, &mut value, decoded.duplicates)?.warnings;
     Ok((value, warnings))
 }
 
@@ -308,9 +340,7 @@ pub(super) fn admit_update(
 ) -> ApiResult<()> {
     let def = call.req.def;
     let name = call.name();
-    if meta::name(new).is_empty() {
-        meta::set_meta(new, "name", json!(name));
-    } else if meta::name(new) != name {
+    if meta::name(new) != name {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({}) does not match the name on the URL ({name})",
             meta::name(new)
@@ -329,25 +359,27 @@ pub(super) fn admit_update(
     } else {
         meta::remove_meta(new, "namespace");
     }
-    let mut causes = Vec::new();
+    // A different uid means the client wrote against another incarnation of the object.
+    if let (Some(given), Some(current)) = (
+        meta::meta_str(new, "uid").filter(|u| !u.is_empty()),
+        meta::meta_str(old, "uid"),
+    ) {
+        if given != current {
+            return Err(ApiError::conflict(
+                target(def, name),
+                &format!(
+                    "Precondition failed: UID in precondition: {given}, UID in object meta: {current}"
+                ),
+            ));
+        }
+    }
     for field in ["uid", "creationTimestamp"] {
-        match (
+        if let (None | Some(""), Some(value)) = (
             meta::meta_str(new, field),
             meta::metadata(old).and_then(|m| m.get(field)),
         ) {
-            (None | Some(""), Some(value)) => meta::set_meta(new, field, value.clone()),
-            (Some(given), Some(Value::String(was))) if given != was => {
-                causes.push(Cause::invalid(
-                    format!("metadata.{field}"),
-                    &json!(given),
-                    "field is immutable",
-                ));
-            }
-            _ => {}
+            meta::set_meta(new, field, value.clone());
         }
-    }
-    if !causes.is_empty() {
-        return Err(invalid(def, new, causes));
     }
     // Only deletion sets these.
     for field in [
@@ -680,8 +712,14 @@ pub(super) async fn patch(
         ));
     }
     if call.query.get("force").is_some() {
-        return Err(ApiError::bad_request(
-            "force is only allowed for apply patches",
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "PatchOptions",
+            "",
+            vec![Cause::forbidden(
+                "force",
+                "may not be specified for non-apply patch",
+            )],
         ));
     }
     let required = patch_precondition(kind, &document)?;
@@ -709,7 +747,21 @@ pub(super) async fn patch(
             ),
         })?;
         let mut new = patched;
-        warnings = check_object(call, def, &mut new, Vec::new())?;
+        // The patched object failing to decode is the patch's fault: upstream answers 422.
+        warnings = check_object(call, def, &mut new, Vec::new())
+            .map(|c| c.warnings)
+            .map_err(|e| {
+                if e.code == 400 {
+                    ApiError::invalid(
+                        def.group,
+                        def.kind,
+                        call.name(),
+                        vec![Cause::invalid("", &Value::Null, &e.message)],
+                    )
+                } else {
+                    e
+                }
+            })?;
         // A patch may not rename the object.
         admit_update(call, &mut new, old, sub, true)?;
         Ok(new)
@@ -729,13 +781,29 @@ async fn apply(
 ) -> ApiResult<Response<Body>> {
     let def = call.req.def;
     let Some(manager) = call.query.get("fieldManager").filter(|m| !m.is_empty()) else {
-        return Err(ApiError::bad_request(
-            "PATCH, field manager is required for apply requests",
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "PatchOptions",
+            "",
+            vec![Cause::required(
+                "fieldManager",
+                "is required for apply patch",
+            )],
         ));
     };
     let manager = manager.to_string();
     let force = call.query.bool("force")?.unwrap_or(false);
-    let warnings = check_object(call, def, &mut config, Vec::new())?;
+    // An apply configuration is typed against the schema as a whole: upstream refuses one
+    // that names fields the schema does not have, whatever fieldValidation says.
+    let checked = check_object(call, def, &mut config, Vec::new())?;
+    if let Some(field) = checked.unknown.first() {
+        return Err(ApiError::bad_request(format!(
+            "failed to create typed patch object ({}, Kind={}): .{field}: field not declared in schema",
+            def.api_version(),
+            def.kind,
+        )));
+    }
+    let warnings = checked.warnings;
     if meta::name(&config) != call.name() {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({}) does not match the name on the URL ({})",
@@ -783,10 +851,21 @@ async fn apply(
 
 /// DeleteOptions from the body (if any) and the query.
 struct DeleteOptions {
+    dry_run: bool,
     grace_period: Option<i64>,
     propagation: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
+}
+
+/// 422 for a bad request option, as upstream validates CreateOptions, DeleteOptions etc.
+fn invalid_option(kind: &str, field: &str, value: &Value, detail: &str) -> ApiError {
+    ApiError::invalid(
+        "meta.k8s.io",
+        kind,
+        "",
+        vec![Cause::invalid(field, value, detail)],
+    )
 }
 
 fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
@@ -806,6 +885,30 @@ fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
     if !body.is_object() {
         return Err(ApiError::bad_request("DeleteOptions must be an object"));
     }
+    // dryRun may come in the query or in the body (kube-rs and client-go use the body).
+    let body_dry_run = match body.get("dryRun") {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(values)) => {
+            if let Some(bad) = values.iter().find(|v| v.as_str() != Some("All")) {
+                return Err(invalid_option(
+                    "DeleteOptions",
+                    "dryRun",
+                    bad,
+                    "supported values: \"All\"",
+                ));
+            }
+            !values.is_empty()
+        }
+        Some(other) => {
+            return Err(invalid_option(
+                "DeleteOptions",
+                "dryRun",
+                other,
+                "must be a list",
+            ));
+        }
+    };
+    let dry_run = call.dry_run()? || body_dry_run;
     let grace_period =
         match call.query.int("gracePeriodSeconds")? {
             Some(g) => Some(g),
@@ -816,6 +919,8 @@ fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
                 })?),
             },
         };
+    // Upstream's BeforeDelete: a negative grace period means one second.
+    let grace_period = grace_period.map(|g| if g < 0 { 1 } else { g });
     let orphan = call
         .query
         .bool("orphanDependents")?
@@ -844,34 +949,19 @@ fn delete_options(call: &Call<'_>, bytes: &Bytes) -> ApiResult<DeleteOptions> {
             ));
         }
         if orphan.is_some() {
-            return Err(ApiError::invalid(
-                "meta.k8s.io",
+            return Err(invalid_option(
                 "DeleteOptions",
-                "",
-                vec![Cause::invalid(
-                    "propagationPolicy",
-                    &json!(p),
-                    "orphanDependents and deletionPropagation cannot be both set",
-                )],
+                "propagationPolicy",
+                &json!(p),
+                "orphanDependents and deletionPropagation cannot be both set",
             ));
         }
     } else if orphan == Some(true) {
         propagation = Some("Orphan".into());
     }
-    if grace_period.is_some_and(|g| g < 0) {
-        return Err(ApiError::invalid(
-            "meta.k8s.io",
-            "DeleteOptions",
-            "",
-            vec![Cause::invalid(
-                "gracePeriodSeconds",
-                &json!(grace_period),
-                "must be greater than or equal to 0",
-            )],
-        ));
-    }
     let pre = body.get("preconditions");
     Ok(DeleteOptions {
+        dry_run,
         grace_period,
         propagation,
         uid: pre
@@ -926,7 +1016,7 @@ async fn delete_one(
     options: &DeleteOptions,
 ) -> ApiResult<(Deleted, StatusCode)> {
     let name = key.rsplit('/').next().unwrap_or("").to_string();
-    let dry_run = call.dry_run()?;
+    let dry_run = options.dry_run;
     let mut state = current(call, def, key).await?;
     for _ in 0..MAX_RETRIES {
         let Some((old, old_rev)) = &state else {

@@ -195,9 +195,11 @@ fn start_server(dir: &Path, store: &str, extra: &[String]) -> ServerProcess {
 /// A kube-rs client from a kubeconfig file.
 pub async fn client_for(path: &Path) -> kube::Client {
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("kube config");
+    // Tests must see the server's answers, not kube-rs's retries of 429/503/504.
+    config.default_retry = false;
     kube::Client::try_from(config).expect("kube client")
 }
 
