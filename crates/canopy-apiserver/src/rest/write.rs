@@ -433,7 +433,8 @@ pub(super) fn admit_update(
                 new,
                 &manager,
                 &def.api_version(),
-                sub.map(|s| s.name()),
+                // The request's subresource (`scale` too), as upstream labels the entry.
+                call.req.subresource.map(|s| s.name()),
                 &meta::now_rfc3339(),
             )
             .map_err(|e| ApiError::bad_request(e.to_string()))?;

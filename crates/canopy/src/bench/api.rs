@@ -146,10 +146,27 @@ pub async fn run(args: ApiArgs) -> Result<()> {
             }
         }));
     }
+    let progress = {
+        let next = next.clone();
+        let total = args.pods;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(5));
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let done = next.load(Ordering::Relaxed).min(total);
+                eprintln!(
+                    "  ... {done}/{total} pods created ({:.0}/s so far)",
+                    done as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
     let mut latencies = Vec::with_capacity(args.pods);
     for task in tasks {
         latencies.extend(task.await??);
     }
+    progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
     let (p50, p99) = percentiles(&mut latencies);
     println!(
