@@ -420,7 +420,13 @@ pub struct WatchCache {
     training: std::sync::atomic::AtomicBool,
     /// The highest revision of a write to this resource this server acknowledged.
     written: std::sync::atomic::AtomicI64,
+    /// Objects this server wrote, by revision, built before their store event arrives so
+    /// that the event need not be decoded again.
+    primed: parking_lot::Mutex<HashMap<Revision, Arc<CachedObject>>>,
 }
+
+/// Most primed objects kept; beyond that the cache is far behind and decoding is fine.
+const PRIMED_LIMIT: usize = 8192;
 
 /// A registered watch: initial objects (if asked for), then live events.
 pub struct Subscription {
@@ -478,6 +484,7 @@ impl WatchCache {
             metrics,
             training: std::sync::atomic::AtomicBool::new(false),
             written: std::sync::atomic::AtomicI64::new(0),
+            primed: parking_lot::Mutex::new(HashMap::new()),
         });
         tokio::spawn(cache.clone().feed());
         cache
@@ -534,6 +541,25 @@ impl WatchCache {
                 return Ok(());
             }
         }
+    }
+
+    /// Records an object this server stored at `revision` (with its resourceVersion set):
+    /// when the store's event for it arrives, the cache uses this instead of decoding.
+    pub fn prime(&self, revision: Revision, obj: &Value) {
+        let dictionary = self.inner.read().dictionary.clone();
+        let cached = Arc::new(CachedObject::new(
+            self.def,
+            obj,
+            revision,
+            dictionary.as_ref(),
+        ));
+        let mut primed = self.primed.lock();
+        if primed.len() >= PRIMED_LIMIT {
+            primed.clear();
+        }
+        primed.insert(revision, cached);
+        drop(primed);
+        self.note_write(revision);
     }
 
     /// Records a write this server acknowledged, so that later reads through this server see
@@ -858,7 +884,16 @@ impl WatchCache {
         let mut applied = Vec::with_capacity(events.len());
         for event in events {
             let revision = event.kv.mod_revision;
+            let primed = match event.kind {
+                EventKind::Put => self
+                    .primed
+                    .lock()
+                    .remove(&revision)
+                    .filter(|o| *o.key == cache_key(self.def, &event.kv.key)),
+                EventKind::Delete => None,
+            };
             let built = match event.kind {
+                EventKind::Put if primed.is_some() => primed,
                 EventKind::Put => match decode(self.def, &event.kv) {
                     Ok((value, rev)) => Some(Arc::new(CachedObject::new(
                         self.def,

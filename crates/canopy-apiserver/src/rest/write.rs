@@ -493,8 +493,8 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
         .await?
     {
         Outcome::Committed(kv) => {
-            call.ctx.cache(def).note_write(kv.mod_revision);
             set_rv(obj, kv.mod_revision);
+            call.ctx.cache(def).prime(kv.mod_revision, obj);
             Ok(())
         }
         Outcome::Conflict(_) => {
@@ -589,8 +589,12 @@ where
         };
         match outcome {
             Outcome::Committed(kv) => {
-                call.ctx.cache(def).note_write(kv.mod_revision);
                 set_rv(&mut new, kv.mod_revision);
+                if should_delete(def, &new) {
+                    call.ctx.cache(def).note_write(kv.mod_revision);
+                } else {
+                    call.ctx.cache(def).prime(kv.mod_revision, &new);
+                }
                 return Ok((new, StatusCode::OK));
             }
             Outcome::Conflict(latest) => {
@@ -1094,8 +1098,8 @@ async fn delete_one(
                     .await?
                 {
                     Outcome::Committed(kv) => {
-                        call.ctx.cache(def).note_write(kv.mod_revision);
                         set_rv(&mut new, kv.mod_revision);
+                        call.ctx.cache(def).prime(kv.mod_revision, &new);
                         return Ok((Deleted::Pending(new), StatusCode::OK));
                     }
                     Outcome::Conflict(latest) => {
