@@ -497,10 +497,10 @@ fn closure(
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
             Value::Object(m) => {
-                if let Some(Value::String(r)) = m.get("$ref") {
-                    if let Some(name) = r.rsplit('/').next() {
-                        out.push(name.to_string());
-                    }
+                if let Some(Value::String(r)) = m.get("$ref")
+                    && let Some(name) = r.rsplit('/').next()
+                {
+                    out.push(name.to_string());
                 }
                 m.values().for_each(|c| refs(c, out));
             }

@@ -561,10 +561,10 @@ fn discovery_response(state: &State, aggregated: Option<Aggregated>, core: bool)
     response
         .headers_mut()
         .insert(header::VARY, http::HeaderValue::from_static("Accept"));
-    if aggregated.is_some() {
-        if let Ok(v) = http::HeaderValue::from_str(&state.discovery.etag) {
-            response.headers_mut().insert(header::ETAG, v);
-        }
+    if aggregated.is_some()
+        && let Ok(v) = http::HeaderValue::from_str(&state.discovery.etag)
+    {
+        response.headers_mut().insert(header::ETAG, v);
     }
     response
 }

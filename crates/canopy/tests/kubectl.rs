@@ -254,6 +254,7 @@ fn workflow(backend: Backend) {
         .unwrap()
         .read_to_string(&mut streamed)
         .unwrap();
+    let _ = watch.wait();
     assert!(
         streamed.lines().next().unwrap_or("").starts_with("NAME"),
         "{streamed}"

@@ -2,13 +2,14 @@
 //! the number of update entries (upstream's `managedfields.go`, `buildmanagerinfo.go`,
 //! `capmanagers.go`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::DateTime;
 use serde_json::{Map, Value, json};
 
-use super::path::{go_json, go_quote};
-use super::set::Set;
+use super::path::{go_json, go_quote, maps_in_key_order};
+use super::set::{Set, fields_v1_remove, fields_v1_union, is_canonical_fields_v1};
 
 /// Upstream keeps at most this many `Update` entries; older ones merge into buckets.
 const MAX_UPDATE_MANAGERS: usize = 10;
@@ -111,26 +112,101 @@ pub(crate) struct VersionedSet {
     pub(crate) api_version: String,
 }
 
+/// An entry's fields kept as read: FieldsV1 that is exactly what encoding the set it reads as
+/// gives (see [`is_canonical_fields_v1`]), changed in place as the set would be.
+#[derive(Clone, Debug)]
+struct RawSet {
+    fields_v1: Value,
+    api_version: String,
+}
+
+impl RawSet {
+    fn decode(self) -> VersionedSet {
+        // Canonical FieldsV1 reads without error; the default is never taken.
+        let set = Set::from_fields_v1(&self.fields_v1).unwrap_or_default();
+        VersionedSet {
+            set,
+            api_version: self.api_version,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fields_v1.as_object().is_none_or(Map::is_empty)
+    }
+
+    /// Whether FieldsV1 can be kept as read. In maps that keep their keys in the order read,
+    /// it would keep that order where encoding sorts.
+    fn keeps(fields_v1: &Value) -> bool {
+        maps_in_key_order()
+            && fields_v1.as_object().is_some_and(|m| !m.is_empty())
+            && is_canonical_fields_v1(fields_v1)
+    }
+}
+
+/// An entry's fields, decoded or as read.
+enum Fields {
+    Decoded(Set),
+    AsRead(Value),
+}
+
 /// Every entry of an object, with the time each was last changed.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Managed {
     pub(crate) fields: BTreeMap<ManagerKey, VersionedSet>,
     pub(crate) times: BTreeMap<ManagerKey, String>,
+    /// Entries that [`Managed::decode_lazily`] kept as read, apart from `fields`. Decoding
+    /// and encoding every entry would be most of the cost of a write, which changes few of
+    /// them: these are changed in place, and decoded only where every set is needed.
+    raw: BTreeMap<ManagerKey, RawSet>,
 }
 
 impl Managed {
     pub(crate) fn is_empty(&self) -> bool {
-        self.fields.is_empty()
+        self.fields.is_empty() && self.raw.is_empty()
+    }
+
+    /// Decodes the entries kept as read, for the operations that look at every set.
+    fn decode_all(&mut self) {
+        for (key, raw) in std::mem::take(&mut self.raw) {
+            self.fields.insert(key, raw.decode());
+        }
+    }
+
+    /// Adds fields to an entry, or creates it, which then records them with `api_version`.
+    pub(crate) fn add(&mut self, key: ManagerKey, own: Set, api_version: &str) {
+        if let Some(raw) = self.raw.get_mut(&key)
+            && let Some(fields_v1) = raw.fields_v1.as_object_mut()
+        {
+            fields_v1_union(fields_v1, &own);
+            raw.api_version = api_version.to_string();
+            return;
+        }
+        let set = match self.fields.remove(&key) {
+            Some(previous) => previous.set.union_owned(own),
+            None => own,
+        };
+        let api_version = api_version.to_string();
+        self.fields.insert(key, VersionedSet { set, api_version });
     }
 
     /// Removes the given paths from every entry but `except`, dropping entries left empty.
     pub(crate) fn remove_from_others(&mut self, except: Option<&ManagerKey>, paths: &[&Set]) {
+        for (key, raw) in self.raw.iter_mut() {
+            if Some(key) == except {
+                continue;
+            }
+            if let Some(fields_v1) = raw.fields_v1.as_object_mut() {
+                for p in paths {
+                    fields_v1_remove(fields_v1, p);
+                }
+            }
+        }
         for (key, vs) in self.fields.iter_mut() {
             if Some(key) == except {
                 continue;
             }
             for p in paths {
-                vs.set = vs.set.difference(p);
+                vs.set.remove(p);
             }
         }
         self.drop_empty();
@@ -138,20 +214,35 @@ impl Managed {
 
     pub(crate) fn drop_empty(&mut self) {
         self.fields.retain(|_, vs| !vs.set.is_empty());
-        let fields = &self.fields;
-        self.times.retain(|k, _| fields.contains_key(k));
+        self.raw.retain(|_, raw| !raw.is_empty());
+        let (fields, raw) = (&self.fields, &self.raw);
+        self.times
+            .retain(|k, _| fields.contains_key(k) || raw.contains_key(k));
     }
 
     /// Everything anyone manages.
     pub(crate) fn union_all(&self) -> Set {
+        let raw = self.raw.values().map(|raw| raw.clone().decode().set);
         self.fields
             .values()
-            .fold(Set::default(), |acc, vs| acc.union(&vs.set))
+            .map(|vs| vs.set.clone())
+            .chain(raw)
+            .fold(Set::default(), Set::union_owned)
     }
 
     /// Merges the oldest update entries into per-version `ancient-changes` buckets until at
     /// most [`MAX_UPDATE_MANAGERS`] update entries remain.
     pub(crate) fn cap_updaters(&mut self) {
+        let count = self
+            .fields
+            .keys()
+            .chain(self.raw.keys())
+            .filter(|k| k.operation == Operation::Update)
+            .count();
+        if count <= MAX_UPDATE_MANAGERS {
+            return;
+        }
+        self.decode_all();
         let mut updaters: Vec<ManagerKey> = self
             .fields
             .keys()
@@ -211,6 +302,33 @@ impl Managed {
 
     /// Reads `metadata.managedFields` (upstream's `DecodeManagedFields`).
     pub(crate) fn decode(entries: Option<&Value>) -> Result<Managed, String> {
+        Self::read(entries, false, Vec::new())
+    }
+
+    /// [`Managed::decode`], keeping the entries it can as read (see `Managed::raw`).
+    pub(crate) fn decode_lazily(entries: Option<&Value>) -> Result<Managed, String> {
+        Self::read(entries, true, Vec::new())
+    }
+
+    /// [`Managed::decode_lazily`] of entries the caller owns: the FieldsV1 kept as read are
+    /// moved, not copied.
+    pub(crate) fn decode_owned(mut entries: Option<Value>) -> Result<Managed, String> {
+        let taken = match &mut entries {
+            Some(Value::Array(list)) => list
+                .iter_mut()
+                .map(|e| e.as_object_mut().and_then(|e| e.remove("fieldsV1")))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self::read(entries.as_ref(), true, taken)
+    }
+
+    /// Reads entries; `taken` holds the `fieldsV1` of entries that were moved out of them.
+    fn read(
+        entries: Option<&Value>,
+        lazy: bool,
+        mut taken: Vec<Option<Value>>,
+    ) -> Result<Managed, String> {
         let mut managed = Managed::default();
         let entries = match entries {
             None | Some(Value::Null) => return Ok(managed),
@@ -248,10 +366,20 @@ impl Managed {
                     ));
                 }
             }
-            let set = match entry.get("fieldsV1") {
-                None | Some(Value::Null) => Set::default(),
-                Some(fields) => Set::from_fields_v1(fields)
-                    .map_err(|e| format!("error decoding set of entry {i}: {e}"))?,
+            let fields_v1 = match taken.get_mut(i).and_then(Option::take) {
+                Some(owned) => Some(Cow::Owned(owned)),
+                None => entry.get("fieldsV1").map(Cow::Borrowed),
+            };
+            let fields = match fields_v1 {
+                None => Fields::Decoded(Set::default()),
+                Some(fields) if fields.is_null() => Fields::Decoded(Set::default()),
+                Some(fields) if lazy && RawSet::keeps(&fields) => {
+                    Fields::AsRead(fields.into_owned())
+                }
+                Some(fields) => Fields::Decoded(
+                    Set::from_fields_v1(&fields)
+                        .map_err(|e| format!("error decoding set of entry {i}: {e}"))?,
+                ),
             };
             let time = match text("time")?.as_str() {
                 "" => None,
@@ -275,50 +403,97 @@ impl Managed {
                 Some(t) => managed.times.insert(key.clone(), t),
                 None => managed.times.remove(&key),
             };
-            managed
-                .fields
-                .insert(key, VersionedSet { set, api_version });
+            // A later entry with the same identity replaces an earlier one.
+            match fields {
+                Fields::Decoded(set) => {
+                    managed.raw.remove(&key);
+                    managed
+                        .fields
+                        .insert(key, VersionedSet { set, api_version });
+                }
+                Fields::AsRead(fields_v1) => {
+                    managed.fields.remove(&key);
+                    managed.raw.insert(
+                        key,
+                        RawSet {
+                            fields_v1,
+                            api_version,
+                        },
+                    );
+                }
+            }
         }
         Ok(managed)
     }
 
     /// Writes `metadata.managedFields` (upstream's `encodeManagedFields`): `None` when there
     /// is nothing to record.
-    pub(crate) fn encode(&self) -> Option<Value> {
-        if self.fields.is_empty() {
+    pub(crate) fn encode(self) -> Option<Value> {
+        if self.is_empty() {
             return None;
         }
-        let mut entries: Vec<(&ManagerKey, &VersionedSet, Option<&String>)> = self
-            .fields
-            .iter()
-            .map(|(k, vs)| (k, vs, self.times.get(k)))
+        let Managed {
+            fields,
+            mut times,
+            raw,
+        } = self;
+        struct Entry {
+            key: ManagerKey,
+            api_version: String,
+            fields: Fields,
+            time: Option<String>,
+            seconds: i64,
+        }
+        let decoded = fields
+            .into_iter()
+            .map(|(key, vs)| (key, vs.api_version, Fields::Decoded(vs.set)));
+        let as_read = raw
+            .into_iter()
+            .map(|(key, raw)| (key, raw.api_version, Fields::AsRead(raw.fields_v1)));
+        let mut entries: Vec<Entry> = decoded
+            .chain(as_read)
+            .map(|(key, api_version, fields)| {
+                let time = times.remove(&key);
+                let seconds = time.as_deref().map(unix_seconds).unwrap_or(0);
+                Entry {
+                    key,
+                    api_version,
+                    fields,
+                    time,
+                    seconds,
+                }
+            })
             .collect();
         entries.sort_by(|a, b| {
-            a.0.operation
+            a.key
+                .operation
                 .as_str()
-                .cmp(b.0.operation.as_str())
-                .then_with(|| {
-                    let secs = |t: Option<&String>| t.map(|t| unix_seconds(t)).unwrap_or(0);
-                    secs(a.2).cmp(&secs(b.2))
-                })
-                .then_with(|| a.0.manager.cmp(&b.0.manager))
-                .then_with(|| a.1.api_version.cmp(&b.1.api_version))
-                .then_with(|| a.0.subresource.cmp(&b.0.subresource))
+                .cmp(b.key.operation.as_str())
+                .then_with(|| a.seconds.cmp(&b.seconds))
+                .then_with(|| a.key.manager.cmp(&b.key.manager))
+                .then_with(|| a.api_version.cmp(&b.api_version))
+                .then_with(|| a.key.subresource.cmp(&b.key.subresource))
+                // Entries are taken from two maps; their order by identity breaks ties.
+                .then_with(|| a.key.cmp(&b.key))
         });
         let list = entries
             .into_iter()
-            .map(|(key, vs, time)| {
+            .map(|e| {
                 let mut entry = Map::new();
-                entry.insert("manager".into(), json!(key.manager));
-                entry.insert("operation".into(), json!(key.operation.as_str()));
-                entry.insert("apiVersion".into(), json!(vs.api_version));
-                if let Some(time) = time {
-                    entry.insert("time".into(), json!(time));
+                entry.insert("manager".into(), Value::String(e.key.manager));
+                entry.insert("operation".into(), json!(e.key.operation.as_str()));
+                entry.insert("apiVersion".into(), Value::String(e.api_version));
+                if let Some(time) = e.time {
+                    entry.insert("time".into(), Value::String(time));
                 }
                 entry.insert("fieldsType".into(), json!("FieldsV1"));
-                entry.insert("fieldsV1".into(), vs.set.to_fields_v1());
-                if !key.subresource.is_empty() {
-                    entry.insert("subresource".into(), json!(key.subresource));
+                let fields_v1 = match e.fields {
+                    Fields::Decoded(set) => set.into_fields_v1(),
+                    Fields::AsRead(fields_v1) => fields_v1,
+                };
+                entry.insert("fieldsV1".into(), fields_v1);
+                if !e.key.subresource.is_empty() {
+                    entry.insert("subresource".into(), Value::String(e.key.subresource));
                 }
                 Value::Object(entry)
             })
@@ -346,9 +521,24 @@ pub(crate) fn is_reset(entries: Option<&Value>) -> bool {
 
 /// `metav1.Time` keeps seconds, in UTC.
 fn normalize_time(t: &str) -> Option<String> {
-    DateTime::parse_from_rfc3339(t)
-        .ok()
-        .map(|d| d.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    let time = DateTime::parse_from_rfc3339(t).ok()?;
+    if is_normal_time(t) {
+        // Valid, and what formatting it would give: as times written by this server are.
+        return Some(t.to_string());
+    }
+    Some(time.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+/// Whether a time has the form `YYYY-MM-DDTHH:MM:SSZ`, which normalized times have.
+fn is_normal_time(t: &str) -> bool {
+    t.len() == 20
+        && t.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            10 => b == b'T',
+            13 | 16 => b == b':',
+            19 => b == b'Z',
+            _ => b.is_ascii_digit(),
+        })
 }
 
 fn unix_seconds(t: &str) -> i64 {
@@ -396,6 +586,31 @@ mod tests {
         assert!(is_reset(Some(&json!([]))));
         assert!(!is_reset(Some(&json!([{}, {}]))));
         assert!(!is_reset(None));
+    }
+
+    #[test]
+    fn times_in_normal_form_are_kept_as_formatting_would_write_them() {
+        for t in [
+            "2024-05-01T10:00:00Z",
+            "2016-12-31T23:59:60Z",
+            "2024-05-01T10:00:60Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "2024-02-29T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-05-01T24:00:00Z",
+            "2024-05-01t10:00:00z",
+            "2024-05-01 10:00:00Z",
+            "2024-05-01T10:00:00.5Z",
+            "2024-05-01T10:00:00+00:00",
+            "+002024-05-01T10:00:00Z",
+        ] {
+            let formatted = DateTime::parse_from_rfc3339(t)
+                .ok()
+                .map(|d| d.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            assert_eq!(normalize_time(t), formatted, "{t}");
+        }
     }
 
     #[test]

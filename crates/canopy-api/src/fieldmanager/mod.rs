@@ -12,9 +12,14 @@ mod set;
 mod typed;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
+use std::sync::LazyLock;
 
 use serde_json::{Map, Value};
 
@@ -25,7 +30,7 @@ use crate::status::{ApiError, Cause};
 use managed::{Managed, ManagerKey, Operation, VersionedSet, is_reset};
 use path::{PathElement, compare_values, go_json, path_string};
 use set::Set;
-use typed::{TypeRef, Typed, TypedError};
+use typed::{Comparison, TypeRef, Typed, TypedError};
 
 /// How deep the walks go into objects and field sets. Deeper parts are handled as leaves
 /// (objects) or rejected (field sets), so that client data cannot exhaust the stack.
@@ -189,7 +194,12 @@ fn conflict_message(conflicts: &[Conflict]) -> String {
 
 /// The fields no manager ever owns (upstream's stripped metadata, plus the deletion fields
 /// only the server writes).
-fn strip_set() -> Set {
+fn strip_set() -> &'static Set {
+    static STRIP: LazyLock<Set> = LazyLock::new(build_strip_set);
+    &STRIP
+}
+
+fn build_strip_set() -> Set {
     let mut set = Set::default();
     let field = |name: &str| PathElement::Field(name.to_string());
     set.insert(&[field("apiVersion")]);
@@ -225,7 +235,7 @@ fn managed_fields_of(v: &Value) -> Option<&Value> {
 }
 
 /// Stores entries into an object, removing the field when there are none.
-fn write_managed(obj: &mut Value, managed: &Managed) {
+fn write_managed(obj: &mut Value, managed: Managed) {
     match managed.encode() {
         Some(entries) if obj.is_object() => meta::set_meta(obj, "managedFields", entries),
         _ => {
@@ -302,11 +312,6 @@ impl<'a> FieldManager<'a> {
         v
     }
 
-    /// The empty object upstream compares a created object with.
-    fn zero(&self) -> Value {
-        self.as_typed(&Value::Object(Map::new()))
-    }
-
     /// Records managed fields after a non-apply write (create, update, patch) by `manager`:
     /// `old` is the stored object (`None` on create), `new` the object about to be stored.
     ///
@@ -332,38 +337,34 @@ impl<'a> FieldManager<'a> {
             return Err(ManagedFieldsError("the object is not a JSON object".into()));
         }
         let live_fields = old.and_then(managed_fields_of);
-        let live = || Managed::decode(live_fields).unwrap_or_default();
+        let live = || Managed::decode_lazily(live_fields).unwrap_or_default();
+        let sent = meta::remove_meta(new, "managedFields");
         let managed = if subresource.is_some() {
             live()
-        } else if is_reset(managed_fields_of(new)) {
+        } else if is_reset(sent.as_ref()) {
             Managed::default()
         } else {
-            match Managed::decode(managed_fields_of(new)) {
+            match Managed::decode_owned(sent) {
                 Ok(m) if !m.is_empty() => m,
                 _ => live(),
             }
         };
-        meta::remove_meta(new, "managedFields");
         let creating = old.is_none_or(|o| meta::uid(o).is_empty());
         if managed.is_empty() && !creating {
             return Ok(());
         }
-        let old_typed = match old {
-            Some(old) => self.as_typed(old),
-            None => self.zero(),
-        };
+        // A created object is compared with the empty one, which its typed view fills in.
+        let empty = Value::Object(Map::new());
         let key = ManagerKey::new(manager, Operation::Update, api_version, subresource);
         let ignored = self.reset_fields(subresource);
-        match self.record_update(
-            &old_typed,
-            &self.as_typed(new),
-            managed,
-            key,
-            api_version,
-            &ignored,
-            now,
-        ) {
-            Ok(managed) => write_managed(new, &managed),
+        let compared = self
+            .typed()
+            .compare_typed(old.unwrap_or(&empty), new, self.root());
+        match compared {
+            Ok(cmp) => {
+                let managed = self.record_update(cmp, managed, key, api_version, &ignored, now);
+                write_managed(new, managed);
+            }
             Err(_) => {
                 if let Some(fields) = live_fields {
                     meta::set_meta(new, "managedFields", fields.clone());
@@ -374,44 +375,34 @@ impl<'a> FieldManager<'a> {
     }
 
     /// Upstream's update path: the structured-merge-diff `Update` under a temporary manager,
-    /// merged into the manager's entry (stamped `now`) only if it took any field.
-    #[allow(clippy::too_many_arguments)] // the steps of one upstream call, kept together
+    /// given the comparison of the old and new typed objects, merged into the manager's
+    /// entry (stamped `now`) only if it took any field.
     fn record_update(
         &self,
-        old: &Value,
-        new: &Value,
+        cmp: Comparison,
         mut managed: Managed,
         key: ManagerKey,
         api_version: &str,
         ignored: &Set,
         now: &str,
-    ) -> Result<Managed, TypedError> {
-        let cmp = self
-            .typed()
-            .compare(old, new, self.root())?
-            .exclude(ignored);
-        let changed = cmp.modified.union(&cmp.added);
-        managed.remove_from_others(None, &[&changed, &cmp.removed]);
-        let own = changed
-            .difference(&cmp.removed)
-            .recursive_difference(ignored)
-            .difference(&strip_set());
+    ) -> Managed {
+        let Comparison {
+            added,
+            modified,
+            removed,
+        } = cmp.exclude(ignored);
+        let changed = modified.union_owned(added);
+        managed.remove_from_others(None, &[&changed, &removed]);
+        let mut own = changed;
+        own.remove(&removed);
+        own.remove_recursive(ignored);
+        own.remove(strip_set());
         if !own.is_empty() {
-            let set = match managed.fields.remove(&key) {
-                Some(previous) => previous.set.union(&own),
-                None => own,
-            };
-            managed.fields.insert(
-                key.clone(),
-                VersionedSet {
-                    set,
-                    api_version: api_version.to_string(),
-                },
-            );
+            managed.add(key.clone(), own, api_version);
             managed.times.insert(key, now.to_string());
         }
         managed.cap_updaters();
-        Ok(managed)
+        managed
     }
 
     /// Server-side apply of `config` by `manager` onto `current` (`None` when the object
@@ -433,6 +424,7 @@ impl<'a> FieldManager<'a> {
     ) -> Result<Value, ApplyError> {
         self.check_config(config, api_version)?;
         let live = current.map_or_else(|| Value::Object(Map::new()), without_managed_fields);
+        // Apply reads every entry's set (conflicts, pruning): all are decoded.
         let managed = Managed::decode(current.and_then(managed_fields_of))
             .map_err(|e| ApplyError::Invalid(format!("failed to decode managed fields: {e}")))?;
         let gvknn = || {
@@ -498,7 +490,7 @@ impl<'a> FieldManager<'a> {
         if manager == KUBECTL {
             keep_last_applied_in_sync(&mut object, config);
         }
-        write_managed(&mut object, &managed);
+        write_managed(&mut object, managed);
         Ok(object)
     }
 
@@ -560,27 +552,22 @@ impl<'a> FieldManager<'a> {
                 req.api_version,
                 req.subresource,
             );
-            managed = self.record_update(
-                &self.zero(),
-                &req.live_typed,
-                managed,
-                key,
-                req.api_version,
-                &req.ignored,
-                req.now,
-            )?;
+            let empty = Value::Object(Map::new());
+            let cmp = typed.compare_typed(&empty, req.live, root)?;
+            managed = self.record_update(cmp, managed, key, req.api_version, &req.ignored, req.now);
         }
-        let applied = typed
-            .field_set(req.config, root)?
-            .recursive_difference(&req.ignored);
-        let last = managed.fields.get(&req.key).map(|vs| vs.set.clone());
-        managed.fields.insert(
-            req.key.clone(),
-            VersionedSet {
-                set: applied,
-                api_version: req.api_version.to_string(),
-            },
-        );
+        let mut applied = typed.field_set(req.config, root)?;
+        applied.remove_recursive(&req.ignored);
+        let last = managed
+            .fields
+            .insert(
+                req.key.clone(),
+                VersionedSet {
+                    set: applied,
+                    api_version: req.api_version.to_string(),
+                },
+            )
+            .map(|previous| previous.set);
         let merged = typed
             .merge(Some(&req.live_typed), Some(req.config), root)?
             .unwrap_or_else(|| Value::Object(Map::new()));
@@ -592,10 +579,14 @@ impl<'a> FieldManager<'a> {
             .remove_items(&merged, &removed, root)
             .unwrap_or_else(|| Value::Object(Map::new()));
 
-        let cmp = typed
+        let Comparison {
+            added,
+            modified,
+            removed: gone,
+        } = typed
             .compare(&req.live_typed, &new_typed, root)?
             .exclude(&req.ignored);
-        let changed = cmp.modified.union(&cmp.added);
+        let changed = modified.union_owned(added);
         let mut conflicts = Vec::new();
         for (key, vs) in &managed.fields {
             if *key == req.key {
@@ -612,9 +603,9 @@ impl<'a> FieldManager<'a> {
                 conflicts.into_iter().map(|(_, p, c)| (p, c)).collect(),
             ));
         }
-        managed.remove_from_others(Some(&req.key), &[&changed, &cmp.removed]);
+        managed.remove_from_others(Some(&req.key), &[&changed, &gone]);
         if let Some(vs) = managed.fields.get_mut(&req.key) {
-            vs.set = vs.set.difference(&strip_set());
+            vs.set.remove(strip_set());
         }
         managed.drop_empty();
 
@@ -644,23 +635,23 @@ impl<'a> FieldManager<'a> {
         }
         let typed = self.typed();
         let root = self.root();
-        let named = |s: &Set| typed.ensure_named_fields(s, root);
+        let named = |s: Set| typed.ensure_named_fields(s, root);
         let field_set =
-            |v: &Value| -> Result<Set, TypedError> { Ok(named(&typed.field_set(v, root)?)) };
+            |v: &Value| -> Result<Set, TypedError> { Ok(named(typed.field_set(v, root)?)) };
         let empty = || Value::Object(Map::new());
-        let last = named(last);
+        let last = named(last.clone());
         let merged_set = field_set(merged)?;
         let pruned = typed
             .remove_items(merged, &last, root)
             .unwrap_or_else(empty);
-        let owned = named(&managed.union_all());
-        let unowned = merged_set.difference(&field_set(&pruned)?.union(&owned));
+        let owned = named(managed.union_all());
+        let unowned = merged_set.difference(&field_set(&pruned)?.union_owned(owned));
         let pruned = typed
             .remove_items(merged, &unowned, root)
             .unwrap_or_else(empty);
-        Ok(merged_set
-            .difference(&field_set(&pruned)?)
-            .intersection(&last))
+        let mut removed = merged_set;
+        removed.remove(&field_set(&pruned)?);
+        Ok(removed.intersection(&last))
     }
 
     /// The fields kubectl's client-side annotation shows it set and that still hold their
@@ -676,15 +667,14 @@ impl<'a> FieldManager<'a> {
             return None;
         }
         let typed = self.typed();
-        let set = typed.field_set(&last_applied, self.root()).ok()?;
+        let mut set = typed.field_set(&last_applied, self.root()).ok()?;
         let cmp = typed
             .compare(&last_applied, &req.live_typed, self.root())
             .ok()?;
-        Some(
-            set.difference(&cmp.modified)
-                .difference(&cmp.added)
-                .difference(&cmp.removed),
-        )
+        for changed in [&cmp.modified, &cmp.added, &cmp.removed] {
+            set.remove(changed);
+        }
+        Some(set)
     }
 }
 

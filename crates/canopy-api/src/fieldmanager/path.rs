@@ -3,8 +3,22 @@
 
 use std::cmp::Ordering;
 use std::fmt;
+use std::sync::LazyLock;
 
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
+
+/// Whether `serde_json` maps iterate in key order, as they do unless its `preserve_order`
+/// feature is enabled somewhere in the build. The walks then merge maps' entries as they
+/// come instead of sorting them, and FieldsV1 read in order can be written back as read.
+pub(crate) fn maps_in_key_order() -> bool {
+    static IN_KEY_ORDER: LazyLock<bool> = LazyLock::new(|| {
+        let mut map = Map::new();
+        map.insert("b".to_string(), Value::Null);
+        map.insert("a".to_string(), Value::Null);
+        map.keys().is_sorted()
+    });
+    *IN_KEY_ORDER
+}
 
 /// Values nested deeper than this compare equal: such values cannot come out of a JSON or
 /// YAML parser, and comparing them must neither recurse without bound nor panic.
@@ -131,10 +145,34 @@ pub(crate) fn path_string(path: &[PathElement]) -> String {
 }
 
 impl PathElement {
+    /// A field element, with room for the `f:` of its FieldsV1 key: sets built by the walks
+    /// are encoded once, and their names then become keys without another allocation.
+    pub(crate) fn field(name: &str) -> PathElement {
+        let mut owned = String::with_capacity(name.len() + 2);
+        owned.push_str(name);
+        PathElement::Field(owned)
+    }
+
+    /// [`PathElement::serialize`], reusing the element's own text where it can.
+    pub(crate) fn into_key(self) -> String {
+        match self {
+            PathElement::Field(mut name) => {
+                name.insert_str(0, "f:");
+                name
+            }
+            other => other.serialize(),
+        }
+    }
+
     /// The FieldsV1 key: `f:name`, `k:{"name":"x"}`, `v:"x"` or `i:0`.
     pub(crate) fn serialize(&self) -> String {
         match self {
-            PathElement::Field(name) => format!("f:{name}"),
+            PathElement::Field(name) => {
+                let mut out = String::with_capacity(name.len() + 2);
+                out.push_str("f:");
+                out.push_str(name);
+                out
+            }
             PathElement::Key(fields) => {
                 let mut out = String::from("k:{");
                 for (i, (name, v)) in fields.iter().enumerate() {
@@ -317,6 +355,14 @@ fn number_text(n: &Number) -> String {
 
 fn write_go_string(out: &mut String, s: &str) {
     out.push('"');
+    // Names and values rarely need escaping: such strings are copied whole.
+    let plain =
+        |c: char| !matches!(c, '"' | '\\' | '<' | '>' | '&' | '\u{2028}' | '\u{2029}') && c >= ' ';
+    if s.chars().all(plain) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

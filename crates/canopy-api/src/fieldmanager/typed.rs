@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::LazyLock;
 
 use serde_json::{Map, Value};
 
 use super::MAX_DEPTH;
-use super::path::{PathElement, Val, compare_values, path_string};
+use super::path::{PathElement, Val, compare_values, maps_in_key_order, path_string};
 use super::set::Set;
 use crate::schema::{MergeStrategy, NodeId, Schemas, Shape};
 
@@ -36,6 +37,10 @@ static TOPOLOGY_SPREAD: Keyed = Keyed {
 };
 
 fn keyed_override(definition: &str, field: &str) -> Option<&'static Keyed> {
+    // The field first: this runs for every field the walks visit.
+    if !matches!(field, "ports" | "topologySpreadConstraints") {
+        return None;
+    }
     match (definition, field) {
         ("io.k8s.api.core.v1.Container" | "io.k8s.api.core.v1.EphemeralContainer", "ports") => {
             Some(&CONTAINER_PORTS)
@@ -133,11 +138,21 @@ impl MapType<'_> {
         self.fields.is_some_and(|f| f.contains_key(key))
     }
 
+    /// The struct field named `key`, if any.
+    fn field(&self, key: &str) -> Option<NodeId> {
+        self.fields.and_then(|f| f.get(key)).copied()
+    }
+
     fn field_type(&self, key: &str) -> TypeRef {
-        if let Some(id) = self.fields.and_then(|f| f.get(key)) {
+        self.type_of(key, self.field(key))
+    }
+
+    /// The type of the value at `key`, given the struct field of that name, if any.
+    fn type_of(&self, key: &str, field: Option<NodeId>) -> TypeRef {
+        if let Some(id) = field {
             return match self.definition.and_then(|d| keyed_override(d, key)) {
-                Some(keyed) => TypeRef::Keyed(*id, keyed),
-                None => TypeRef::Node(*id),
+                Some(keyed) => TypeRef::Keyed(id, keyed),
+                None => TypeRef::Node(id),
             };
         }
         match (self.fields, self.elem) {
@@ -187,6 +202,12 @@ impl TypedError {
             message,
         }
     }
+
+    /// The error of a value below `pe`, seen from where `pe` is.
+    fn within(mut self, pe: &PathElement) -> Self {
+        self.path.insert_str(0, &pe.to_string());
+        self
+    }
 }
 
 impl fmt::Display for TypedError {
@@ -209,12 +230,263 @@ pub(crate) struct Comparison {
 
 impl Comparison {
     /// Drops everything at or below the given paths (reset fields).
-    pub(crate) fn exclude(self, fields: &Set) -> Comparison {
-        Comparison {
-            added: self.added.recursive_difference(fields),
-            modified: self.modified.recursive_difference(fields),
-            removed: self.removed.recursive_difference(fields),
+    pub(crate) fn exclude(mut self, fields: &Set) -> Comparison {
+        self.added.remove_recursive(fields);
+        self.modified.remove_recursive(fields);
+        self.removed.remove_recursive(fields);
+        self
+    }
+
+    /// Records one child of the level this comparison describes: how the child itself
+    /// changed, and what changed below it, which is taken out of `below` (the level's scratch
+    /// for its children, left empty for the next). The element is only made when there is
+    /// something to record, so that unchanged parts of objects cost no allocation, and it is
+    /// copied only where it is recorded more than once.
+    fn attach(
+        &mut self,
+        change: Change,
+        below: &mut Comparison,
+        pe: impl FnOnce() -> PathElement,
+        siblings: usize,
+    ) {
+        let mut uses = usize::from(change != Change::Same)
+            + usize::from(!below.added.is_empty())
+            + usize::from(!below.modified.is_empty())
+            + usize::from(!below.removed.is_empty());
+        if uses == 0 {
+            return;
         }
+        let mut pe = Some(pe());
+        let mut next = || {
+            uses = uses.saturating_sub(1);
+            if uses == 0 { pe.take() } else { pe.clone() }
+        };
+        let members = match change {
+            Change::Same => None,
+            Change::Added => Some(&mut self.added.members),
+            Change::Modified => Some(&mut self.modified.members),
+            Change::Removed => Some(&mut self.removed.members),
+        };
+        if let Some(members) = members {
+            reserve_once(members, siblings);
+            members.extend(next());
+        }
+        for (set, below) in [
+            (&mut self.added, &mut below.added),
+            (&mut self.modified, &mut below.modified),
+            (&mut self.removed, &mut below.removed),
+        ] {
+            if !below.is_empty() {
+                reserve_once(&mut set.children, siblings);
+                let below = std::mem::take(below);
+                set.children.extend(next().map(|pe| (pe, below)));
+            }
+        }
+    }
+
+    fn sort(&mut self) {
+        self.added.sort();
+        self.modified.sort();
+        self.removed.sort();
+    }
+}
+
+/// A level that records one child usually records many (a new map, a new list): it is sized
+/// once, for all the siblings it may record.
+fn reserve_once<T>(level: &mut Vec<T>, siblings: usize) {
+    if level.capacity() == 0 {
+        level.reserve_exact(siblings);
+    }
+}
+
+/// How a compared value changed, as a member of its parent's level.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Same,
+    Added,
+    Modified,
+    Removed,
+}
+
+impl Change {
+    /// A map or list that exists on one side only is itself added or removed.
+    fn presence(lhs: Option<&Value>, rhs: Option<&Value>) -> Change {
+        match (lhs, rhs) {
+            (None, _) => Change::Added,
+            (_, None) => Change::Removed,
+            _ => Change::Same,
+        }
+    }
+
+    fn leaf(
+        lhs: Option<&Value>,
+        rhs: Option<&Value>,
+        equal: impl FnOnce(&Value, &Value) -> bool,
+    ) -> Change {
+        match (lhs, rhs) {
+            (Some(l), Some(r)) if !equal(l, r) => Change::Modified,
+            _ => Change::presence(lhs, rhs),
+        }
+    }
+}
+
+fn equal_values(l: &Value, r: &Value) -> bool {
+    compare_values(l, r) == std::cmp::Ordering::Equal
+}
+
+/// How a comparison sees the objects it walks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum View {
+    /// As they are.
+    Raw,
+    /// As upstream's typed conversion sees a stored object (what `FieldManager::as_typed`
+    /// makes of it by copying): the fields Go types always carry (see [`zero_fields`]) are
+    /// visited as their zero values where absent, and `metadata.managedFields` is not
+    /// visited. `TypedRoot` is the object itself, which also gets an empty `metadata` when
+    /// its schema has one; `TypedMetadata` is its `metadata`.
+    Typed,
+    TypedRoot {
+        metadata: bool,
+    },
+    TypedMetadata,
+}
+
+impl View {
+    fn field(self, key: &str) -> View {
+        match self {
+            View::Raw => View::Raw,
+            View::TypedRoot { .. } if key == "metadata" => View::TypedMetadata,
+            _ => View::Typed,
+        }
+    }
+
+    fn item(self) -> View {
+        match self {
+            View::Raw => View::Raw,
+            _ => View::Typed,
+        }
+    }
+}
+
+static EMPTY_OBJECT: LazyLock<Value> = LazyLock::new(|| Value::Object(Map::new()));
+static NULL: Value = Value::Null;
+
+/// The entries of a map in key order, as a [`View`] sees them.
+enum Entries<'v> {
+    InOrder(serde_json::map::Iter<'v>),
+    Listed(std::vec::IntoIter<(&'v str, &'v Value)>),
+}
+
+impl<'v> Entries<'v> {
+    /// The entries of `map`, of type `m`, whose zero fields (see [`Entries::zeros`]) are
+    /// `zeros`.
+    fn of(
+        map: &'v Map<String, Value>,
+        m: &MapType<'_>,
+        view: View,
+        zeros: &[(&'static str, Zero)],
+    ) -> Entries<'v> {
+        let missing = |field: &str| !map.contains_key(field) && m.is_field(field);
+        let root_metadata =
+            matches!(view, View::TypedRoot { metadata: true }) && !map.contains_key("metadata");
+        let skip_managed = view == View::TypedMetadata && map.contains_key("managedFields");
+        let add_zeros = zeros.iter().any(|(field, _)| missing(field));
+        if !root_metadata && !skip_managed && !add_zeros && maps_in_key_order() {
+            return Entries::InOrder(map.iter());
+        }
+        let mut listed: Vec<(&'v str, &'v Value)> = map
+            .iter()
+            .filter(|(k, _)| !(skip_managed && *k == "managedFields"))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        if root_metadata {
+            listed.push(("metadata", &EMPTY_OBJECT));
+        }
+        for (field, zero) in zeros {
+            if missing(field) && !(root_metadata && *field == "metadata") {
+                let value = match zero {
+                    Zero::Object => &*EMPTY_OBJECT,
+                    Zero::Null => &NULL,
+                };
+                listed.push((field, value));
+            }
+        }
+        listed.sort_by(|a, b| a.0.cmp(b.0));
+        Entries::Listed(listed.into_iter())
+    }
+
+    /// The zero fields a view adds to maps of type `m`.
+    fn zeros(m: &MapType<'_>, view: View) -> &'static [(&'static str, Zero)] {
+        match (view, m.definition) {
+            (View::Raw, _) | (_, None) => &[],
+            (_, Some(definition)) => zero_fields(definition),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Entries::InOrder(it) => it.len(),
+            Entries::Listed(it) => it.len(),
+        }
+    }
+}
+
+impl<'v> Iterator for Entries<'v> {
+    type Item = (&'v str, &'v Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Entries::InOrder(it) => it.next().map(|(k, v)| (k.as_str(), v)),
+            Entries::Listed(it) => it.next(),
+        }
+    }
+}
+
+/// The entries of two maps paired by key, in key order.
+struct Paired<'v> {
+    l: Option<Entries<'v>>,
+    r: Option<Entries<'v>>,
+    l_next: Option<(&'v str, &'v Value)>,
+    r_next: Option<(&'v str, &'v Value)>,
+}
+
+impl<'v> Paired<'v> {
+    fn new(mut l: Option<Entries<'v>>, mut r: Option<Entries<'v>>) -> Self {
+        let l_next = l.as_mut().and_then(Iterator::next);
+        let r_next = r.as_mut().and_then(Iterator::next);
+        Self {
+            l,
+            r,
+            l_next,
+            r_next,
+        }
+    }
+}
+
+impl<'v> Iterator for Paired<'v> {
+    type Item = (&'v str, Option<&'v Value>, Option<&'v Value>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let order = match (self.l_next, self.r_next) {
+            (Some((lk, _)), Some((rk, _))) => lk.cmp(rk),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => return None,
+        };
+        let take_l = order != std::cmp::Ordering::Greater;
+        let take_r = order != std::cmp::Ordering::Less;
+        let l = if take_l {
+            std::mem::replace(&mut self.l_next, self.l.as_mut().and_then(Iterator::next))
+        } else {
+            None
+        };
+        let r = if take_r {
+            std::mem::replace(&mut self.r_next, self.r.as_mut().and_then(Iterator::next))
+        } else {
+            None
+        };
+        let key = l.or(r).map(|(k, _)| k)?;
+        Some((key, l.map(|(_, v)| v), r.map(|(_, v)| v)))
     }
 }
 
@@ -364,27 +636,21 @@ impl<'s> Typed<'s> {
     /// Checks what the walks need of an apply configuration: list items carry their keys and
     /// are unique (upstream validates the configuration this strictly; live objects less).
     pub(crate) fn validate(&self, v: &Value, t: TypeRef) -> Result<(), TypedError> {
-        self.validate_at(v, t, &mut Vec::new(), 0)
+        self.validate_at(v, t, 0)
     }
 
-    fn validate_at(
-        &self,
-        v: &Value,
-        t: TypeRef,
-        path: &mut Vec<PathElement>,
-        depth: usize,
-    ) -> Result<(), TypedError> {
+    /// Errors carry the path below `v`; the callers add theirs as the error goes up.
+    fn validate_at(&self, v: &Value, t: TypeRef, depth: usize) -> Result<(), TypedError> {
         if depth > MAX_DEPTH {
-            return Err(TypedError::at(path, "nested too deeply".to_string()));
+            return Err(TypedError::at(&[], "nested too deeply".to_string()));
         }
         match self.kind(t, &[Some(v)]) {
             Kind::Leaf => Ok(()),
             Kind::Map(m) => {
                 if let Value::Object(map) = v {
                     for (k, child) in map {
-                        path.push(PathElement::Field(k.clone()));
-                        self.validate_at(child, m.field_type(k), path, depth + 1)?;
-                        path.pop();
+                        self.validate_at(child, m.field_type(k), depth + 1)
+                            .map_err(|e| e.within(&PathElement::field(k)))?;
                     }
                 }
                 Ok(())
@@ -393,21 +659,20 @@ impl<'s> Typed<'s> {
                 let Value::Array(items) = v else {
                     return Ok(());
                 };
-                let (order, by_key) = Self::index(&l, items, path)?;
+                let (order, by_key) = Self::index(&l, items, &[])?;
                 for pe in &order {
                     if by_key.get(pe).is_some_and(|same| same.len() > 1) {
                         return Err(TypedError::at(
-                            path,
+                            &[],
                             format!("duplicate entries for key {pe}"),
                         ));
                     }
                 }
                 for (pe, same) in by_key {
-                    path.push(pe);
                     for item in same {
-                        self.validate_at(item, l.elem, path, depth + 1)?;
+                        self.validate_at(item, l.elem, depth + 1)
+                            .map_err(|e| e.within(&pe))?;
                     }
-                    path.pop();
                 }
                 Ok(())
             }
@@ -417,52 +682,50 @@ impl<'s> Typed<'s> {
     /// The fields a value sets (upstream's `ToFieldSet`): leaves, list items, and map
     /// entries; struct fields only as leaves.
     pub(crate) fn field_set(&self, v: &Value, t: TypeRef) -> Result<Set, TypedError> {
-        let mut set = Set::default();
-        self.field_set_at(v, t, &mut Vec::new(), &mut set, 0)?;
-        Ok(set)
+        // The value itself is the empty path, which no set holds.
+        let (_, below) = self.fields_of(v, t, 0)?;
+        Ok(below)
     }
 
-    fn field_set_at(
-        &self,
-        v: &Value,
-        t: TypeRef,
-        path: &mut Vec<PathElement>,
-        set: &mut Set,
-        depth: usize,
-    ) -> Result<(), TypedError> {
+    /// Whether a value is itself a field (a leaf), and the fields below it. Errors carry the
+    /// path below `v`; the callers add theirs as the error goes up.
+    fn fields_of(&self, v: &Value, t: TypeRef, depth: usize) -> Result<(bool, Set), TypedError> {
         if depth > MAX_DEPTH {
-            set.insert(path);
-            return Ok(());
+            return Ok((true, Set::default()));
         }
+        let mut below = Set::default();
         match self.kind(t, &[Some(v)]) {
-            Kind::Leaf => set.insert(path),
+            Kind::Leaf => return Ok((true, below)),
             Kind::Map(m) => {
                 if let Value::Object(map) = v {
                     for (k, child) in map {
-                        path.push(PathElement::Field(k.clone()));
-                        self.field_set_at(child, m.field_type(k), path, set, depth + 1)?;
-                        if !m.is_field(k) {
-                            set.insert(path);
-                        }
-                        path.pop();
+                        let field = m.field(k);
+                        let (leaf, below_child) = self
+                            .fields_of(child, m.type_of(k, field), depth + 1)
+                            .map_err(|e| e.within(&PathElement::field(k)))?;
+                        // Map entries are fields; struct fields only as leaves.
+                        below.append(PathElement::field(k), leaf || field.is_none(), below_child);
                     }
                 }
             }
             Kind::List(l) => {
                 if let Value::Array(items) = v {
-                    let (_, by_key) = Self::index(&l, items, path)?;
+                    let (_, by_key) = Self::index(&l, items, &[])?;
                     for (pe, same) in by_key {
-                        path.push(pe);
+                        let mut fields = Set::default();
                         for item in same {
-                            self.field_set_at(item, l.elem, path, set, depth + 1)?;
+                            let (_, of_item) = self
+                                .fields_of(item, l.elem, depth + 1)
+                                .map_err(|e| e.within(&pe))?;
+                            fields = fields.union_owned(of_item);
                         }
-                        set.insert(path);
-                        path.pop();
+                        below.append(pe, true, fields);
                     }
                 }
             }
         }
-        Ok(())
+        below.sort();
+        Ok((false, below))
     }
 
     /// What changed from `lhs` to `rhs` (upstream's `Compare`).
@@ -472,22 +735,53 @@ impl<'s> Typed<'s> {
         rhs: &Value,
         t: TypeRef,
     ) -> Result<Comparison, TypedError> {
+        self.compare_root(lhs, rhs, t, View::Raw)
+    }
+
+    /// What changed from `lhs` to `rhs` once both are seen as upstream's typed conversion
+    /// sees stored objects: the same as comparing `FieldManager::as_typed` copies of them.
+    pub(crate) fn compare_typed(
+        &self,
+        lhs: &Value,
+        rhs: &Value,
+        t: TypeRef,
+    ) -> Result<Comparison, TypedError> {
+        let metadata = match t {
+            TypeRef::Node(id) | TypeRef::Keyed(id, _) => {
+                self.schemas.field(id, "metadata").is_some()
+            }
+            TypeRef::Deduced => false,
+        };
+        self.compare_root(lhs, rhs, t, View::TypedRoot { metadata })
+    }
+
+    fn compare_root(
+        &self,
+        lhs: &Value,
+        rhs: &Value,
+        t: TypeRef,
+        view: View,
+    ) -> Result<Comparison, TypedError> {
         let mut c = Comparison::default();
-        self.compare_at(Some(lhs), Some(rhs), t, &mut Vec::new(), &mut c, 0)?;
+        // The object itself is the empty path, which no set holds.
+        self.compare_at(Some(lhs), Some(rhs), t, view, &mut c, 0)?;
         Ok(c)
     }
 
+    /// Compares two values (`None` is absent), recording in `c` what changed below them and
+    /// answering how they changed themselves. Errors carry the path below this value; the
+    /// callers add theirs as the error goes up.
     fn compare_at(
         &self,
         lhs: Option<&Value>,
         rhs: Option<&Value>,
         t: TypeRef,
-        path: &mut Vec<PathElement>,
+        view: View,
         c: &mut Comparison,
         depth: usize,
-    ) -> Result<(), TypedError> {
+    ) -> Result<Change, TypedError> {
         if lhs.is_none() && rhs.is_none() {
-            return Ok(());
+            return Ok(Change::Same);
         }
         let kind = if depth > MAX_DEPTH {
             Kind::Leaf
@@ -495,35 +789,36 @@ impl<'s> Typed<'s> {
             self.kind(t, &[lhs, rhs])
         };
         match kind {
-            Kind::Leaf => {
-                compare_leaf(lhs, rhs, path, c);
-                return Ok(());
-            }
+            Kind::Leaf => Ok(Change::leaf(lhs, rhs, equal_values)),
             Kind::Map(m) => {
+                let zeros = Entries::zeros(&m, view);
                 let (l, r) = (
-                    lhs.and_then(Value::as_object),
-                    rhs.and_then(Value::as_object),
+                    lhs.and_then(Value::as_object)
+                        .map(|map| Entries::of(map, &m, view, zeros)),
+                    rhs.and_then(Value::as_object)
+                        .map(|map| Entries::of(map, &m, view, zeros)),
                 );
-                if l.is_none_or(Map::is_empty) && r.is_none_or(Map::is_empty) {
-                    compare_leaf(lhs, rhs, path, c);
-                    return Ok(());
+                let (l_len, r_len) = (
+                    l.as_ref().map_or(0, Entries::len),
+                    r.as_ref().map_or(0, Entries::len),
+                );
+                if l_len == 0 && r_len == 0 {
+                    // Maps that are empty as the view sees them are equal, whatever fields
+                    // it does not visit they hold.
+                    return Ok(Change::leaf(lhs, rhs, |l, r| {
+                        (l.is_object() && r.is_object()) || equal_values(l, r)
+                    }));
                 }
-                let mut keys: Vec<&String> = l.into_iter().flat_map(|m| m.keys()).collect();
-                keys.extend(r.into_iter().flat_map(|m| m.keys()));
-                keys.sort();
-                keys.dedup();
-                for k in keys {
-                    path.push(PathElement::Field(k.clone()));
-                    self.compare_at(
-                        l.and_then(|m| m.get(k)),
-                        r.and_then(|m| m.get(k)),
-                        m.field_type(k),
-                        path,
-                        c,
-                        depth + 1,
-                    )?;
-                    path.pop();
+                let mut below = Comparison::default();
+                for (k, lv, rv) in Paired::new(l, r) {
+                    let field = || PathElement::field(k);
+                    let t = m.field_type(k);
+                    let change = self
+                        .compare_at(lv, rv, t, view.field(k), &mut below, depth + 1)
+                        .map_err(|e| e.within(&field()))?;
+                    c.attach(change, &mut below, field, l_len.max(r_len));
                 }
+                Ok(Change::presence(lhs, rhs))
             }
             Kind::List(list) => {
                 let (l, r) = (
@@ -531,11 +826,10 @@ impl<'s> Typed<'s> {
                     rhs.and_then(Value::as_array).map(Vec::as_slice),
                 );
                 if l.is_none_or(<[Value]>::is_empty) && r.is_none_or(<[Value]>::is_empty) {
-                    compare_leaf(lhs, rhs, path, c);
-                    return Ok(());
+                    return Ok(Change::leaf(lhs, rhs, equal_values));
                 }
-                let (l_order, l_items) = Self::index(&list, l.unwrap_or_default(), path)?;
-                let (r_order, r_items) = Self::index(&list, r.unwrap_or_default(), path)?;
+                let (l_order, l_items) = Self::index(&list, l.unwrap_or_default(), &[])?;
+                let (r_order, r_items) = Self::index(&list, r.unwrap_or_default(), &[])?;
                 // Upstream compares the first item of each key and ignores repeats.
                 fn first<'v>(
                     items: &BTreeMap<PathElement, Vec<&'v Value>>,
@@ -543,26 +837,20 @@ impl<'s> Typed<'s> {
                 ) -> Option<&'v Value> {
                     items.get(pe).and_then(|v| v.first().copied())
                 }
-                for pe in &r_order {
-                    path.push(pe.clone());
+                let siblings = l_order.len().max(r_order.len());
+                let only_left = l_order.iter().filter(|pe| !r_items.contains_key(*pe));
+                let mut below = Comparison::default();
+                for pe in r_order.iter().chain(only_left) {
                     let (lv, rv) = (first(&l_items, pe), first(&r_items, pe));
-                    self.compare_at(lv, rv, list.elem, path, c, depth + 1)?;
-                    path.pop();
+                    let change = self
+                        .compare_at(lv, rv, list.elem, view.item(), &mut below, depth + 1)
+                        .map_err(|e| e.within(pe))?;
+                    c.attach(change, &mut below, || pe.clone(), siblings);
                 }
-                for pe in l_order.iter().filter(|pe| !r_items.contains_key(*pe)) {
-                    path.push(pe.clone());
-                    let lv = first(&l_items, pe);
-                    self.compare_at(lv, None, list.elem, path, c, depth + 1)?;
-                    path.pop();
-                }
+                c.sort();
+                Ok(Change::presence(lhs, rhs))
             }
         }
-        if lhs.is_none() {
-            c.added.insert(path);
-        } else if rhs.is_none() {
-            c.removed.insert(path);
-        }
-        Ok(())
     }
 
     /// Merges `rhs` into `lhs`, `rhs` winning on leaves (upstream's `Merge` with its
@@ -573,15 +861,16 @@ impl<'s> Typed<'s> {
         rhs: Option<&Value>,
         t: TypeRef,
     ) -> Result<Option<Value>, TypedError> {
-        self.merge_at(lhs, rhs, t, &mut Vec::new(), 0)
+        self.merge_at(lhs, rhs, t, 0)
     }
 
+    /// Errors carry the path below the merged values; the callers add theirs as the error
+    /// goes up.
     fn merge_at(
         &self,
         lhs: Option<&Value>,
         rhs: Option<&Value>,
         t: TypeRef,
-        path: &mut Vec<PathElement>,
         depth: usize,
     ) -> Result<Option<Value>, TypedError> {
         let keep_rhs = || rhs.or(lhs).cloned();
@@ -598,27 +887,22 @@ impl<'s> Typed<'s> {
                 if l.is_none_or(Map::is_empty) && r.is_none_or(Map::is_empty) {
                     return Ok(keep_rhs());
                 }
-                let mut out = Map::new();
-                let mut keys: Vec<&String> = l.into_iter().flat_map(|m| m.keys()).collect();
-                keys.extend(r.into_iter().flat_map(|m| m.keys()));
-                keys.sort();
-                keys.dedup();
-                for k in keys {
-                    path.push(PathElement::Field(k.clone()));
-                    let merged = self.merge_at(
-                        l.and_then(|m| m.get(k)),
-                        r.and_then(|m| m.get(k)),
-                        m.field_type(k),
-                        path,
-                        depth + 1,
-                    )?;
-                    path.pop();
+                let mut out = Vec::with_capacity(l.map_or(0, Map::len).max(r.map_or(0, Map::len)));
+                let paired = Paired::new(
+                    l.map(|map| Entries::of(map, &m, View::Raw, &[])),
+                    r.map(|map| Entries::of(map, &m, View::Raw, &[])),
+                );
+                for (k, lv, rv) in paired {
+                    let t = m.field_type(k);
+                    let merged = self
+                        .merge_at(lv, rv, t, depth + 1)
+                        .map_err(|e| e.within(&PathElement::field(k)))?;
                     // A null leaves the field unset once the object is typed again.
                     if let Some(v) = merged.filter(|v| !v.is_null()) {
-                        out.insert(k.clone(), v);
+                        out.push((k.to_string(), v));
                     }
                 }
-                Ok(Some(Value::Object(out)))
+                Ok(Some(Value::Object(out.into_iter().collect())))
             }
             Kind::List(list) => {
                 let (l, r) = (
@@ -628,13 +912,8 @@ impl<'s> Typed<'s> {
                 if l.is_none_or(<[Value]>::is_empty) && r.is_none_or(<[Value]>::is_empty) {
                     return Ok(keep_rhs());
                 }
-                let items = self.merge_list(
-                    &list,
-                    l.unwrap_or_default(),
-                    r.unwrap_or_default(),
-                    path,
-                    depth,
-                )?;
+                let items =
+                    self.merge_list(&list, l.unwrap_or_default(), r.unwrap_or_default(), depth)?;
                 Ok(Some(Value::Array(items)))
             }
         }
@@ -647,20 +926,19 @@ impl<'s> Typed<'s> {
         list: &ListType,
         lhs: &[Value],
         rhs: &[Value],
-        path: &mut Vec<PathElement>,
         depth: usize,
     ) -> Result<Vec<Value>, TypedError> {
-        let (r_order, r_items) = Self::index(list, rhs, path)?;
+        let (r_order, r_items) = Self::index(list, rhs, &[])?;
         if let Some(pe) = r_order
             .iter()
             .find(|pe| r_items.get(*pe).is_some_and(|v| v.len() > 1))
         {
             return Err(TypedError::at(
-                path,
+                &[],
                 format!("duplicate entries for key {pe}"),
             ));
         }
-        let (l_order, l_items) = Self::index(list, lhs, path)?;
+        let (l_order, l_items) = Self::index(list, lhs, &[])?;
         let mut shared = r_order
             .iter()
             .filter(|pe| l_items.contains_key(*pe))
@@ -668,7 +946,7 @@ impl<'s> Typed<'s> {
             .into_iter();
         let mut next_shared = shared.next();
         let mut out = Vec::with_capacity(lhs.len().max(rhs.len()));
-        let place = |pe: &PathElement, out: &mut Vec<Value>, path: &mut Vec<PathElement>| {
+        let place = |pe: &PathElement, out: &mut Vec<Value>| {
             let live = l_items.get(pe).map(Vec::as_slice).unwrap_or_default();
             let config = r_items.get(pe).and_then(|v| v.first().copied());
             if live.len() > 1 {
@@ -680,10 +958,10 @@ impl<'s> Typed<'s> {
                 }
                 return Ok(());
             }
-            path.push(pe.clone());
-            let merged = self.merge_at(live.first().copied(), config, list.elem, path, depth + 1);
-            path.pop();
-            if let Some(v) = merged? {
+            let merged = self
+                .merge_at(live.first().copied(), config, list.elem, depth + 1)
+                .map_err(|e| e.within(pe))?;
+            if let Some(v) = merged {
                 out.push(v);
             }
             Ok::<(), TypedError>(())
@@ -693,7 +971,7 @@ impl<'s> Typed<'s> {
             let before = (li, ri);
             if let (Some(lpe), Some(rpe)) = (l_order.get(li), r_order.get(ri)) {
                 if lpe == rpe {
-                    place(lpe, &mut out, path)?;
+                    place(lpe, &mut out)?;
                     li += 1;
                     ri += 1;
                     next_shared = shared.next();
@@ -709,12 +987,12 @@ impl<'s> Typed<'s> {
             if let Some(lpe) = l_order.get(li)
                 && !r_items.contains_key(lpe)
             {
-                place(lpe, &mut out, path)?;
+                place(lpe, &mut out)?;
                 li += 1;
                 continue;
             }
             if let Some(rpe) = r_order.get(ri) {
-                place(rpe, &mut out, path)?;
+                place(rpe, &mut out)?;
                 ri += 1;
                 if next_shared == Some(rpe) {
                     next_shared = shared.next();
@@ -742,26 +1020,23 @@ impl<'s> Typed<'s> {
             Kind::Leaf => Some(v.clone()),
             Kind::Map(m) => {
                 let map = v.as_object().filter(|m| !m.is_empty())?;
-                let mut out = Map::new();
+                let mut out = Vec::with_capacity(map.len());
                 for (k, child) in map {
-                    let pe = PathElement::Field(k.clone());
-                    if set.members.contains(&pe) {
+                    if set.has_field(k) {
                         continue;
                     }
-                    match set.child(&pe) {
+                    match set.field_child(k) {
                         Some(sub) => {
                             if let Some(kept) =
                                 self.remove_at(child, sub, m.field_type(k), depth + 1)
                             {
-                                out.insert(k.clone(), kept);
+                                out.push((k.clone(), kept));
                             }
                         }
-                        None => {
-                            out.insert(k.clone(), child.clone());
-                        }
+                        None => out.push((k.clone(), child.clone())),
                     }
                 }
-                (!out.is_empty()).then_some(Value::Object(out))
+                (!out.is_empty()).then(|| Value::Object(out.into_iter().collect()))
             }
             Kind::List(list) => {
                 let items = v.as_array().filter(|a| !a.is_empty())?;
@@ -771,7 +1046,7 @@ impl<'s> Typed<'s> {
                         out.push(item.clone());
                         continue;
                     };
-                    if set.members.contains(&pe) {
+                    if set.has_member(&pe) {
                         continue;
                     }
                     match set.child(&pe) {
@@ -789,35 +1064,34 @@ impl<'s> Typed<'s> {
 
     /// Adds as members the struct fields that only have children in `set` (upstream's
     /// `EnsureNamedFieldsAreMembers`), so that removing them removes whole structs.
-    pub(crate) fn ensure_named_fields(&self, set: &Set, t: TypeRef) -> Set {
-        self.ensure_at(set, Some(t))
+    pub(crate) fn ensure_named_fields(&self, mut set: Set, t: TypeRef) -> Set {
+        self.ensure_at(&mut set, Some(t));
+        set
     }
 
-    fn ensure_at(&self, set: &Set, t: Option<TypeRef>) -> Set {
-        let mut out = Set {
-            members: set.members.clone(),
-            children: BTreeMap::new(),
-        };
+    fn ensure_at(&self, set: &mut Set, t: Option<TypeRef>) {
         let (map, list) = match t.map(|t| self.schema_kind(t)) {
             Some(Kind::Map(m)) => (Some(m), None),
             Some(Kind::List(l)) => (None, Some(l)),
             _ => (None, None),
         };
-        for (pe, child) in &set.children {
-            let child_type = match (pe, map, list) {
+        let mut named = Vec::new();
+        for (pe, child) in &mut set.children {
+            let child_type = match (&*pe, map, list) {
                 (PathElement::Field(name), Some(m), _) => {
                     if m.is_field(name) {
-                        out.members.insert(pe.clone());
+                        named.push(pe.clone());
                     }
                     Some(m.field_type(name))
                 }
                 (PathElement::Key(_), _, Some(l)) => Some(l.elem),
                 _ => None,
             };
-            out.children
-                .insert(pe.clone(), self.ensure_at(child, child_type));
+            self.ensure_at(child, child_type);
         }
-        out
+        if !named.is_empty() {
+            set.add_members(named);
+        }
     }
 
     /// The kind of a type regardless of any value: what `ensure_named_fields` walks by.
@@ -883,23 +1157,6 @@ impl<'s> Typed<'s> {
                         self.fill_at(item, list.elem, depth + 1);
                     }
                 }
-            }
-        }
-    }
-}
-
-fn compare_leaf(
-    lhs: Option<&Value>,
-    rhs: Option<&Value>,
-    path: &[PathElement],
-    c: &mut Comparison,
-) {
-    match (lhs, rhs) {
-        (None, _) => c.added.insert(path),
-        (_, None) => c.removed.insert(path),
-        (Some(l), Some(r)) => {
-            if compare_values(l, r) != std::cmp::Ordering::Equal {
-                c.modified.insert(path);
             }
         }
     }

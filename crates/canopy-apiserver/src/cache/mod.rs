@@ -196,10 +196,11 @@ pub struct Filter {
 impl Filter {
     /// Whether an object passes.
     pub fn matches(&self, def: &ResourceDef, obj: &CachedObject) -> bool {
-        if let Some(ns) = &self.namespace {
-            if def.namespaced && obj.namespace() != ns {
-                return false;
-            }
+        if let Some(ns) = &self.namespace
+            && def.namespaced
+            && obj.namespace() != ns
+        {
+            return false;
         }
         (self.labels.is_empty() || self.labels.matches(|k| obj.label(k)))
             && (self.fields.is_empty() || self.fields.matches(|f| obj.field(def, f)))
@@ -640,10 +641,10 @@ impl WatchCache {
             if start_after == Some(&**key) {
                 continue;
             }
-            if let Some(prefix) = &ns_prefix {
-                if !key.starts_with(prefix.as_str()) {
-                    break;
-                }
+            if let Some(prefix) = &ns_prefix
+                && !key.starts_with(prefix.as_str())
+            {
+                break;
             }
             if !filter.matches(self.def, obj) {
                 continue;

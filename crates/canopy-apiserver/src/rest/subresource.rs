@@ -180,13 +180,14 @@ pub(super) async fn bind(
             vec![Cause::required("target.name", "")],
         ));
     }
-    if let Some(name) = meta::meta_str(&binding, "name") {
-        if !name.is_empty() && name != call.name() {
-            return Err(ApiError::bad_request(format!(
-                "the name of the object ({name}) does not match the name on the URL ({})",
-                call.name()
-            )));
-        }
+    if let Some(name) = meta::meta_str(&binding, "name")
+        && !name.is_empty()
+        && name != call.name()
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({name}) does not match the name on the URL ({})",
+            call.name()
+        )));
     }
     let annotations = meta::metadata(&binding)
         .and_then(|m| m.get("annotations"))

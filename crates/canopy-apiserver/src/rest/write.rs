@@ -363,15 +363,14 @@ pub(super) fn admit_update(
     if let (Some(given), Some(current)) = (
         meta::meta_str(new, "uid").filter(|u| !u.is_empty()),
         meta::meta_str(old, "uid"),
-    ) {
-        if given != current {
-            return Err(ApiError::conflict(
-                target(def, name),
-                &format!(
-                    "Precondition failed: UID in precondition: {given}, UID in object meta: {current}"
-                ),
-            ));
-        }
+    ) && given != current
+    {
+        return Err(ApiError::conflict(
+            target(def, name),
+            &format!(
+                "Precondition failed: UID in precondition: {given}, UID in object meta: {current}"
+            ),
+        ));
     }
     for field in ["uid", "creationTimestamp"] {
         if let (None | Some(""), Some(value)) = (
@@ -560,13 +559,13 @@ where
                 Err(err) => return Err(err),
             }
         };
-        if let Some(required) = required_rv {
-            if required != *old_rev {
-                return Err(ApiError::conflict(
-                    target(def, call.name()),
-                    ApiError::MODIFIED,
-                ));
-            }
+        if let Some(required) = required_rv
+            && required != *old_rev
+        {
+            return Err(ApiError::conflict(
+                target(def, call.name()),
+                ApiError::MODIFIED,
+            ));
         }
         let mut new = mutate(Some(old))?;
         set_rv(&mut new, *old_rev);
@@ -818,10 +817,11 @@ async fn apply(
     }
     let now = meta::now_rfc3339();
     let fm = field_manager(call, def)?;
-    if let Some(ns) = &call.req.namespace {
-        if sub.is_none() && current(call, def, &call.key()).await?.is_none() {
-            check_namespace(call, def, call.name(), ns).await?;
-        }
+    if let Some(ns) = &call.req.namespace
+        && sub.is_none()
+        && current(call, def, &call.key()).await?.is_none()
+    {
+        check_namespace(call, def, call.name(), ns).await?;
     }
     let (obj, code) = guaranteed_update(call, None, sub.is_none(), |old| {
         let mut merged = fm
@@ -1027,26 +1027,26 @@ async fn delete_one(
         let Some((old, old_rev)) = &state else {
             return Err(ApiError::not_found(target(def, &name)));
         };
-        if let Some(uid) = &options.uid {
-            if uid != meta::uid(old) {
-                return Err(ApiError::conflict(
-                    target(def, &name),
-                    &format!(
-                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                        meta::uid(old)
-                    ),
-                ));
-            }
+        if let Some(uid) = &options.uid
+            && uid != meta::uid(old)
+        {
+            return Err(ApiError::conflict(
+                target(def, &name),
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta::uid(old)
+                ),
+            ));
         }
-        if let Some(rv) = &options.resource_version {
-            if *rv != old_rev.to_string() {
-                return Err(ApiError::conflict(
-                    target(def, &name),
-                    &format!(
-                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {old_rev}"
-                    ),
-                ));
-            }
+        if let Some(rv) = &options.resource_version
+            && *rv != old_rev.to_string()
+        {
+            return Err(ApiError::conflict(
+                target(def, &name),
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {old_rev}"
+                ),
+            ));
         }
         let mut new = old.clone();
         let mut finalizers = meta::finalizers(&new);
@@ -1055,11 +1055,12 @@ async fn delete_one(
             Some("Foreground") => Some("foregroundDeletion"),
             _ => None,
         };
-        if let Some(f) = add {
-            if !finalizers.iter().any(|x| x == f) && !meta::is_deleting(old) {
-                finalizers.push(f.to_string());
-                meta::set_meta(&mut new, "finalizers", json!(finalizers));
-            }
+        if let Some(f) = add
+            && !finalizers.iter().any(|x| x == f)
+            && !meta::is_deleting(old)
+        {
+            finalizers.push(f.to_string());
+            meta::set_meta(&mut new, "finalizers", json!(finalizers));
         }
         let grace = grace_period(def, old, options);
         let namespace_pending = def.kind == "Namespace"
