@@ -59,8 +59,31 @@ impl EtcdStore {
     }
 
     fn kv(&self) -> etcd_client::KvClient {
-        self.client.kv_client()
+        // Like upstream's apiserver, accept responses of any size: one object may be up to
+        // etcd's request limit, and a watch response batches many events.
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
+}
+
+/// gRPC's default 4 MiB receive limit is far below what a batch of large objects can reach.
+const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+
+/// Keys per etcd range call when reading many: long lists are read in revision-pinned chunks so
+/// that neither etcd nor this process builds one response holding the whole prefix.
+const RANGE_CHUNK: usize = 2_000;
+
+fn key_after(key: &str) -> Vec<u8> {
+    key_after_bytes(key.as_bytes())
+}
+
+/// The smallest key sorting after `key`.
+fn key_after_bytes(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
 }
 
 fn to_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
@@ -134,46 +157,64 @@ impl Store for EtcdStore {
     }
 
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
-        let start = match &request.start_after {
-            Some(after) => {
-                let mut key = after.clone().into_bytes();
-                key.push(0);
-                key
-            }
+        let mut start = match &request.start_after {
+            Some(after) => key_after(after),
             None => request.prefix.clone().into_bytes(),
         };
-        let mut options = GetOptions::new().with_range(prefix_end(&request.prefix));
-        if request.limit > 0 {
-            options = options.with_limit(request.limit as i64);
-        }
-        if let Some(rev) = request.revision.filter(|r| *r > 0) {
-            options = options.with_revision(rev);
-        }
-        let response = self.kv().get(start, Some(options)).await.map_err(|e| {
-            match (map_err(e), request.revision) {
-                (Error::Compacted { .. }, Some(rev)) => Error::Compacted {
-                    requested: rev,
-                    compacted: 0,
-                },
-                (other, _) => other,
+        let range_end = prefix_end(&request.prefix);
+        let mut pinned = request.revision.filter(|r| *r > 0);
+        let mut kvs = Vec::new();
+        let mut count = None;
+        loop {
+            let wanted = match request.limit {
+                0 => RANGE_CHUNK,
+                limit => (limit - kvs.len()).min(RANGE_CHUNK),
+            };
+            let mut options = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(wanted as i64);
+            if let Some(rev) = pinned {
+                options = options.with_revision(rev);
             }
-        })?;
-        // The header carries the current revision; a read at a past revision happened there.
-        let revision = match request.revision.filter(|r| *r > 0) {
-            Some(rev) => rev,
-            None => response.header().map(|h| h.revision()).unwrap_or(0),
-        };
-        let kvs = response
-            .kvs()
-            .iter()
-            .map(to_kv)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(RangeResponse {
-            count: usize::try_from(response.count()).unwrap_or(kvs.len()),
-            kvs,
-            more: response.more(),
-            revision,
-        })
+            let response =
+                self.kv()
+                    .get(start.clone(), Some(options))
+                    .await
+                    .map_err(|e| match (map_err(e), pinned) {
+                        (Error::Compacted { .. }, Some(rev)) => Error::Compacted {
+                            requested: rev,
+                            compacted: 0,
+                        },
+                        (other, _) => other,
+                    })?;
+            // The header carries the current revision; later chunks read as of the first one's,
+            // and a read at a past revision happened there.
+            let revision =
+                *pinned.get_or_insert_with(|| response.header().map(|h| h.revision()).unwrap_or(0));
+            // etcd counts the keys from `start` on; the first chunk's count is the caller's.
+            count.get_or_insert(usize::try_from(response.count()).unwrap_or(0));
+            for kv in response.kvs() {
+                kvs.push(to_kv(kv)?);
+            }
+            let done = request.limit > 0 && kvs.len() >= request.limit;
+            if !response.more() || done {
+                let count = count.unwrap_or(kvs.len()).max(kvs.len());
+                return Ok(RangeResponse {
+                    more: response.more(),
+                    count,
+                    kvs,
+                    revision,
+                });
+            }
+            match response.kvs().last() {
+                Some(last) => start = key_after_bytes(last.key()),
+                None => {
+                    return Err(Error::Corrupt(
+                        "etcd reported more keys but returned none".into(),
+                    ));
+                }
+            }
+        }
     }
 
     async fn create(&self, key: &str, value: Bytes) -> Result<Outcome> {
@@ -271,6 +312,7 @@ impl Store for EtcdStore {
         let stream = self
             .client
             .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .watch(prefix, Some(options))
             .await
             .map_err(map_err)?;

@@ -262,11 +262,96 @@ async fn contract(store: Arc<dyn Store>) {
     );
 }
 
+/// Ranges longer than any backend's internal read chunk: complete, ordered, counted, and read as
+/// of one revision even while writes go on.
+async fn long_ranges(store: Arc<dyn Store>) {
+    const KEYS: usize = 5_000;
+    let mut writes = Vec::with_capacity(KEYS);
+    for i in 0..KEYS {
+        let store = store.clone();
+        writes.push(tokio::spawn(async move {
+            committed(
+                store
+                    .create(&format!("/long/items/{i:05}"), Bytes::from(vec![b'x'; 512]))
+                    .await
+                    .unwrap(),
+            )
+        }));
+    }
+    for write in writes {
+        write.await.unwrap();
+    }
+    let full = store
+        .range(RangeRequest {
+            prefix: "/long/items/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((full.kvs.len(), full.count, full.more), (KEYS, KEYS, false));
+    assert!(full.kvs.windows(2).all(|w| w[0].key < w[1].key));
+
+    let page = store
+        .range(RangeRequest {
+            prefix: "/long/items/".into(),
+            start_after: Some("/long/items/00999".into()),
+            limit: 3_500,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.kvs.len(), page.count, page.more),
+        (3_500, 4_000, true)
+    );
+    assert_eq!(page.kvs[0].key, "/long/items/01000");
+    assert_eq!(page.kvs[3_499].key, "/long/items/04499");
+
+    // A read pinned to the revision of the full range sees none of the later changes.
+    for i in 0..100 {
+        store
+            .delete(&format!("/long/items/{i:05}"), None)
+            .await
+            .unwrap();
+    }
+    let pinned = store
+        .range(RangeRequest {
+            prefix: "/long/items/".into(),
+            revision: Some(full.revision),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((pinned.kvs.len(), pinned.revision), (KEYS, full.revision));
+    let now = store
+        .range(RangeRequest {
+            prefix: "/long/items/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(now.kvs.len(), KEYS - 100);
+}
+
 #[tokio::test]
 async fn embedded_store_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("s.redb"), Default::default()).unwrap();
     contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn embedded_store_reads_long_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("s.redb"), Default::default()).unwrap();
+    long_ranges(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn etcd_store_reads_long_ranges() {
+    let etcd = start_etcd();
+    let store = EtcdStore::connect(vec![etcd.url.clone()]).await.unwrap();
+    long_ranges(Arc::new(store)).await;
 }
 
 #[tokio::test]
