@@ -43,15 +43,18 @@ Commands:
 
 Files in DIR: ids.json (names, ids, passwords), keystone.db, fernet-keys/,
 credential-keys/, etc/keystone.conf, etc/uwsgi.ini, uwsgi.pid, port,
-log/{uwsgi,keystone,keystone-manage}.log.
+log/{uwsgi,keystone}.log, log/prepare-*.log, log/keystone-manage.log.
 
 ids.json:
   {"domain_id": "default", "region": "RegionOne",
    "admin":   {"user","password","project","role","user_id","project_id"},
    "service": {"user","password","project","role","user_id","project_id"},
    "tenants": [{"project","project_id","user","user_id","password","role"}, ...]}
-The service user (canopy, role 'service' on project 'service') may validate and
-revoke other users' tokens (GET/DELETE /v3/auth/tokens with X-Subject-Token).
+The service user (canopy, role 'service' on project 'service') may validate
+other users' tokens: GET /v3/auth/tokens with X-Auth-Token (its own token) and
+X-Subject-Token (the user's). Keystone's policy does not let it HEAD or DELETE
+them: a token is revoked by its own user (X-Auth-Token = X-Subject-Token) or by
+admin.
 
 Environment: KEYSTONE_READY_TIMEOUT (seconds, default 60).
 Example:
@@ -132,13 +135,20 @@ log_file = $dir/log/keystone.log
 use_stderr = false
 
 [database]
-connection = sqlite:///$dir/keystone.db
+# check_same_thread=false: keystone sometimes leaks a session whose connection the
+# garbage collector then closes from another uwsgi thread (logged as an ERROR).
+connection = sqlite:///$dir/keystone.db?check_same_thread=false
 
 [token]
 provider = fernet
 expiration = 3600
 
 [fernet_tokens]
+key_repository = $dir/fernet-keys
+
+[fernet_receipts]
+# (MFA receipts) the default, /etc/keystone/fernet-keys/, would be created as a
+# side effect by bootstrap and the server; share the token keys instead
 key_repository = $dir/fernet-keys
 
 [credential]
@@ -173,9 +183,14 @@ processes = 1
 threads = 4
 lazy-apps = true
 need-app = true
-# SIGTERM stops (instead of reloading); workers die with the master, even on SIGKILL
+# SIGTERM stops (instead of reloading) in ~1 s. If the master is SIGKILLed the
+# worker dies with it (uwsgi does that on Linux anyway; no-orphans makes sure).
 die-on-term = true
 no-orphans = true
+# remove the pidfile on exit
+vacuum = true
+# skip Py_Finalize at worker exit: greenlet segfaults there (noise in the log)
+skip-atexit-teardown = true
 buffer-size = 65535
 # http-socket has no keep-alive: tell clients, or pooled clients see resets
 add-header = Connection: close
@@ -204,7 +219,7 @@ EOF
 wait_ready() { # PORT TIMEOUT [PID]
   local port=$1 timeout=$2 pid=${3:-} code deadline=$((SECONDS + $2))
   while :; do
-    code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v3" || true)
+    code=$(curl -s --noproxy '*' -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v3" || true)
     [ "$code" = 200 ] && return 0
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
       return 2
@@ -217,11 +232,11 @@ wait_ready() { # PORT TIMEOUT [PID]
 # uwsgi processes (master and workers) serving DIR: their command line names
 # DIR/etc/uwsgi.ini. Used to make sure nothing is left behind.
 procs_for() { # DIR
-  local ini="$1/etc/uwsgi.ini" p cmd
-  for p in /proc/[0-9]*; do
-    cmd=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+  local ini="$1/etc/uwsgi.ini" f p cmd
+  for f in $(grep -lsaF -- "$ini" /proc/[0-9]*/cmdline 2>/dev/null); do
+    cmd=$( { tr '\0' ' ' < "$f"; } 2>/dev/null ) || continue
     case "$cmd" in
-      *uwsgi*" --ini $ini "*) echo "${p#/proc/}" ;;
+      *uwsgi*" --ini $ini "*) p=${f#/proc/}; echo "${p%/cmdline}" ;;
     esac
   done
 }
@@ -254,6 +269,10 @@ cmd_stop() {
   local dir
   dir=$(abspath "$1")
   [ -d "$dir" ] || die "$dir does not exist"
+  if [ ! -s "$dir/uwsgi.pid" ] && [ -z "$(procs_for "$dir")" ]; then
+    log "keystone is not running in $dir"
+    return 0
+  fi
   stop_dir "$dir"
   log "stopped keystone in $dir"
 }
@@ -318,26 +337,28 @@ free_port() {
 }
 
 # Creates the service user and tenants through the REST API; writes ids.json.
-provision() { # DIR PORT ADMIN_PASSWORD
+provision() { # DIR PORT; admin password in env ADMIN_PASSWORD
   "$PY" - "$@" <<'EOF'
 import json, os, secrets, sys, urllib.error, urllib.request
 
-state, port, admin_pw = sys.argv[1], sys.argv[2], sys.argv[3]
+state, port, admin_pw = sys.argv[1], sys.argv[2], os.environ["ADMIN_PASSWORD"]
 url = "http://127.0.0.1:%s/v3" % port
+# never through an http_proxy from the environment
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
 
-def call(method, path, body=None, token=None, want=(200, 201, 204)):
+def call(method, path, body=None, token=None, subject=None):
     req = urllib.request.Request(url + path, method=method,
                                  data=None if body is None else json.dumps(body).encode())
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("X-Auth-Token", token)
+    if subject:
+        req.add_header("X-Subject-Token", subject)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             data = r.read()
             return r.status, r.headers, (json.loads(data) if data else None)
     except urllib.error.HTTPError as e:
-        if e.code in want:
-            return e.code, e.headers, None
         sys.exit("[keystone] error: %s %s -> %s %s" % (method, path, e.code, e.read()[:500]))
 
 def password_token(user, password, project):
@@ -407,15 +428,12 @@ for proj, name in (("tenant-a", "alice"), ("tenant-b", "bob")):
     ids["tenants"].append({"project": proj, "project_id": pid, "user": name,
                            "user_id": uid, "password": p, "role": "member"})
 
-# Check: every user gets a scoped token; the service user can validate one.
+# Check: every tenant user gets a scoped token, which the service user can validate.
 svc_token, _ = password_token("canopy", svc_pw, "service")
 for t in ids["tenants"]:
     tok, _ = password_token(t["user"], t["password"], t["project"])
-    req = urllib.request.Request(url + "/auth/tokens?nocatalog")
-    req.add_header("X-Auth-Token", svc_token)
-    req.add_header("X-Subject-Token", tok)
-    with urllib.request.urlopen(req, timeout=30) as r:
-        v = json.loads(r.read())["token"]
+    _, _, v = call("GET", "/auth/tokens?nocatalog", token=svc_token, subject=tok)
+    v = v["token"]
     assert v["project"]["id"] == t["project_id"], v
     assert "member" in [r["name"] for r in v["roles"]], v
 
@@ -428,34 +446,59 @@ os.rename(tmp, os.path.join(state, "ids.json"))
 EOF
 }
 
+# The keystone-manage steps (one per line). They run in ONE python process:
+# every keystone-manage run spends ~2 s importing keystone, so this takes ~2 s
+# instead of ~8 s. If that fails (another keystone version?), fall back to one
+# keystone-manage per step (every step is idempotent). The endpoint URLs are
+# placeholders: every `start` rewrites them for its port.
+km_steps() {
+  local u g url=http://127.0.0.1:5000/v3/
+  u=$(id -un); g=$(id -gn)
+  cat <<EOF
+db_sync
+fernet_setup --keystone-user $u --keystone-group $g
+credential_setup --keystone-user $u --keystone-group $g
+bootstrap --bootstrap-username admin --bootstrap-project-name admin --bootstrap-role-name admin --bootstrap-service-name keystone --bootstrap-region-id RegionOne --bootstrap-admin-url $url --bootstrap-internal-url $url --bootstrap-public-url $url
+EOF
+}
+
+keystone_manage_all() { # CONF LOG; admin password in env OS_BOOTSTRAP_PASSWORD
+  local conf=$1 mlog=$2 steps args
+  steps=$(km_steps)
+  if "$PY" - "$conf" "$steps" >>"$mlog" 2>&1 <<'EOF'
+import sys
+conf, steps = sys.argv[1], [l.split() for l in sys.argv[2].splitlines() if l.strip()]
+from keystone.cmd import cli
+from keystone.conf import CONF
+for step in steps:
+    print("+ keystone-manage", *step, flush=True)
+    try:
+        cli.main(argv=["keystone-manage", "--config-file", conf] + step)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    CONF.clear()   # lets cli.main parse the next command line
+EOF
+  then
+    return 0
+  fi
+  log "in-process keystone-manage failed (see log/keystone-manage.log); running keystone-manage step by step"
+  while read -r -a args; do
+    echo "+ keystone-manage ${args[*]}" >> "$mlog"
+    keystone-manage --config-file "$conf" "${args[@]}" >>"$mlog" 2>&1 \
+      || { tail -n 30 "$mlog" >&2; die "keystone-manage ${args[0]} failed; see $mlog"; }
+  done <<< "$steps"
+}
+
 build_template() { # BUILD_DIR (empty, absolute)
-  local dir=$1 km admin_pw port pid rc user group
-  local mlog=$dir/log/keystone-manage.log
+  local dir=$1 admin_pw port pid rc
   admin_pw=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(18))')
   write_config "$dir" 5000 foreground
-  km=(keystone-manage --config-file "$dir/etc/keystone.conf")
-  user=$(id -un); group=$(id -gn)
   mkdir -p "$dir/fernet-keys" "$dir/credential-keys"
   chmod 700 "$dir/fernet-keys" "$dir/credential-keys"
-  run_km() {
-    echo "+ keystone-manage $*" >> "$mlog"
-    "${km[@]}" "$@" >>"$mlog" 2>&1 || { tail -n 30 "$mlog" >&2; die "keystone-manage $1 failed; see $mlog"; }
-  }
-  log "keystone-manage db_sync"
-  run_km db_sync
-  log "keystone-manage fernet_setup, credential_setup, bootstrap"
-  run_km fernet_setup --keystone-user "$user" --keystone-group "$group"
-  run_km credential_setup --keystone-user "$user" --keystone-group "$group"
-  # The endpoint URLs are placeholders: every `start` rewrites them for its port.
-  export OS_BOOTSTRAP_PASSWORD=$admin_pw   # not on the command line
-  run_km bootstrap \
-    --bootstrap-username admin --bootstrap-project-name admin \
-    --bootstrap-role-name admin --bootstrap-service-name keystone \
-    --bootstrap-region-id RegionOne \
-    --bootstrap-admin-url http://127.0.0.1:5000/v3/ \
-    --bootstrap-internal-url http://127.0.0.1:5000/v3/ \
-    --bootstrap-public-url http://127.0.0.1:5000/v3/
-  unset OS_BOOTSTRAP_PASSWORD
+  log "keystone-manage db_sync, fernet_setup, credential_setup, bootstrap"
+  OS_BOOTSTRAP_PASSWORD=$admin_pw \
+    keystone_manage_all "$dir/etc/keystone.conf" "$dir/log/keystone-manage.log"
 
   # Temporary server for the REST part; retry if the free port got taken.
   local attempt
@@ -471,14 +514,14 @@ build_template() { # BUILD_DIR (empty, absolute)
     stop_dir "$dir"
     [ "$rc" = 2 ] && [ "$attempt" -lt 3 ] && { log "uwsgi exited (port taken?); retrying"; continue; }
     tail -n 20 "$dir/log/uwsgi.log" >&2 || true
-    die "temporary keystone did not come up; see $dir/log/"
+    die "temporary keystone did not come up"
   done
   log "creating service user, tenants and ids.json"
-  rc=0; provision "$dir" "$port" "$admin_pw" || rc=$?
+  rc=0; ADMIN_PASSWORD=$admin_pw provision "$dir" "$port" || rc=$?
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   stop_dir "$dir"
-  [ "$rc" = 0 ] || die "provisioning failed; see $dir/log/"
+  [ "$rc" = 0 ] || die "provisioning failed"
   rm -f "$dir/port"
 }
 
@@ -495,10 +538,14 @@ cmd_prepare() {
   flock 9
   if [ -f "$dir/ids.json" ]; then log "$dir already prepared"; return 0; fi
   if [ -e "$dir" ] && [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then
+    rm -f "$lock"
     die "$dir exists, is not empty and has no ids.json (a failed prepare?); remove it first"
   fi
   tmp=$(mktemp -d "$parent/.$base.build.XXXXXX")
-  trap 'stop_dir "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+  # On failure keep the build (logs) as .DIR.failed next to DIR, for debugging.
+  trap 'stop_dir "$tmp" 2>/dev/null; rm -rf "$parent/.$base.failed"
+        mv "$tmp" "$parent/.$base.failed" && log "failed build kept in $parent/.$base.failed"
+        rm -f "$lock"' EXIT
   log "preparing template $dir"
   build_template "$tmp"
   # Rename into place (replaces DIR if it is an empty directory).
@@ -507,6 +554,9 @@ cmd_prepare() {
   trap - EXIT
   write_config "$dir" 5000 foreground   # paths for DIR itself; `start` rewrites anyway
   rm -f "$dir/port"
+  # keep prepare's logs apart, so that a copy's log/ shows only its own runs
+  mv "$dir/log/uwsgi.log" "$dir/log/prepare-uwsgi.log"
+  mv "$dir/log/keystone.log" "$dir/log/prepare-keystone.log"
   exec 9>&-
   rm -f "$lock"
   log "prepared $dir in $((SECONDS - t0)) s"

@@ -18,6 +18,7 @@ pub mod schema;
 pub mod selector;
 pub mod status;
 pub mod table;
+pub mod tenant;
 
 pub use registry::{Registry, ResourceDef, Subresource};
 pub use status::{ApiError, ApiResult, Cause, Target};

@@ -130,3 +130,8 @@ pub fn rfc3339_in(seconds: i64) -> String {
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
 }
+
+/// The value of a label.
+pub fn label<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
+    metadata(obj)?.get("labels")?.get(key)?.as_str()
+}

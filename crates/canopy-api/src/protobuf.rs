@@ -2190,7 +2190,8 @@ mod tests {
                 assert_eq!(field.label == Label::Inline, field.json.is_empty());
             }
         }
-        for r in BUILTIN {
+        // Canopy's own kinds, like custom resources upstream, have no protobuf encoding.
+        for r in BUILTIN.iter().filter(|r| r.group != "canopy.io") {
             assert!(message(r.definition).is_some(), "{}", r.definition);
             assert_eq!(
                 root_definition(&r.api_version(), r.kind),

@@ -354,6 +354,22 @@ pub static BUILTIN: &[ResourceDef] = &[
         generation: false,
         storage: "endpointslices",
     },
+    ResourceDef {
+        group: "canopy.io",
+        version: "v1",
+        kind: "Tenant",
+        plural: "tenants",
+        singular: "tenant",
+        namespaced: false,
+        short_names: &["tn"],
+        categories: &[],
+        definition: "io.canopy.v1.Tenant",
+        subresources: &[Status],
+        field_selectors: &[],
+        status: true,
+        generation: true,
+        storage: "canopy.io/tenants",
+    },
 ];
 
 /// The schema definition name of a kind's list: `io.k8s.api.core.v1.PodList`.
@@ -409,6 +425,7 @@ impl Registry {
             .add::<apps::v1::ReplicaSet>()
             .add::<coordination::v1::Lease>()
             .add::<discovery::v1::EndpointSlice>()
+            .add::<crate::tenant::Tenant>()
             .add::<k8s_openapi::api::autoscaling::v1::Scale>()
             .add::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>()
             .add::<k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions>()

@@ -280,6 +280,13 @@ impl LabelSelector {
         self.requirements.is_empty()
     }
 
+    /// Both selectors.
+    pub fn and(mut self, other: &LabelSelector) -> LabelSelector {
+        self.requirements.extend(other.requirements.iter().cloned());
+        self.requirements.sort_by(|a, b| a.key.cmp(&b.key));
+        self
+    }
+
     /// The requirements, sorted by key.
     pub fn requirements(&self) -> &[Requirement] {
         &self.requirements
@@ -932,6 +939,23 @@ impl FieldSelector {
     /// Whether the selector has no terms (and so matches everything).
     pub fn is_empty(&self) -> bool {
         self.terms.is_empty()
+    }
+
+    /// The selector `field=value`.
+    pub fn exactly(field: &str, value: &str) -> FieldSelector {
+        FieldSelector {
+            terms: vec![FieldTerm {
+                field: field.to_string(),
+                value: value.to_string(),
+                negated: false,
+            }],
+        }
+    }
+
+    /// Both selectors.
+    pub fn and(mut self, other: &FieldSelector) -> FieldSelector {
+        self.terms.extend(other.terms.iter().cloned());
+        self
     }
 }
 

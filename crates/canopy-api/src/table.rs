@@ -305,6 +305,29 @@ static LEASE_COLUMNS: &[Column] = &[
     AGE,
 ];
 
+static TENANT_COLUMNS: &[Column] = &[
+    NAME,
+    col("Display Name", "string", "The Keystone project's name."),
+    col(
+        "Pods",
+        "string",
+        "Pods in use, and the quota when there is one.",
+    ),
+    col(
+        "CPU",
+        "string",
+        "CPU requested by the tenant's pods, and the quota when there is one.",
+    ),
+    col(
+        "Memory",
+        "string",
+        "Memory requested by the tenant's pods, and the quota when there is one.",
+    ),
+    wide("Network", "The tenant's network."),
+    wide("Namespaces", "How many namespaces the tenant has."),
+    AGE,
+];
+
 static ENDPOINTSLICE_COLUMNS: &[Column] = &[
     NAME,
     col(
@@ -330,6 +353,7 @@ static DEFAULT_COLUMNS: &[Column] = &[NAME, col("Created At", "date", AGE_DESC)]
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Printer {
+    Tenant,
     Pod,
     Node,
     Namespace,
@@ -361,6 +385,7 @@ fn printer(def: &ResourceDef) -> Printer {
         ("apps", "replicasets") => Printer::ReplicaSet,
         ("coordination.k8s.io", "leases") => Printer::Lease,
         ("discovery.k8s.io", "endpointslices") => Printer::EndpointSlice,
+        ("canopy.io", "tenants") => Printer::Tenant,
         _ => Printer::Default,
     }
 }
@@ -381,6 +406,7 @@ pub fn columns(def: &ResourceDef) -> &'static [Column] {
         Printer::ReplicaSet => REPLICASET_COLUMNS,
         Printer::Lease => LEASE_COLUMNS,
         Printer::EndpointSlice => ENDPOINTSLICE_COLUMNS,
+        Printer::Tenant => TENANT_COLUMNS,
         Printer::Default => DEFAULT_COLUMNS,
     }
 }
@@ -446,6 +472,7 @@ pub fn cells(def: &ResourceDef, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             json!(format_discovery_endpoints(list(obj, &["endpoints"]))),
             json!(age(obj, now)),
         ],
+        Printer::Tenant => tenant_cells(obj, now),
         Printer::Default => {
             // Go formats an unset creationTimestamp as its zero time.
             let created = timestamp(obj, &["metadata", "creationTimestamp"]).map_or_else(
@@ -455,6 +482,35 @@ pub fn cells(def: &ResourceDef, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             vec![json!(name(obj)), json!(created)]
         }
     }
+}
+
+fn tenant_cells(obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let used = |field: &str| match obj.pointer(&format!("/status/usage/{field}")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => "0".to_string(),
+    };
+    let of = |field: &str| {
+        let quota = match obj.pointer(&format!("/spec/quota/{field}")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        match quota {
+            Some(q) => format!("{}/{q}", used(field)),
+            None => used(field),
+        }
+    };
+    vec![
+        json!(name(obj)),
+        json!(string(obj, &["spec", "displayName"])),
+        json!(of("pods")),
+        json!(of("cpu")),
+        json!(of("memory")),
+        json!(string(obj, &["spec", "network", "cidr"])),
+        json!(list(obj, &["status", "namespaces"]).len()),
+        json!(age(obj, now)),
+    ]
 }
 
 /// Upstream's `duration.HumanDuration`: about two significant figures, e.g. `45s`, `5m30s`,

@@ -1,16 +1,15 @@
 //! Who is asking (authentication) and whether they may (authorization).
 //!
 //! Authentication: a client certificate signed by Canopy's CA names the user (CN) and their
-//! groups (O), as upstream's x509 authenticator. A request without credentials is anonymous;
-//! a request with credentials that do not authenticate is refused with 401.
+//! groups (O), as upstream's x509 authenticator; bearer tokens come from a static token file
+//! or Keystone. A request without credentials is anonymous; a request with credentials that
+//! do not authenticate is refused with 401.
 //!
-//! Authorization: members of `system:masters` may do everything; anyone may read the public
-//! information endpoints (/healthz, /livez, /readyz, /version), like upstream's
-//! `system:public-info-viewer` role; everything else is refused with 403.
+//! Non-resource paths: members of `system:masters` may read everything; anyone may read the
+//! public information endpoints (/healthz, /livez, /readyz, /version), like upstream's
+//! `system:public-info-viewer` role. Resource requests are authorized in [`crate::authz`].
 
-use canopy_api::{ApiError, Target};
-
-use crate::request::ResourceRequest;
+use canopy_api::ApiError;
 
 /// An authenticated user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,24 +43,53 @@ impl User {
     }
 }
 
-/// Authenticates a request from its TLS client identity and its Authorization header.
-pub fn authenticate(
-    client_cert: Option<&User>,
-    authorization: Option<&str>,
-) -> Result<User, ApiError> {
-    if authorization.is_some() {
-        // No token authenticator is configured: a presented token cannot be valid. The
-        // token itself is never logged.
-        return Err(ApiError::unauthorized());
-    }
-    if let Some(user) = client_cert {
-        let mut user = user.clone();
-        if !user.groups.iter().any(|g| g == "system:authenticated") {
-            user.groups.push("system:authenticated".into());
+/// The authentication chain: client certificates signed by Canopy's CA, then static
+/// tokens, then Keystone tokens. The first that recognizes the credential wins; a credential
+/// none recognizes is refused with 401, and no credential at all is the anonymous user.
+#[derive(Default)]
+pub struct Authenticator {
+    /// Static tokens (`--token-auth-file`).
+    pub tokens: Option<crate::tokenfile::TokenFile>,
+    /// Keystone (`--keystone-url`).
+    pub keystone: Option<std::sync::Arc<crate::keystone::Keystone>>,
+}
+
+/// The bearer token of an Authorization header (`Bearer` is case-insensitive, as upstream).
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+impl Authenticator {
+    /// Authenticates a request from its TLS client identity and its Authorization header.
+    pub async fn authenticate(
+        &self,
+        client_cert: Option<&User>,
+        authorization: Option<&str>,
+    ) -> Result<User, ApiError> {
+        if let Some(user) = client_cert {
+            let mut user = user.clone();
+            if !user.groups.iter().any(|g| g == "system:authenticated") {
+                user.groups.push("system:authenticated".into());
+            }
+            return Ok(user);
         }
-        return Ok(user);
+        let Some(authorization) = authorization else {
+            return Ok(User::anonymous());
+        };
+        // Tokens are never logged, whatever happens to them.
+        let token = bearer(authorization).ok_or_else(ApiError::unauthorized)?;
+        if let Some(user) = self.tokens.as_ref().and_then(|t| t.user(token)) {
+            return Ok(user.clone());
+        }
+        if let Some(keystone) = &self.keystone
+            && let Some(user) = keystone.authenticate(token).await
+        {
+            return Ok(user);
+        }
+        Err(ApiError::unauthorized())
     }
-    Ok(User::anonymous())
 }
 
 /// Paths anyone may read.
@@ -89,32 +117,53 @@ pub fn authorize_path(user: &User, path: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// Authorizes a resource request.
-pub fn authorize(user: &User, req: &ResourceRequest) -> Result<(), ApiError> {
-    if user.is_admin() {
-        return Ok(());
+/// Applies impersonation headers (`Impersonate-User`, `Impersonate-Group`,
+/// `Impersonate-Uid`, `Impersonate-Extra-*`): only cluster admins may act as someone else.
+pub fn impersonate(user: User, headers: &http::HeaderMap) -> Result<User, ApiError> {
+    let mut name = None;
+    let mut groups = Vec::new();
+    let mut other = false;
+    for (header, value) in headers {
+        let header = header.as_str();
+        if !header.starts_with("impersonate-") {
+            continue;
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request(format!("invalid {header} header")))?;
+        match header {
+            "impersonate-user" => name = Some(value.to_string()),
+            "impersonate-group" => groups.push(value.to_string()),
+            _ => other = true,
+        }
     }
-    if user.is_anonymous() {
-        return Err(ApiError::unauthorized());
+    if name.is_none() && groups.is_empty() && !other {
+        return Ok(user);
     }
-    let resource = match req.subresource {
-        Some(sub) => format!("{}/{}", req.def.plural, sub.name()),
-        None => req.def.plural.to_string(),
+    if !user.is_admin() {
+        if user.is_anonymous() {
+            return Err(ApiError::unauthorized());
+        }
+        let (resource, what) = match &name {
+            Some(n) => ("users", n.clone()),
+            None => ("groups", groups.first().cloned().unwrap_or_default()),
+        };
+        return Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{resource} {what:?} is forbidden: User {:?} cannot impersonate resource {resource:?} in API group \"\" at the cluster scope",
+                user.name
+            ),
+        ));
+    }
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "requested impersonation of groups, uid or extra without impersonating a user",
+        ));
     };
-    let verb = req.verb.as_str();
-    let scope = match &req.namespace {
-        Some(ns) => format!(" in the namespace {ns:?}"),
-        None => " at the cluster scope".to_string(),
-    };
-    Err(ApiError::forbidden(
-        Target {
-            group: req.def.group,
-            resource: &resource,
-            name: req.name.as_deref().unwrap_or(""),
-        },
-        format!(
-            "User {:?} cannot {verb} resource {:?} in API group {:?}{scope}",
-            user.name, resource, req.def.group
-        ),
-    ))
+    if !groups.iter().any(|g| g == "system:authenticated") {
+        groups.push("system:authenticated".into());
+    }
+    Ok(User { name, groups })
 }

@@ -7,9 +7,11 @@
 //! from them.
 
 pub mod auth;
+pub mod authz;
 mod body;
 pub mod cache;
 pub mod discovery;
+pub mod keystone;
 pub mod kubeconfig;
 pub mod metrics;
 pub mod openapi;
@@ -17,5 +19,6 @@ pub mod pki;
 pub mod request;
 pub mod rest;
 pub mod server;
+pub mod tokenfile;
 
 pub use server::{ApiServer, ServerConfig};

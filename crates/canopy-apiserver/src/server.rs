@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{self, User},
+    authz::{self, NamespaceOwner},
     cache::{CacheOptions, WatchCache},
     discovery::{Aggregated, Discovery},
     metrics::{KindLabels, LatencyLabels, Metrics, RequestLabels},
@@ -59,6 +60,10 @@ pub struct ServerConfig {
     pub compaction_interval: Duration,
     /// How long events are kept.
     pub event_ttl: Duration,
+    /// Static bearer tokens (upstream's token file format).
+    pub token_auth_file: Option<PathBuf>,
+    /// Keystone token authentication.
+    pub keystone: Option<crate::keystone::KeystoneConfig>,
 }
 
 impl ServerConfig {
@@ -74,6 +79,8 @@ impl ServerConfig {
             cache: CacheOptions::default(),
             compaction_interval: Duration::from_secs(300),
             event_ttl: Duration::from_secs(3600),
+            token_auth_file: None,
+            keystone: None,
         }
     }
 }
@@ -84,6 +91,7 @@ struct State {
     openapi: OpenApi,
     read_slots: Semaphore,
     write_slots: Semaphore,
+    authenticator: auth::Authenticator,
 }
 
 /// A running API server.
@@ -145,8 +153,28 @@ impl ApiServer {
             metrics,
             options: config.rest.clone(),
             shutdown: CancellationToken::new(),
+            quota_locks: Default::default(),
         });
+        let tokens = match &config.token_auth_file {
+            Some(path) => {
+                let tokens = crate::tokenfile::TokenFile::load(path)?;
+                tracing::info!(path = %path.display(), tokens = tokens.len(), "loaded static tokens");
+                Some(tokens)
+            }
+            None => None,
+        };
+        let keystone = match &config.keystone {
+            Some(keystone) => {
+                tracing::info!(url = %keystone.url, user = %keystone.credentials.username, "authenticating Keystone tokens");
+                Some(crate::keystone::Keystone::new(
+                    keystone.clone(),
+                    ctx.store.clone(),
+                )?)
+            }
+            None => None,
+        };
         let state = Arc::new(State {
+            authenticator: auth::Authenticator { tokens, keystone },
             ctx,
             discovery,
             openapi,
@@ -213,6 +241,12 @@ impl ApiServer {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let background = spawn_background(self.state.ctx.clone(), &self.config);
+        let keystone = self
+            .state
+            .authenticator
+            .keystone
+            .clone()
+            .map(|k| tokio::spawn(k.run(self.state.ctx.shutdown.clone())));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -265,6 +299,9 @@ impl ApiServer {
         tracing::info!("shutting down: no new connections; ending watches");
         self.state.ctx.shutdown.cancel();
         background.abort();
+        if let Some(keystone) = keystone {
+            keystone.abort();
+        }
         drop(self.listener);
         if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
             .await
@@ -414,7 +451,11 @@ async fn handle(
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let user = auth::authenticate(identity.as_ref(), authorization)?;
+        let user = state
+            .authenticator
+            .authenticate(identity.as_ref(), authorization)
+            .await?;
+        let user = auth::impersonate(user, &parts.headers)?;
         let route = request::route(registry, &parts.method, &path, &query)?;
         match route {
             Route::Resource(req) => {
@@ -424,7 +465,11 @@ async fn handle(
                     .subresource
                     .map(|s| s.name().to_string())
                     .unwrap_or_default();
-                auth::authorize(&user, &req)?;
+                let namespace_owner = match (&req.namespace, req.def.namespaced) {
+                    (Some(ns), true) => ctx.namespace_owner(ns).await?,
+                    _ => NamespaceOwner::Missing,
+                };
+                let access = authz::authorize(&user, &req, &namespace_owner)?;
                 let long_running = req.verb == request::Verb::Watch;
                 let slots = if req.verb.is_mutating() {
                     &state.write_slots
@@ -453,7 +498,17 @@ async fn handle(
                     })
                     .clone();
                 gauge.inc();
-                let result = rest::serve(ctx, &req, &query, &parts.headers, body, &user).await;
+                let result = rest::serve(
+                    ctx,
+                    &req,
+                    &query,
+                    &parts.headers,
+                    body,
+                    &user,
+                    &access,
+                    &namespace_owner,
+                )
+                .await;
                 gauge.dec();
                 result
             }

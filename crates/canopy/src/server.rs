@@ -50,6 +50,47 @@ pub struct ServerArgs {
     /// Do not run the controllers in this process (run them elsewhere).
     #[arg(long)]
     pub disable_controllers: bool,
+    /// Static bearer tokens, one `token,user,uid[,"group1,group2"]` line each (upstream's
+    /// format), for bootstrap. Tenant members are in group `canopy:tenant:<tenant>`.
+    #[arg(long)]
+    pub token_auth_file: Option<PathBuf>,
+    /// Keystone identity v3 endpoint whose tokens authenticate users, e.g.
+    /// `http://127.0.0.1:5000/v3`. A user with role `member` on a project belongs to that
+    /// project's tenant; role `admin` on the admin project makes a cluster admin.
+    #[arg(long, env = "CANOPY_KEYSTONE_URL")]
+    pub keystone_url: Option<String>,
+    /// File (YAML or JSON: username, password, project, domain) with the service account
+    /// Canopy validates tokens as. Without it: CANOPY_KEYSTONE_USERNAME, _PASSWORD, _PROJECT
+    /// and _DOMAIN from the environment. Never given on the command line.
+    #[arg(long)]
+    pub keystone_credentials_file: Option<PathBuf>,
+    /// Longest time a Keystone validation is trusted before asking Keystone again: how long
+    /// a revoked token can keep working. Seconds, or with a unit: 90s, 5m, 1h.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub keystone_cache_ttl: Duration,
+    /// Keystone project whose `admin` role makes cluster admins.
+    #[arg(long, default_value = "admin")]
+    pub keystone_admin_project: String,
+}
+
+/// `90`, `90s`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 5m or 1h"))?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs(seconds))
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -99,6 +140,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     config.cache.watcher_queue = args.watcher_queue.max(1);
     config.compaction_interval = Duration::from_secs(args.compaction_interval_seconds);
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    config.token_auth_file = args.token_auth_file.clone();
+    if let Some(url) = &args.keystone_url {
+        config.keystone = Some(canopy_apiserver::keystone::KeystoneConfig {
+            url: url.trim_end_matches('/').to_string(),
+            credentials: canopy_apiserver::keystone::ServiceCredentials::load(
+                args.keystone_credentials_file.as_deref(),
+            )?,
+            cache_ttl: args.keystone_cache_ttl,
+            admin_project: args.keystone_admin_project.clone(),
+        });
+    }
     let server = ApiServer::new(config, store.clone()).await?;
     let url = local_url(server.local_addr());
 

@@ -15,7 +15,7 @@ mod names;
 mod network;
 mod pod;
 mod podspec;
-mod util;
+pub(crate) mod util;
 mod volumes;
 
 use serde_json::Value;
@@ -41,6 +41,7 @@ enum Kind {
     ReplicaSet,
     Lease,
     EndpointSlice,
+    Tenant,
     Other,
 }
 
@@ -59,13 +60,15 @@ fn kind_of(def: &ResourceDef) -> Kind {
         ("apps", "ReplicaSet") => Kind::ReplicaSet,
         ("coordination.k8s.io", "Lease") => Kind::Lease,
         ("discovery.k8s.io", "EndpointSlice") => Kind::EndpointSlice,
+        ("canopy.io", "Tenant") => Kind::Tenant,
         _ => Kind::Other,
     }
 }
 
 fn name_fn(def: &ResourceDef) -> names::NameFn {
     match kind_of(def) {
-        Kind::Namespace => names::name_is_dns_label,
+        // Tenant names are label values (`canopy.io/tenant`) too.
+        Kind::Namespace | Kind::Tenant => names::name_is_dns_label,
         Kind::Service => names::name_is_dns1035_label,
         Kind::Event => names::path_segment_name,
         _ => names::name_is_dns_subdomain,
@@ -97,6 +100,7 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value) {
         Kind::Event => core::default_event(obj),
         Kind::Lease => network::default_lease(obj),
         Kind::EndpointSlice => network::default_endpoint_slice(obj),
+        Kind::Tenant => crate::tenant::default_tenant(obj),
         Kind::ConfigMap | Kind::ServiceAccount | Kind::Other => {}
     }
 }
@@ -121,6 +125,12 @@ pub fn validate_create(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
         Kind::ReplicaSet => apps::validate_replica_set(obj),
         Kind::Lease => network::validate_lease(obj),
         Kind::EndpointSlice => network::validate_endpoint_slice(obj),
+        Kind::Tenant => {
+            let mut causes =
+                meta::validate_object_meta(obj, def.namespaced, name_fn(def), &metadata());
+            causes.extend(crate::tenant::validate_tenant(obj));
+            causes
+        }
         Kind::ServiceAccount | Kind::Other => {
             meta::validate_object_meta(obj, def.namespaced, name_fn(def), &metadata())
         }
@@ -162,6 +172,11 @@ pub fn validate_update(def: &ResourceDef, new: &Value, old: &Value) -> Vec<Cause
         Kind::ReplicaSet => apps::validate_replica_set_update(new, old),
         Kind::Lease => network::validate_lease_update(new, old),
         Kind::EndpointSlice => network::validate_endpoint_slice_update(new, old),
+        Kind::Tenant => {
+            let mut causes = meta::validate_object_meta_update(new, old, &metadata());
+            causes.extend(crate::tenant::validate_tenant_update(new, old));
+            causes
+        }
         Kind::Endpoints => {
             let mut causes = meta::validate_object_meta_update(new, old, &metadata());
             causes.extend(core::validate_endpoints(new));
@@ -200,6 +215,7 @@ pub fn prepare_create(def: &ResourceDef, obj: &mut Value) {
         | Kind::Event
         | Kind::Lease
         | Kind::EndpointSlice
+        | Kind::Tenant
         | Kind::Other => {}
     }
 }

@@ -157,7 +157,8 @@ impl CachedObject {
         })
     }
 
-    fn label(&self, key: &str) -> Option<&str> {
+    /// The value of one of the object's labels.
+    pub fn label(&self, key: &str) -> Option<&str> {
         let mut attrs = self.attrs();
         for _ in 0..self.labels {
             let (k, v) = (attrs.next()?, attrs.next()?);

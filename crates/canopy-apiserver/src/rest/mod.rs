@@ -3,7 +3,10 @@
 
 mod read;
 mod subresource;
+mod tenancy;
 mod write;
+
+pub use tenancy::QuotaLocks;
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
@@ -62,6 +65,8 @@ pub struct Context {
     pub options: RestOptions,
     /// Cancelled when the server shuts down: long-running requests end.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Serializes quota checks per tenant.
+    pub quota_locks: QuotaLocks,
 }
 
 impl Context {
@@ -87,6 +92,30 @@ impl Context {
             })
             .observe(started.elapsed().as_secs_f64());
         result.map_err(store_error)
+    }
+
+    /// Who owns a namespace: the watch cache first, the store when the cache does not have
+    /// it (a namespace just created through another server).
+    pub async fn namespace_owner(
+        &self,
+        namespace: &str,
+    ) -> ApiResult<crate::authz::NamespaceOwner> {
+        use crate::authz::NamespaceOwner;
+        let Some(def) = self.registry.get("", "v1", "namespaces") else {
+            return Ok(NamespaceOwner::Missing);
+        };
+        if let Some(obj) = self.cache(def).get(namespace) {
+            return Ok(match obj.label(canopy_api::tenant::TENANT_LABEL) {
+                Some(t) if !t.is_empty() => NamespaceOwner::Tenant(t.to_string()),
+                _ => NamespaceOwner::Platform,
+            });
+        }
+        Ok(
+            match self.read_stored(def, &def.key("", namespace)).await? {
+                Some((obj, _)) => NamespaceOwner::of(&obj),
+                None => NamespaceOwner::Missing,
+            },
+        )
     }
 
     /// The current stored state of an object, from the store.
@@ -235,6 +264,10 @@ pub struct Call<'a> {
     pub headers: &'a HeaderMap,
     /// Who asks (for field manager names and logs).
     pub user: &'a crate::auth::User,
+    /// What the requester may reach.
+    pub access: &'a crate::authz::Access,
+    /// The owner of the namespace in the URL.
+    pub namespace_owner: &'a crate::authz::NamespaceOwner,
 }
 
 impl Call<'_> {
@@ -245,6 +278,11 @@ impl Call<'_> {
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok()),
         )
+    }
+
+    /// Checks that an object is inside the requester's scope.
+    pub fn check_scope(&self, obj: &Value) -> ApiResult<()> {
+        self.access.check(self.user, self.req, self.req.def, obj)
     }
 
     /// The name from the URL (item requests only).
@@ -337,6 +375,8 @@ pub async fn serve(
     headers: &HeaderMap,
     body: hyper::body::Incoming,
     user: &crate::auth::User,
+    access: &crate::authz::Access,
+    namespace_owner: &crate::authz::NamespaceOwner,
 ) -> ApiResult<Response<Body>> {
     request_namespace(req)?;
     let call = Call {
@@ -345,6 +385,8 @@ pub async fn serve(
         query,
         headers,
         user,
+        access,
+        namespace_owner,
     };
     match (req.subresource, req.verb) {
         (None, Verb::Get) => read::get(&call).await,

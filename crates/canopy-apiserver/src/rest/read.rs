@@ -66,10 +66,12 @@ pub(super) fn filter(call: &Call<'_>) -> ApiResult<Filter> {
             )));
         }
     }
+    // The requester's scope narrows what they select: a tenant lists its own objects.
+    let scope = &call.access.scope;
     Ok(Filter {
         namespace: call.req.namespace.clone(),
-        labels,
-        fields,
+        labels: labels.and(&scope.labels),
+        fields: fields.and(&scope.fields),
     })
 }
 
@@ -142,6 +144,7 @@ pub(super) async fn get(call: &Call<'_>) -> ApiResult<Response<Body>> {
         }
     };
     let obj = obj.ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    call.check_scope(&obj)?;
     Ok(match output {
         Output::Table => {
             let include = include(call)?;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::{
     Body, Call, add_warnings, deleted_status, object_response, parse_rv, read, read_body, target,
+    tenancy,
 };
 use crate::{
     body,
@@ -199,14 +200,18 @@ pub(super) async fn current(
     def: &ResourceDef,
     key: &str,
 ) -> ApiResult<Option<(Value, Revision)>> {
-    if let Some(obj) = call.ctx.cache(def).get(&cache_key(def, key)) {
-        return Ok(Some((obj.value(), obj.revision)));
+    let state = match call.ctx.cache(def).get(&cache_key(def, key)) {
+        Some(obj) => Some((obj.value(), obj.revision)),
+        None => call
+            .ctx
+            .read_stored(def, key)
+            .await?
+            .map(|(v, kv)| (v, kv.mod_revision)),
+    };
+    if let Some((obj, _)) = &state {
+        call.check_scope(obj)?;
     }
-    Ok(call
-        .ctx
-        .read_stored(def, key)
-        .await?
-        .map(|(v, kv)| (v, kv.mod_revision)))
+    Ok(state)
 }
 
 /// Refuses new objects in a namespace that does not exist or is terminating
@@ -299,12 +304,14 @@ fn admit_create(call: &Call<'_>, obj: &mut Value, managed: bool) -> ApiResult<()
     } else {
         meta::remove_meta(obj, "generation");
     }
+    tenancy::admit(call, obj, None)?;
     kinds::prepare_create(def, obj);
     kinds::apply_defaults(def, obj);
     let causes = kinds::validate_create(def, obj);
     if !causes.is_empty() {
         return Err(invalid(def, obj, causes));
     }
+    call.check_scope(obj)?;
     if managed {
         let manager = call.field_manager()?;
         field_manager(call, def)?
@@ -412,6 +419,7 @@ pub(super) fn admit_update(
         }
         Some(_) => {}
     }
+    tenancy::admit(call, new, Some(old))?;
     kinds::apply_defaults(def, new);
     if def.generation && kinds::spec_changed(def, new, old) {
         let generation = meta::metadata(old)
@@ -424,6 +432,7 @@ pub(super) fn admit_update(
     if !causes.is_empty() {
         return Err(invalid(def, new, causes));
     }
+    call.check_scope(new)?;
     if managed {
         let manager = call.field_manager()?;
         field_manager(call, def)?
@@ -484,6 +493,11 @@ pub(super) async fn create(
 }
 
 async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> ApiResult<()> {
+    let _quota = if def.group.is_empty() && def.plural == "pods" {
+        tenancy::reserve_quota(call, obj).await?
+    } else {
+        None
+    };
     let key = def.key(meta::namespace(obj), meta::name(obj));
     let bytes = encode(obj);
     match call

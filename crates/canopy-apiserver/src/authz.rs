@@ -1,0 +1,382 @@
+//! Authorization of resource requests, and the scope a request is confined to.
+//!
+//! Canopy's identities are few and fixed, so the rules are code rather than RBAC objects:
+//!
+//! - cluster admins (`system:masters`) may do everything;
+//! - a tenant's members (group `canopy:tenant:<tenant>`) may do everything inside their
+//!   tenant's namespaces except binding pods to nodes, create namespaces (which become theirs),
+//!   read their own Tenant and the nodes labelled with their tenant. Lists and watches across
+//!   namespaces show them only their tenant's objects: a private-cluster view;
+//! - a node agent (`system:node:<node>` in `system:nodes`) may touch only its own Node, its
+//!   Lease in `kube-node-lease` and the pods bound to it;
+//! - a tenant's proxy (`system:canopy-proxy:<tenant>` in `canopy:proxies`) may only read that
+//!   tenant's services, endpoints and endpoint slices.
+//!
+//! A rule that depends on the object (whose node a pod is bound to, whose namespace an object
+//! is in) is a [`Scope`]: selectors every object the request reads or writes must match. The
+//! REST layer adds a scope to the selectors of lists and watches and checks it on every object
+//! it reads, creates or updates, so a scoped request cannot reach past it by any verb or path.
+
+use canopy_api::{
+    ApiError, ApiResult, ResourceDef, Subresource, Target,
+    selector::{FieldSelector, LabelSelector},
+    tenant::{TENANT_LABEL, tenant_of_group},
+};
+use serde_json::Value;
+
+use crate::{
+    auth::User,
+    request::{ResourceRequest, Verb},
+};
+
+/// Group of node agents, as upstream.
+pub const NODES_GROUP: &str = "system:nodes";
+/// User name prefix of node agents, as upstream.
+pub const NODE_USER_PREFIX: &str = "system:node:";
+/// Group of tenant proxies.
+pub const PROXIES_GROUP: &str = "canopy:proxies";
+/// User name prefix of a tenant's proxy.
+pub const PROXY_USER_PREFIX: &str = "system:canopy-proxy:";
+/// Namespace of node leases.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// What kind of principal a user is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// May do everything.
+    Admin,
+    /// A node agent.
+    Node(String),
+    /// A tenant's service proxy.
+    Proxy(String),
+    /// A member of a tenant.
+    Member(String),
+    /// Authenticated, with no rights on resources.
+    Other,
+}
+
+impl Principal {
+    /// Classifies a user by name and groups.
+    pub fn of(user: &User) -> ApiResult<Principal> {
+        if user.is_admin() {
+            return Ok(Principal::Admin);
+        }
+        let in_group = |g: &str| user.groups.iter().any(|x| x == g);
+        if let Some(node) = user.name.strip_prefix(NODE_USER_PREFIX)
+            && in_group(NODES_GROUP)
+            && !node.is_empty()
+        {
+            return Ok(Principal::Node(node.to_string()));
+        }
+        if let Some(tenant) = user.name.strip_prefix(PROXY_USER_PREFIX)
+            && in_group(PROXIES_GROUP)
+            && !tenant.is_empty()
+        {
+            return Ok(Principal::Proxy(tenant.to_string()));
+        }
+        let mut tenants = user.groups.iter().filter_map(|g| tenant_of_group(g));
+        match (tenants.next(), tenants.next()) {
+            (Some(tenant), None) => Ok(Principal::Member(tenant.to_string())),
+            (Some(_), Some(_)) => Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "forbidden: User {:?} is a member of several tenants; a credential must name one",
+                    user.name
+                ),
+            )),
+            (None, _) => Ok(Principal::Other),
+        }
+    }
+}
+
+/// Selectors every object a request touches must match; empty when unrestricted.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Labels the objects must have.
+    pub labels: LabelSelector,
+    /// Fields the objects must have.
+    pub fields: FieldSelector,
+}
+
+impl Scope {
+    fn label(key: &str, value: &str) -> Scope {
+        Scope {
+            labels: LabelSelector::parse(&format!("{key}={value}"))
+                .unwrap_or_else(|_| nothing_labels()),
+            fields: FieldSelector::default(),
+        }
+    }
+
+    fn field(field: &str, value: &str) -> Scope {
+        Scope {
+            labels: LabelSelector::default(),
+            fields: FieldSelector::exactly(field, value),
+        }
+    }
+
+    /// Whether the scope restricts anything.
+    pub fn is_unrestricted(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
+    /// Whether an object is inside the scope.
+    pub fn contains(&self, def: &ResourceDef, obj: &Value) -> bool {
+        (self.labels.is_empty() || self.labels.matches_object(obj))
+            && (self.fields.is_empty()
+                || self
+                    .fields
+                    .matches(|f| canopy_api::kinds::field_value(def, obj, f)))
+    }
+}
+
+/// A selector nothing matches, for label values that cannot be expressed (never expected:
+/// tenant names are validated label values).
+fn nothing_labels() -> LabelSelector {
+    LabelSelector::parse("canopy.io/unmatchable,!canopy.io/unmatchable").unwrap_or_default()
+}
+
+/// What a request may do: the scope it is confined to, and on whose behalf it creates.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The requester's scope.
+    pub scope: Scope,
+    /// The tenant the requester belongs to (new namespaces become this tenant's).
+    pub tenant: Option<String>,
+}
+
+impl Access {
+    /// Unrestricted access.
+    pub fn all() -> Access {
+        Access::default()
+    }
+
+    /// Checks that an object is inside the requester's scope.
+    pub fn check(
+        &self,
+        user: &User,
+        req: &ResourceRequest,
+        def: &ResourceDef,
+        obj: &Value,
+    ) -> ApiResult<()> {
+        if self.scope.contains(def, obj) {
+            return Ok(());
+        }
+        Err(denied(
+            user,
+            req,
+            canopy_api::meta::name(obj),
+            "the object is outside the user's scope",
+        ))
+    }
+}
+
+/// The owner of a namespace as far as authorization needs: whether it exists and whose it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamespaceOwner {
+    /// No such namespace.
+    Missing,
+    /// A namespace of the platform, no tenant's.
+    Platform,
+    /// A tenant's namespace.
+    Tenant(String),
+}
+
+impl NamespaceOwner {
+    /// The owner of a namespace object.
+    pub fn of(namespace: &Value) -> NamespaceOwner {
+        match canopy_api::meta::label(namespace, TENANT_LABEL) {
+            Some(tenant) if !tenant.is_empty() => NamespaceOwner::Tenant(tenant.to_string()),
+            _ => NamespaceOwner::Platform,
+        }
+    }
+
+    /// The tenant, if a tenant owns it.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            NamespaceOwner::Tenant(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+fn resource_name(req: &ResourceRequest) -> String {
+    match req.subresource {
+        Some(sub) => format!("{}/{}", req.def.plural, sub.name()),
+        None => req.def.plural.to_string(),
+    }
+}
+
+/// Upstream's 403 for a request, with why.
+pub fn denied(user: &User, req: &ResourceRequest, name: &str, why: &str) -> ApiError {
+    let resource = resource_name(req);
+    let scope = match &req.namespace {
+        Some(ns) => format!(" in the namespace {ns:?}"),
+        None => " at the cluster scope".to_string(),
+    };
+    ApiError::forbidden(
+        Target {
+            group: req.def.group,
+            resource: &resource,
+            name,
+        },
+        format!(
+            "User {:?} cannot {} resource {:?} in API group {:?}{scope}: {why}",
+            user.name,
+            req.verb.as_str(),
+            resource,
+            req.def.group
+        ),
+    )
+}
+
+fn is_read(verb: Verb) -> bool {
+    matches!(verb, Verb::Get | Verb::List | Verb::Watch)
+}
+
+/// Decides a resource request. `namespace_owner` is the owner of the namespace in the URL
+/// (`Missing` when there is none).
+pub fn authorize(
+    user: &User,
+    req: &ResourceRequest,
+    namespace_owner: &NamespaceOwner,
+) -> ApiResult<Access> {
+    if user.is_anonymous() {
+        return Err(ApiError::unauthorized());
+    }
+    let principal = Principal::of(user)?;
+    let name = req.name.as_deref().unwrap_or("");
+    let deny = |why: &str| Err(denied(user, req, name, why));
+    let def = req.def;
+    let sub = req.subresource;
+    match principal {
+        Principal::Admin => Ok(Access::all()),
+        Principal::Other => deny("no rule allows it"),
+        Principal::Member(tenant) => {
+            let scope = Scope::label(TENANT_LABEL, &tenant);
+            let access = |scope: Scope| {
+                Ok(Access {
+                    scope,
+                    tenant: Some(tenant.clone()),
+                })
+            };
+            if def.namespaced {
+                if sub == Some(Subresource::Binding) {
+                    return deny("only the scheduler binds pods to nodes");
+                }
+                if req.namespace.is_some() && namespace_owner.tenant() != Some(tenant.as_str()) {
+                    return deny("the namespace does not belong to the user's tenant");
+                }
+                return access(scope);
+            }
+            match (def.group, def.plural) {
+                ("", "namespaces") => match (sub, req.verb) {
+                    (Some(Subresource::Finalize), _) => {
+                        deny("only the namespace controller finalizes namespaces")
+                    }
+                    (Some(_), v) if !is_read(v) => {
+                        deny("namespace status is written by the control plane")
+                    }
+                    (_, Verb::DeleteCollection) => deny("namespaces are deleted one by one"),
+                    _ => access(scope),
+                },
+                ("", "nodes") if is_read(req.verb) => access(scope),
+                ("canopy.io", "tenants") if is_read(req.verb) => {
+                    access(Scope::field("metadata.name", &tenant))
+                }
+                _ => deny("tenants may only use their own namespaces, nodes and Tenant"),
+            }
+        }
+        Principal::Node(node) => {
+            let own = || {
+                Ok(Access {
+                    scope: Scope::field(
+                        if def.plural == "pods" {
+                            "spec.nodeName"
+                        } else {
+                            "metadata.name"
+                        },
+                        &node,
+                    ),
+                    tenant: None,
+                })
+            };
+            match (def.group, def.plural, sub, req.verb) {
+                ("", "nodes", None | Some(Subresource::Status), v)
+                    if !matches!(v, Verb::Delete | Verb::DeleteCollection) =>
+                {
+                    own()
+                }
+                ("", "pods", None | Some(Subresource::Status), v)
+                    if !matches!(v, Verb::Create | Verb::DeleteCollection) =>
+                {
+                    own()
+                }
+                ("coordination.k8s.io", "leases", None, v)
+                    if v != Verb::DeleteCollection
+                        && req.namespace.as_deref() == Some(NODE_LEASE_NAMESPACE) =>
+                {
+                    own()
+                }
+                _ => deny("a node may only use its own Node, its Lease and the pods bound to it"),
+            }
+        }
+        Principal::Proxy(tenant) => match (def.group, def.plural, sub) {
+            ("", "services" | "endpoints", None) | ("discovery.k8s.io", "endpointslices", None)
+                if is_read(req.verb) =>
+            {
+                Ok(Access {
+                    scope: Scope::label(TENANT_LABEL, &tenant),
+                    tenant: None,
+                })
+            }
+            _ => deny("a proxy may only read its tenant's services and endpoints"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, groups: &[&str]) -> User {
+        User {
+            name: name.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn principals() {
+        assert_eq!(
+            Principal::of(&user("a", &["system:masters"])).unwrap(),
+            Principal::Admin
+        );
+        assert_eq!(
+            Principal::of(&user("system:node:n1", &[NODES_GROUP])).unwrap(),
+            Principal::Node("n1".into())
+        );
+        // The name alone is not enough.
+        assert_eq!(
+            Principal::of(&user("system:node:n1", &[])).unwrap(),
+            Principal::Other
+        );
+        assert_eq!(
+            Principal::of(&user("alice", &["canopy:tenant:t1"])).unwrap(),
+            Principal::Member("t1".into())
+        );
+        assert!(Principal::of(&user("x", &["canopy:tenant:t1", "canopy:tenant:t2"])).is_err());
+    }
+
+    #[test]
+    fn scopes_match_objects() {
+        let registry = canopy_api::Registry::builtin();
+        let pods = registry.get("", "v1", "pods").unwrap();
+        let pod = serde_json::json!({"metadata": {"name": "p", "labels": {TENANT_LABEL: "t1"}}, "spec": {"nodeName": "n1"}});
+        assert!(Scope::label(TENANT_LABEL, "t1").contains(pods, &pod));
+        assert!(!Scope::label(TENANT_LABEL, "t2").contains(pods, &pod));
+        assert!(Scope::field("spec.nodeName", "n1").contains(pods, &pod));
+        assert!(!Scope::field("spec.nodeName", "n2").contains(pods, &pod));
+        assert!(Scope::default().contains(pods, &pod));
+    }
+}
