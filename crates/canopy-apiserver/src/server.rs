@@ -498,17 +498,16 @@ async fn handle(
                     })
                     .clone();
                 gauge.inc();
-                let result = rest::serve(
+                let call = rest::Call {
                     ctx,
-                    &req,
-                    &query,
-                    &parts.headers,
-                    body,
-                    &user,
-                    &access,
-                    &namespace_owner,
-                )
-                .await;
+                    req: &req,
+                    query: &query,
+                    headers: &parts.headers,
+                    user: &user,
+                    access: &access,
+                    namespace_owner: &namespace_owner,
+                };
+                let result = rest::serve(&call, body).await;
                 gauge.dec();
                 result
             }

@@ -368,48 +368,31 @@ impl Call<'_> {
 }
 
 /// Serves one resource request.
-pub async fn serve(
-    ctx: &Context,
-    req: &ResourceRequest,
-    query: &Query,
-    headers: &HeaderMap,
-    body: hyper::body::Incoming,
-    user: &crate::auth::User,
-    access: &crate::authz::Access,
-    namespace_owner: &crate::authz::NamespaceOwner,
-) -> ApiResult<Response<Body>> {
+pub async fn serve(call: &Call<'_>, body: hyper::body::Incoming) -> ApiResult<Response<Body>> {
+    let req = call.req;
     request_namespace(req)?;
-    let call = Call {
-        ctx,
-        req,
-        query,
-        headers,
-        user,
-        access,
-        namespace_owner,
-    };
     match (req.subresource, req.verb) {
-        (None, Verb::Get) => read::get(&call).await,
-        (None, Verb::List) => read::list(&call).await,
-        (None, Verb::Watch) => read::watch(&call).await,
-        (None, Verb::Create) => write::create(&call, body).await,
-        (None, Verb::Update) => write::update(&call, body, None).await,
-        (None, Verb::Patch) => write::patch(&call, body, None).await,
-        (None, Verb::Delete) => write::delete(&call, body).await,
-        (None, Verb::DeleteCollection) => write::delete_collection(&call, body).await,
-        (Some(Subresource::Status), Verb::Get) => read::get(&call).await,
+        (None, Verb::Get) => read::get(call).await,
+        (None, Verb::List) => read::list(call).await,
+        (None, Verb::Watch) => read::watch(call).await,
+        (None, Verb::Create) => write::create(call, body).await,
+        (None, Verb::Update) => write::update(call, body, None).await,
+        (None, Verb::Patch) => write::patch(call, body, None).await,
+        (None, Verb::Delete) => write::delete(call, body).await,
+        (None, Verb::DeleteCollection) => write::delete_collection(call, body).await,
+        (Some(Subresource::Status), Verb::Get) => read::get(call).await,
         (Some(sub @ (Subresource::Status | Subresource::Finalize)), Verb::Update) => {
-            write::update(&call, body, Some(sub)).await
+            write::update(call, body, Some(sub)).await
         }
         (Some(Subresource::Status), Verb::Patch) => {
-            write::patch(&call, body, Some(Subresource::Status)).await
+            write::patch(call, body, Some(Subresource::Status)).await
         }
-        (Some(Subresource::Scale), Verb::Get) => subresource::get_scale(&call).await,
+        (Some(Subresource::Scale), Verb::Get) => subresource::get_scale(call).await,
         (Some(Subresource::Scale), Verb::Update | Verb::Patch) => {
-            subresource::write_scale(&call, body).await
+            subresource::write_scale(call, body).await
         }
-        (Some(Subresource::Binding), Verb::Create) => subresource::bind(&call, body).await,
-        (Some(Subresource::Log), Verb::Get) => subresource::log(&call).await,
+        (Some(Subresource::Binding), Verb::Create) => subresource::bind(call, body).await,
+        (Some(Subresource::Log), Verb::Get) => subresource::log(call).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

@@ -1,0 +1,352 @@
+//! Keystone login against a real Keystone (Debian's python3-keystone under uwsgi, started
+//! from a template that `scripts/keystone.sh prepare` builds once): tokens authenticate,
+//! validations are cached in the store and shared by replicas, Keystone outages and
+//! revocations behave as documented.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use canopy::procs::{Etcd, ServerProcess};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::{Value, json};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Keystone of its own for one test.
+struct Keystone {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    url: String,
+    ids: Value,
+}
+
+impl Keystone {
+    fn start() -> Keystone {
+        let template = std::env::var_os("CANOPY_TEST_KEYSTONE_TEMPLATE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/keystone-template"));
+        let script = workspace().join("scripts/keystone.sh");
+        if !template.join("ids.json").exists() {
+            let out = Command::new(&script)
+                .arg("prepare")
+                .arg(&template)
+                .output()
+                .expect("running scripts/keystone.sh");
+            assert!(
+                out.status.success(),
+                "preparing Keystone failed (is it installed? .ci/run runs `scripts/keystone.sh install`): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("keystone");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(&state)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let ids: Value =
+            serde_json::from_str(&std::fs::read_to_string(state.join("ids.json")).unwrap())
+                .unwrap();
+        let port = free_port();
+        let mut keystone = Keystone {
+            child: None,
+            url: format!("http://127.0.0.1:{port}/v3"),
+            dir,
+            ids,
+        };
+        keystone.spawn(port);
+        keystone
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("keystone")
+    }
+
+    fn spawn(&mut self, port: u16) {
+        let child = Command::new(workspace().join("scripts/keystone.sh"))
+            .arg("start")
+            .arg(self.state())
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting Keystone");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let up = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &self.url])
+                .output()
+                .map(|o| o.stdout == b"200")
+                .unwrap_or(false);
+            if up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "Keystone did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Token validations Keystone has answered (from its request log).
+    fn validations(&self) -> usize {
+        std::fs::read_to_string(self.state().join("log/uwsgi.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("GET /v3/auth/tokens"))
+            .count()
+    }
+
+    fn tenant(&self, i: usize) -> &Value {
+        &self.ids["tenants"][i]
+    }
+
+    /// A project-scoped token for a user.
+    async fn token(&self, user: &str, password: &str, project: &str) -> String {
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": user, "domain": {"id": "default"}, "password": password}}},
+            "scope": {"project": {"name": project, "domain": {"id": "default"}}}
+        }});
+        let response = reqwest::Client::new()
+            .post(format!("{}/auth/tokens", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("asking Keystone for a token");
+        assert_eq!(response.status().as_u16(), 201, "Keystone token for {user}");
+        response.headers()["x-subject-token"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn member_token(&self, i: usize) -> String {
+        let t = self.tenant(i);
+        self.token(
+            t["user"].as_str().unwrap(),
+            t["password"].as_str().unwrap(),
+            t["project"].as_str().unwrap(),
+        )
+        .await
+    }
+
+    /// Revokes a token (as its own user).
+    async fn revoke(&self, token: &str) {
+        let response = reqwest::Client::new()
+            .delete(format!("{}/auth/tokens", self.url))
+            .header("X-Auth-Token", token)
+            .header("X-Subject-Token", token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204);
+    }
+
+    fn credentials_file(&self) -> PathBuf {
+        let path = self.dir.path().join("canopy-keystone.yaml");
+        let s = &self.ids["service"];
+        std::fs::write(
+            &path,
+            serde_json::to_string(&json!({
+                "username": s["user"], "password": s["password"], "project": s["project"]
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        path
+    }
+}
+
+impl Drop for Keystone {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn server(dir: &Path, store: &str, keystone: &Keystone, ttl: &str) -> ServerProcess {
+    let credentials = keystone.credentials_file();
+    let extra = [
+        "--keystone-url",
+        &keystone.url,
+        "--keystone-credentials-file",
+        credentials.to_str().unwrap(),
+        "--keystone-cache-ttl",
+        ttl,
+    ];
+    ServerProcess::start(&common::canopy_exe(), dir, store, &extra).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        panic!("starting canopy server: {e:#}\n{log}")
+    })
+}
+
+async fn token_client(server: &ServerProcess, token: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.to_string().into()),
+        ..Default::default()
+    };
+    config.default_retry = false;
+    kube::Client::try_from(config).unwrap()
+}
+
+/// The status of listing namespaces with a token.
+async fn list_status(server: &ServerProcess, token: &str) -> u16 {
+    let client = token_client(server, token).await;
+    match Api::<Namespace>::all(client)
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(_) => 200,
+        Err(kube::Error::Api(status)) => status.code,
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keystone_tokens_are_validated_once_and_shared_by_replicas() {
+    let mut keystone = Keystone::start();
+    let etcd = Etcd::start().expect("etcd");
+    let store = format!("etcd={}", etcd.url);
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = server(dirs.0.path(), &store, &keystone, "5m");
+    let two = server(dirs.1.path(), &store, &keystone, "5m");
+
+    // Alice logs in and works in her tenant; kubectl with the token works too.
+    let alice = keystone.member_token(0).await;
+    let project = keystone.tenant(0)["project_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = token_client(&one, &alice).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "alice-ns"}})).unwrap();
+    let created = namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    assert_eq!(
+        created.metadata.labels.unwrap()["canopy.io/tenant"],
+        project,
+        "the namespace belongs to alice's Keystone project"
+    );
+    let ca = dirs.0.path().join("pki/ca.crt");
+    let out = Command::new(common::kubectl_bin())
+        .args(["--server", &one.url, "--token", &alice])
+        .arg(format!("--certificate-authority={}", ca.display()))
+        .args(["get", "namespaces", "-o", "name"])
+        .env("KUBECONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "namespace/alice-ns"
+    );
+    // Her Tenant exists, named after her project, and she can read it.
+    let tenants: Api<canopy_api::tenant::Tenant> = Api::all(client.clone());
+    let tenant = tenants.get(&project).await.unwrap();
+    assert_eq!(tenant.spec.display_name.as_deref(), Some("tenant-a"));
+
+    // Cached: many more requests, on both replicas, cost no more validations.
+    let validations = keystone.validations();
+    assert!(validations >= 1);
+    for _ in 0..20 {
+        assert_eq!(list_status(&one, &alice).await, 200);
+    }
+    assert_eq!(list_status(&two, &alice).await, 200);
+    assert_eq!(
+        keystone.validations(),
+        validations,
+        "cached tokens are not validated again, by either replica"
+    );
+    // The cache holds a digest, never the token.
+    let out = Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            &etcd.url,
+            "get",
+            "--prefix",
+            "/registry/canopy.io/keystonetokens/",
+        ])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    let stored = String::from_utf8_lossy(&out.stdout);
+    assert!(stored.contains("\"userName\":\"alice\""), "{stored}");
+    assert!(!stored.contains(&alice));
+
+    // An unknown token and a non-token are refused.
+    assert_eq!(list_status(&one, "not-a-token").await, 401);
+
+    // Keystone down: the cached token still works, a token never validated does not.
+    let bob = keystone.member_token(1).await;
+    keystone.stop();
+    assert_eq!(list_status(&two, &alice).await, 200);
+    assert_eq!(list_status(&one, &bob).await, 401);
+    let log = std::fs::read_to_string(dirs.0.path().join("server.log")).unwrap();
+    assert!(log.contains("Keystone is unavailable"));
+    assert!(
+        !log.contains(&bob) && !log.contains(&alice),
+        "tokens must never be logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_tokens_stop_working_within_the_cache_ttl() {
+    let keystone = Keystone::start();
+    let dir = tempfile::tempdir().unwrap();
+    let one = server(dir.path(), "embedded", &keystone, "2s");
+    let alice = keystone.member_token(0).await;
+    assert_eq!(list_status(&one, &alice).await, 200);
+    keystone.revoke(&alice).await;
+    // Still cached right after the revocation; refused once the TTL has passed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(list_status(&one, &alice).await, 401);
+    // An admin of the admin project is a cluster admin.
+    let admin = &keystone.ids["admin"];
+    let token = keystone
+        .token(
+            admin["user"].as_str().unwrap(),
+            admin["password"].as_str().unwrap(),
+            admin["project"].as_str().unwrap(),
+        )
+        .await;
+    let client = token_client(&one, &token).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+    nodes.list(&ListParams::default()).await.unwrap();
+}
