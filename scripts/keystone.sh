@@ -68,7 +68,7 @@ EOF
 abspath() { # existing or not-yet-existing path -> absolute path
   local d b
   d=$(dirname -- "$1"); b=$(basename -- "$1")
-  [ -d "$d" ] || die "directory $d does not exist"
+  mkdir -p -- "$d" || die "cannot create directory $d"
   d=$(cd -- "$d" && pwd -P)
   if [ "$b" = / ]; then echo /; elif [ "$d" = / ]; then echo "/$b"; else echo "$d/$b"; fi
 }
