@@ -280,6 +280,17 @@ impl LabelSelector {
         self.requirements.is_empty()
     }
 
+    /// The selector `key=value`, for keys and values the server itself chose (unchecked).
+    pub fn exactly(key: &str, value: &str) -> LabelSelector {
+        LabelSelector {
+            requirements: vec![Requirement {
+                key: key.to_string(),
+                operator: Operator::Equals,
+                values: vec![value.to_string()],
+            }],
+        }
+    }
+
     /// Both selectors.
     pub fn and(mut self, other: &LabelSelector) -> LabelSelector {
         self.requirements.extend(other.requirements.iter().cloned());

@@ -102,8 +102,7 @@ pub struct Scope {
 impl Scope {
     fn label(key: &str, value: &str) -> Scope {
         Scope {
-            labels: LabelSelector::parse(&format!("{key}={value}"))
-                .unwrap_or_else(|_| nothing_labels()),
+            labels: LabelSelector::exactly(key, value),
             fields: FieldSelector::default(),
         }
     }
@@ -130,36 +129,39 @@ impl Scope {
     }
 }
 
-/// A selector nothing matches, for label values that cannot be expressed (never expected:
-/// tenant names are validated label values).
-fn nothing_labels() -> LabelSelector {
-    LabelSelector::parse("canopy.io/unmatchable,!canopy.io/unmatchable").unwrap_or_default()
-}
-
-/// What a request may do: the scope it is confined to, and on whose behalf it creates.
-#[derive(Clone, Debug, Default)]
+/// What a request may do: who asks, and the scope they are confined to.
+#[derive(Clone, Debug)]
 pub struct Access {
+    /// What kind of principal asks.
+    pub principal: Principal,
     /// The requester's scope.
     pub scope: Scope,
-    /// The tenant the requester belongs to (new namespaces become this tenant's).
-    pub tenant: Option<String>,
 }
 
 impl Access {
-    /// Unrestricted access.
-    pub fn all() -> Access {
-        Access::default()
+    fn unscoped(principal: Principal) -> Access {
+        Access {
+            principal,
+            scope: Scope::default(),
+        }
+    }
+
+    /// The tenant the requester is a member of (new namespaces become this tenant's).
+    pub fn tenant(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::Member(tenant) => Some(tenant),
+            _ => None,
+        }
+    }
+
+    /// Whether the requester is a cluster admin.
+    pub fn is_admin(&self) -> bool {
+        self.principal == Principal::Admin
     }
 
     /// Checks that an object is inside the requester's scope.
-    pub fn check(
-        &self,
-        user: &User,
-        req: &ResourceRequest,
-        def: &ResourceDef,
-        obj: &Value,
-    ) -> ApiResult<()> {
-        if self.scope.contains(def, obj) {
+    pub fn check(&self, user: &User, req: &ResourceRequest, obj: &Value) -> ApiResult<()> {
+        if self.scope.contains(req.def, obj) {
             return Ok(());
         }
         Err(denied(
@@ -183,9 +185,9 @@ pub enum NamespaceOwner {
 }
 
 impl NamespaceOwner {
-    /// The owner of a namespace object.
-    pub fn of(namespace: &Value) -> NamespaceOwner {
-        match canopy_api::meta::label(namespace, TENANT_LABEL) {
+    /// The owner of an existing namespace with this tenant label.
+    pub fn from_label(label: Option<&str>) -> NamespaceOwner {
+        match label {
             Some(tenant) if !tenant.is_empty() => NamespaceOwner::Tenant(tenant.to_string()),
             _ => NamespaceOwner::Platform,
         }
@@ -249,17 +251,18 @@ pub fn authorize(
     let deny = |why: &str| Err(denied(user, req, name, why));
     let def = req.def;
     let sub = req.subresource;
-    match principal {
-        Principal::Admin => Ok(Access::all()),
+    let scoped = |scope: Scope| {
+        Ok(Access {
+            principal: principal.clone(),
+            scope,
+        })
+    };
+    match &principal {
+        Principal::Admin => Ok(Access::unscoped(Principal::Admin)),
         Principal::Other => deny("no rule allows it"),
         Principal::Member(tenant) => {
-            let scope = Scope::label(TENANT_LABEL, &tenant);
-            let access = |scope: Scope| {
-                Ok(Access {
-                    scope,
-                    tenant: Some(tenant.clone()),
-                })
-            };
+            let scope = Scope::label(TENANT_LABEL, tenant);
+            let access = scoped;
             if def.namespaced {
                 if sub == Some(Subresource::Binding) {
                     return deny("only the scheduler binds pods to nodes");
@@ -282,24 +285,19 @@ pub fn authorize(
                 },
                 ("", "nodes") if is_read(req.verb) => access(scope),
                 ("canopy.io", "tenants") if is_read(req.verb) => {
-                    access(Scope::field("metadata.name", &tenant))
+                    access(Scope::field("metadata.name", tenant))
                 }
                 _ => deny("tenants may only use their own namespaces, nodes and Tenant"),
             }
         }
         Principal::Node(node) => {
             let own = || {
-                Ok(Access {
-                    scope: Scope::field(
-                        if def.plural == "pods" {
-                            "spec.nodeName"
-                        } else {
-                            "metadata.name"
-                        },
-                        &node,
-                    ),
-                    tenant: None,
-                })
+                let field = if def.plural == "pods" {
+                    "spec.nodeName"
+                } else {
+                    "metadata.name"
+                };
+                scoped(Scope::field(field, node))
             };
             match (def.group, def.plural, sub, req.verb) {
                 ("", "nodes", None | Some(Subresource::Status), v)
@@ -325,10 +323,7 @@ pub fn authorize(
             ("", "services" | "endpoints", None) | ("discovery.k8s.io", "endpointslices", None)
                 if is_read(req.verb) =>
             {
-                Ok(Access {
-                    scope: Scope::label(TENANT_LABEL, &tenant),
-                    tenant: None,
-                })
+                scoped(Scope::label(TENANT_LABEL, tenant))
             }
             _ => deny("a proxy may only read its tenant's services and endpoints"),
         },

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
-use canopy_api::tenant::{DEFAULT_CIDR, MEMBER_GROUP_PREFIX};
+use canopy_api::tenant::MEMBER_GROUP_PREFIX;
 use canopy_store::{EventKind, Outcome, Store};
 use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
@@ -444,8 +444,13 @@ impl Keystone {
         if self.known_tenants.lock().contains(tenant) {
             return;
         }
-        let key = format!("/registry/canopy.io/tenants/{tenant}");
-        let obj = json!({
+        let Some(def) = canopy_api::registry::BUILTIN
+            .iter()
+            .find(|d| d.group == "canopy.io" && d.plural == "tenants")
+        else {
+            return;
+        };
+        let mut obj = json!({
             "apiVersion": "canopy.io/v1",
             "kind": "Tenant",
             "metadata": {
@@ -457,9 +462,11 @@ impl Keystone {
             "spec": {
                 "projectId": tenant,
                 "displayName": validation.project_name,
-                "network": {"cidr": DEFAULT_CIDR},
             },
         });
+        canopy_api::kinds::prepare_create(def, &mut obj);
+        canopy_api::kinds::apply_defaults(def, &mut obj);
+        let key = def.key("", tenant);
         let bytes = Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
         match self.store.create(&key, bytes).await {
             Ok(Outcome::Committed(_)) => {

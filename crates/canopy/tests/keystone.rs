@@ -20,14 +20,6 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A Keystone of its own for one test.
 struct Keystone {
     child: Option<Child>,
@@ -66,7 +58,7 @@ impl Keystone {
         let ids: Value =
             serde_json::from_str(&std::fs::read_to_string(state.join("ids.json")).unwrap())
                 .unwrap();
-        let port = free_port();
+        let port = canopy::procs::free_port().expect("a free port");
         let mut keystone = Keystone {
             child: None,
             url: format!("http://127.0.0.1:{port}/v3"),
@@ -208,16 +200,7 @@ fn server(dir: &Path, store: &str, keystone: &Keystone, ttl: &str) -> ServerProc
 }
 
 async fn token_client(server: &ServerProcess, token: &str) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    config.auth_info = kube::config::AuthInfo {
-        token: Some(token.to_string().into()),
-        ..Default::default()
-    };
-    config.default_retry = false;
-    kube::Client::try_from(config).unwrap()
+    common::token_client(&server.kubeconfig, token).await
 }
 
 /// The status of listing namespaces with a token.

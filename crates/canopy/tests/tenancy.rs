@@ -9,16 +9,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 
 async fn token_client(cluster: &Cluster, token: &str) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    config.auth_info = kube::config::AuthInfo {
-        token: Some(token.to_string().into()),
-        ..Default::default()
-    };
-    config.default_retry = false;
-    kube::Client::try_from(config).unwrap()
+    common::token_client(cluster.kubeconfig(), token).await
 }
 
 fn pod(name: &str, cpu: &str) -> Pod {

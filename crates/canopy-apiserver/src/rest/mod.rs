@@ -104,15 +104,13 @@ impl Context {
         let Some(def) = self.registry.get("", "v1", "namespaces") else {
             return Ok(NamespaceOwner::Missing);
         };
+        use canopy_api::tenant::TENANT_LABEL;
         if let Some(obj) = self.cache(def).get(namespace) {
-            return Ok(match obj.label(canopy_api::tenant::TENANT_LABEL) {
-                Some(t) if !t.is_empty() => NamespaceOwner::Tenant(t.to_string()),
-                _ => NamespaceOwner::Platform,
-            });
+            return Ok(NamespaceOwner::from_label(obj.label(TENANT_LABEL)));
         }
         Ok(
             match self.read_stored(def, &def.key("", namespace)).await? {
-                Some((obj, _)) => NamespaceOwner::of(&obj),
+                Some((obj, _)) => NamespaceOwner::from_label(meta::label(&obj, TENANT_LABEL)),
                 None => NamespaceOwner::Missing,
             },
         )
@@ -282,7 +280,7 @@ impl Call<'_> {
 
     /// Checks that an object is inside the requester's scope.
     pub fn check_scope(&self, obj: &Value) -> ApiResult<()> {
-        self.access.check(self.user, self.req, self.req.def, obj)
+        self.access.check(self.user, self.req, obj)
     }
 
     /// The name from the URL (item requests only).

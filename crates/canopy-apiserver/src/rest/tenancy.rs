@@ -10,6 +10,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use canopy_api::{
     ApiError, ApiResult, Cause, ResourceDef, meta,
+    selector::LabelSelector,
     tenant::{Limits, TENANT_LABEL, Usage, pod_counts, pod_usage},
 };
 use serde_json::{Value, json};
@@ -79,9 +80,7 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
         // controller) say so, never the node itself.
         let given = meta::label(obj, TENANT_LABEL);
         let before = old.and_then(|o| meta::label(o, TENANT_LABEL));
-        if given != before
-            && crate::authz::Principal::of(call.user)? != crate::authz::Principal::Admin
-        {
+        if given != before && !call.access.is_admin() {
             return Err(crate::authz::denied(
                 call.user,
                 call.req,
@@ -95,8 +94,8 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
         let given = meta::label(obj, TENANT_LABEL).map(str::to_string);
         match old {
             None => {
-                if let Some(tenant) = &call.access.tenant {
-                    if given.as_ref().is_some_and(|g| g != tenant) {
+                if let Some(tenant) = call.access.tenant() {
+                    if given.as_deref().is_some_and(|g| g != tenant) {
                         return Err(crate::authz::denied(
                             call.user,
                             call.req,
@@ -106,7 +105,7 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
                     }
                     set_label(obj, Some(tenant));
                 } else if let Some(given) = &given
-                    && crate::authz::Principal::of(call.user)? != crate::authz::Principal::Admin
+                    && !call.access.is_admin()
                 {
                     return Err(invalid_label(
                         def,
@@ -144,11 +143,6 @@ fn check_node(call: &Call<'_>, pod: &Value, old: Option<&Value>) -> ApiResult<()
     if node.is_empty() || before == Some(node) {
         return Ok(());
     }
-    node_allowed(call, node)
-}
-
-/// Whether the request's namespace may have pods on `node`.
-pub(super) fn node_allowed(call: &Call<'_>, node: &str) -> ApiResult<()> {
     let Some(tenant) = call.namespace_owner.tenant() else {
         return Ok(());
     };
@@ -188,28 +182,49 @@ impl QuotaLocks {
     }
 }
 
-/// What the tenant's pods use now, from the watch cache (after this server's own writes).
+/// What the tenant's pods use now, from the watch caches (after this server's own writes).
+/// Walks only the tenant's namespaces: a pod create costs the tenant's size, not the cloud's.
 async fn tenant_usage(call: &Call<'_>, tenant: &str) -> ApiResult<Usage> {
-    let pods = call.req.def;
-    let cache = call.ctx.cache(pods);
-    cache
-        .wait_for_own_writes(call.ctx.options.cache_wait)
-        .await
-        .map_err(super::cache_error)?;
-    let filter = Filter {
-        namespace: None,
-        labels: canopy_api::selector::LabelSelector::parse(&format!("{TENANT_LABEL}={tenant}"))
-            .map_err(ApiError::internal)?,
-        fields: Default::default(),
+    let tenant_label = LabelSelector::exactly(TENANT_LABEL, tenant);
+    let Some(namespaces_def) = call.ctx.registry.get("", "v1", "namespaces") else {
+        return Ok(Usage::default());
     };
-    let page = cache
-        .list(&filter, 0, None, None)
+    let pods = call.ctx.cache(call.req.def);
+    for cache in [pods, call.ctx.cache(namespaces_def)] {
+        cache
+            .wait_for_own_writes(call.ctx.options.cache_wait)
+            .await
+            .map_err(super::cache_error)?;
+    }
+    let namespaces = call
+        .ctx
+        .cache(namespaces_def)
+        .list(
+            &Filter {
+                namespace: None,
+                labels: tenant_label.clone(),
+                fields: Default::default(),
+            },
+            0,
+            None,
+            None,
+        )
         .map_err(super::cache_error)?;
     let mut usage = Usage::default();
-    for pod in page.items {
-        let value = pod.value();
-        if pod_counts(&value) {
-            usage += pod_usage(&value);
+    for namespace in namespaces.items {
+        let filter = Filter {
+            namespace: Some(namespace.name().to_string()),
+            labels: tenant_label.clone(),
+            fields: Default::default(),
+        };
+        let page = pods
+            .list(&filter, 0, None, None)
+            .map_err(super::cache_error)?;
+        for pod in page.items {
+            let value = pod.value();
+            if pod_counts(&value) {
+                usage += pod_usage(&value);
+            }
         }
     }
     Ok(usage)

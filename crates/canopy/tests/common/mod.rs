@@ -203,6 +203,21 @@ pub async fn client_for(path: &Path) -> kube::Client {
     kube::Client::try_from(config).expect("kube client")
 }
 
+/// A kube-rs client for the server of a kubeconfig that authenticates with a bearer token
+/// instead of the kubeconfig's credentials.
+pub async fn token_client(kubeconfig: &Path, token: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.to_string().into()),
+        ..Default::default()
+    };
+    config.default_retry = false;
+    kube::Client::try_from(config).expect("kube client")
+}
+
 /// Polls `f` until it returns true or the timeout passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
