@@ -15,6 +15,7 @@ PY=/usr/bin/python3          # Debian's python: sees python3-keystone's modules
 PACKAGES=(python3-keystone uwsgi-core uwsgi-plugin-python3 curl)
 WSGI_APP=/usr/bin/keystone-wsgi-public
 READY_TIMEOUT=${KEYSTONE_READY_TIMEOUT:-60}
+TOKEN_EXPIRATION=${KEYSTONE_TOKEN_EXPIRATION:-3600}
 
 log() { echo "[keystone] $*" >&2; }
 die() { echo "[keystone] error: $*" >&2; exit 1; }
@@ -56,7 +57,9 @@ X-Subject-Token (the user's). Keystone's policy does not let it HEAD or DELETE
 them: a token is revoked by its own user (X-Auth-Token = X-Subject-Token) or by
 admin.
 
-Environment: KEYSTONE_READY_TIMEOUT (seconds, default 60).
+Environment: KEYSTONE_READY_TIMEOUT (seconds, default 60);
+  KEYSTONE_TOKEN_EXPIRATION (token lifetime in seconds written by 'start',
+  default 3600; tests of expiry use a few seconds).
 Example:
   sudo $PROG install
   $PROG prepare /tmp/ks-template
@@ -141,7 +144,7 @@ connection = sqlite:///$dir/keystone.db?check_same_thread=false
 
 [token]
 provider = fernet
-expiration = 3600
+expiration = $TOKEN_EXPIRATION
 
 [fernet_tokens]
 key_repository = $dir/fernet-keys

@@ -9,10 +9,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,6 +19,7 @@ use canopy_api::tenant::MEMBER_GROUP_PREFIX;
 use canopy_store::{EventKind, Outcome, Store};
 use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -87,6 +85,132 @@ impl ServiceCredentials {
             ),
         }
     }
+}
+
+impl ServiceCredentials {
+    /// The password authentication these credentials make.
+    pub fn auth(&self) -> PasswordAuth {
+        PasswordAuth {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            user_domain: DomainRef::Id(self.domain.clone()),
+            project: ProjectRef::Name {
+                name: self.project.clone(),
+                domain: DomainRef::Id(self.domain.clone()),
+            },
+        }
+    }
+}
+
+/// A Keystone domain, by id or by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DomainRef {
+    /// Domain id, e.g. `default`.
+    Id(String),
+    /// Domain name, e.g. `Default`.
+    Name(String),
+}
+
+impl DomainRef {
+    fn to_json(&self) -> Value {
+        match self {
+            DomainRef::Id(id) => json!({ "id": id }),
+            DomainRef::Name(name) => json!({ "name": name }),
+        }
+    }
+}
+
+/// The project a token is scoped to: by id, or by name within a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProjectRef {
+    /// Project id.
+    Id(String),
+    /// Project name and its domain.
+    Name {
+        /// Project name.
+        name: String,
+        /// Its domain.
+        domain: DomainRef,
+    },
+}
+
+/// A user's password, for a project-scoped token (the OpenStack CLI's `password` auth).
+#[derive(Clone)]
+pub struct PasswordAuth {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// The user's domain.
+    pub user_domain: DomainRef,
+    /// The project to scope the token to.
+    pub project: ProjectRef,
+}
+
+impl std::fmt::Debug for PasswordAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordAuth")
+            .field("username", &self.username)
+            .field("user_domain", &self.user_domain)
+            .field("project", &self.project)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token Keystone issued, with what it says about it.
+pub struct IssuedToken {
+    /// The token (secret).
+    pub token: String,
+    /// User, project, roles and expiry.
+    pub validation: Validation,
+}
+
+/// Asks Keystone (`POST /v3/auth/tokens`) for a project-scoped token.
+pub async fn request_token(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &PasswordAuth,
+) -> Result<IssuedToken> {
+    let scope = match &auth.project {
+        ProjectRef::Id(id) => json!({ "id": id }),
+        ProjectRef::Name { name, domain } => json!({ "name": name, "domain": domain.to_json() }),
+    };
+    let body = json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": auth.username,
+            "domain": auth.user_domain.to_json(),
+            "password": auth.password,
+        }}},
+        "scope": {"project": scope}
+    }});
+    let url = format!("{}/auth/tokens", url.trim_end_matches('/'));
+    let response = http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach Keystone at {url}"))?;
+    let status = response.status();
+    if status.as_u16() == 401 || status.as_u16() == 404 {
+        bail!(
+            "Keystone refused the credentials of user {:?} (HTTP {status}): wrong user name, password, domain or project, or no role on the project",
+            auth.username
+        );
+    }
+    if !status.is_success() {
+        bail!("Keystone answered HTTP {status} to a token request");
+    }
+    let token = response
+        .headers()
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| anyhow!("Keystone sent no X-Subject-Token"))?
+        .to_string();
+    let body: Value = response.json().await.context("Keystone's token")?;
+    Ok(IssuedToken {
+        token,
+        validation: Validation::from_token(&body, Utc::now())?,
+    })
 }
 
 /// How Canopy uses Keystone.
@@ -203,15 +327,45 @@ struct Entry {
     revision: i64,
 }
 
-/// Counters for operators and benchmarks.
-#[derive(Default)]
+/// Counters for operators and benchmarks, shared with the server's metrics.
+#[derive(Clone, Default)]
 pub struct KeystoneStats {
     /// Token validations asked of Keystone.
-    pub validations: AtomicU64,
+    pub validations: Counter,
     /// Service token requests.
-    pub logins: AtomicU64,
+    pub logins: Counter,
     /// Tokens answered from the cache.
-    pub hits: AtomicU64,
+    pub hits: Counter,
+    /// Tokens the cache could not answer.
+    pub misses: Counter,
+    /// Latency of validations.
+    pub validate_seconds: Option<Histogram>,
+}
+
+impl KeystoneStats {
+    /// Counters registered in the server's metrics.
+    pub fn registered(metrics: &crate::metrics::Metrics) -> Self {
+        use crate::metrics::{CacheStatusLabels, KeystoneLabels};
+        let op = |o: &str| KeystoneLabels {
+            operation: o.into(),
+        };
+        let status = |s: &str| CacheStatusLabels { status: s.into() };
+        // Owned children: a family's read guard held while creating the next label set
+        // would deadlock on the family's write lock.
+        Self {
+            validations: metrics
+                .keystone_requests
+                .get_or_create_owned(&op("validate")),
+            logins: metrics.keystone_requests.get_or_create_owned(&op("login")),
+            hits: metrics.token_cache.get_or_create_owned(&status("hit")),
+            misses: metrics.token_cache.get_or_create_owned(&status("miss")),
+            validate_seconds: Some(
+                metrics
+                    .keystone_duration
+                    .get_or_create_owned(&op("validate")),
+            ),
+        }
+    }
 }
 
 /// The Keystone token authenticator.
@@ -228,6 +382,19 @@ pub struct Keystone {
     pub stats: KeystoneStats,
 }
 
+/// Removes a token's validation gate when its validation ends, even if the request that ran
+/// it is cancelled.
+struct Leave<'a> {
+    inflight: &'a parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a str,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.inflight.lock().remove(self.key);
+    }
+}
+
 enum Checked {
     Valid(Validation),
     Invalid,
@@ -235,7 +402,11 @@ enum Checked {
 
 impl Keystone {
     /// An authenticator; [`Keystone::run`] keeps its cache in step with the store.
-    pub fn new(config: KeystoneConfig, store: Arc<dyn Store>) -> Result<Arc<Keystone>> {
+    pub fn new(
+        config: KeystoneConfig,
+        store: Arc<dyn Store>,
+        stats: KeystoneStats,
+    ) -> Result<Arc<Keystone>> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
@@ -250,7 +421,7 @@ impl Keystone {
             service_token: Default::default(),
             inflight: Default::default(),
             known_tenants: Default::default(),
-            stats: KeystoneStats::default(),
+            stats,
         }))
     }
 
@@ -268,27 +439,31 @@ impl Keystone {
     pub async fn authenticate(&self, token: &str) -> Option<User> {
         let key = cache_key(token);
         if let Some(user) = self.cached(&key) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.hits.inc();
             return Some(user);
         }
-        if self
-            .negative
-            .lock()
-            .get(&key)
-            .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
-        {
+        if self.recently_refused(&key) {
             return None;
         }
+        self.stats.misses.inc();
         // One validation per token at a time: concurrent requests with the same new token
         // wait for the first one's answer.
+        // The gate is dropped from the map only once the answer is in the cache (or the
+        // negative cache), so a request arriving in between finds one or the other.
         let gate = self.inflight.lock().entry(key.clone()).or_default().clone();
         let _turn = gate.lock().await;
+        let _leave = Leave {
+            inflight: &self.inflight,
+            key: &key,
+        };
         if let Some(user) = self.cached(&key) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.hits.inc();
             return Some(user);
         }
+        if self.recently_refused(&key) {
+            return None;
+        }
         let result = self.validate(token).await;
-        self.inflight.lock().remove(&key);
         match result {
             Ok(Checked::Valid(validation)) => {
                 let user = validation.user(&self.config.admin_project);
@@ -308,7 +483,7 @@ impl Keystone {
                 if negative.len() > 100_000 {
                     negative.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
                 }
-                negative.insert(key, Instant::now());
+                negative.insert(key.clone(), Instant::now());
                 None
             }
             Err(err) => {
@@ -319,34 +494,23 @@ impl Keystone {
         }
     }
 
+    fn recently_refused(&self, key: &str) -> bool {
+        self.negative
+            .lock()
+            .get(key)
+            .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
+    }
+
     async fn login(&self) -> Result<(String, DateTime<Utc>)> {
-        let c = &self.config.credentials;
-        let body = json!({"auth": {
-            "identity": {"methods": ["password"], "password": {"user": {
-                "name": c.username, "domain": {"id": c.domain}, "password": c.password}}},
-            "scope": {"project": {"name": c.project, "domain": {"id": c.domain}}}
-        }});
-        self.stats.logins.fetch_add(1, Ordering::Relaxed);
-        let response = self
-            .http
-            .post(format!("{}/auth/tokens", self.config.url))
-            .json(&body)
-            .send()
-            .await
-            .context("asking Keystone for Canopy's service token")?;
-        let status = response.status();
-        if !status.is_success() {
-            bail!("Keystone refused Canopy's service credentials: HTTP {status}");
-        }
-        let token = response
-            .headers()
-            .get("x-subject-token")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| anyhow!("Keystone sent no X-Subject-Token"))?
-            .to_string();
-        let body: Value = response.json().await.context("Keystone's token")?;
-        let expires = Validation::from_token(&body, Utc::now())?.expires_at;
-        Ok((token, expires))
+        self.stats.logins.inc();
+        let issued = request_token(
+            &self.http,
+            &self.config.url,
+            &self.config.credentials.auth(),
+        )
+        .await
+        .context("asking Keystone for Canopy's service token")?;
+        Ok((issued.token, issued.validation.expires_at))
     }
 
     async fn service_token(&self, renew: bool) -> Result<String> {
@@ -363,7 +527,8 @@ impl Keystone {
     async fn validate(&self, token: &str) -> Result<Checked> {
         for attempt in 0..2 {
             let service = self.service_token(attempt > 0).await?;
-            self.stats.validations.fetch_add(1, Ordering::Relaxed);
+            self.stats.validations.inc();
+            let started = Instant::now();
             let response = self
                 .http
                 .get(format!("{}/auth/tokens", self.config.url))
@@ -371,7 +536,11 @@ impl Keystone {
                 .header("X-Subject-Token", token)
                 .send()
                 .await
-                .context("validating a token with Keystone")?;
+                .context("validating a token with Keystone");
+            if let Some(histogram) = &self.stats.validate_seconds {
+                histogram.observe(started.elapsed().as_secs_f64());
+            }
+            let response = response?;
             match response.status().as_u16() {
                 200 => {
                     let body: Value = response.json().await.context("Keystone's answer")?;

@@ -45,6 +45,20 @@ pub struct ResourceLabels {
     pub resource: String,
 }
 
+/// Labels of token cache lookups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheStatusLabels {
+    /// `hit` or `miss`.
+    pub status: String,
+}
+
+/// Labels of calls to Keystone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeystoneLabels {
+    /// `validate` (a user's token) or `login` (Canopy's service token).
+    pub operation: String,
+}
+
 /// Labels of in-flight requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -78,6 +92,13 @@ pub struct Metrics {
     pub watchers_dropped: Family<ResourceLabels, Counter>,
     /// `apiserver_watch_events_total`.
     pub watch_events: Family<ResourceLabels, Counter>,
+    /// `apiserver_authentication_token_cache_request_total`: Keystone token lookups in the
+    /// shared cache, as upstream's token cache.
+    pub token_cache: Family<CacheStatusLabels, Counter>,
+    /// `canopy_keystone_requests_total`: calls to Keystone.
+    pub keystone_requests: Family<KeystoneLabels, Counter>,
+    /// `canopy_keystone_request_duration_seconds`.
+    pub keystone_duration: Family<KeystoneLabels, Histogram>,
     /// `apiserver_storage_objects`.
     pub objects: Family<ResourceLabels, Gauge>,
     /// `apiserver_watch_cache_consistent_read_fallbacks_total`: consistent reads served
@@ -153,8 +174,31 @@ impl Metrics {
             "Consistent reads served by the store because the watch cache could not prove it was fresh",
             cache_fallbacks.clone(),
         );
+        let token_cache = Family::<CacheStatusLabels, Counter>::default();
+        registry.register(
+            "apiserver_authentication_token_cache_request",
+            "Keystone token authentications by whether the shared cache answered",
+            token_cache.clone(),
+        );
+        let keystone_requests = Family::<KeystoneLabels, Counter>::default();
+        registry.register(
+            "canopy_keystone_requests",
+            "Requests to Keystone: validate (a user's token) or login (the service token)",
+            keystone_requests.clone(),
+        );
+        let keystone_duration = Family::<KeystoneLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "canopy_keystone_request_duration_seconds",
+            "Latency of requests to Keystone in seconds",
+            keystone_duration.clone(),
+        );
         Self {
             registry,
+            token_cache,
+            keystone_requests,
+            keystone_duration,
             requests,
             request_duration,
             inflight,

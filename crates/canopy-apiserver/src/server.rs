@@ -169,6 +169,7 @@ impl ApiServer {
                 Some(crate::keystone::Keystone::new(
                     keystone.clone(),
                     ctx.store.clone(),
+                    crate::keystone::KeystoneStats::registered(&ctx.metrics),
                 )?)
             }
             None => None,

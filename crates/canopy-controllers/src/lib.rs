@@ -2,3 +2,4 @@
 //! writes back through the API, as upstream's controllers do.
 
 pub mod namespace;
+pub mod tenant;

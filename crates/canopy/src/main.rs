@@ -2,6 +2,7 @@
 //! process; the other subcommands run single components and tools.
 
 mod bench;
+mod login;
 mod server;
 
 // The API server allocates and frees many small JSON nodes per request; mimalloc spends less
@@ -50,6 +51,12 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Issue a client certificate signed by the cluster CA and write a kubeconfig for it.
     Kubeconfig(KubeconfigArgs),
+    /// Log in with a Keystone user and project (flags or the OpenStack CLI's OS_* variables)
+    /// and write a kubeconfig context for kubectl.
+    Login(login::LoginArgs),
+    /// kubectl's exec credential plugin: print a Keystone token as an ExecCredential, asking
+    /// Keystone for a new one when the saved one nears expiry. `canopy login` sets it up.
+    Credential(login::CredentialArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,6 +103,8 @@ fn main() -> Result<()> {
             Command::Server(args) => server::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Kubeconfig(args) => issue_kubeconfig(args),
+            Command::Login(args) => login::login(args).await,
+            Command::Credential(args) => login::credential(args).await,
         }
     })
 }

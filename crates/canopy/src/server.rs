@@ -182,7 +182,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         None
     } else {
         let client = client_from(&controllers_path).await?;
-        Some(tokio::spawn(canopy_controllers::namespace::run(client)))
+        Some(tokio::spawn(async move {
+            tokio::join!(
+                canopy_controllers::namespace::run(client.clone()),
+                canopy_controllers::tenant::run(client),
+            );
+        }))
     };
 
     println!(

@@ -7,11 +7,12 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use canopy::procs::{Etcd, ServerProcess};
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -26,10 +27,16 @@ struct Keystone {
     dir: tempfile::TempDir,
     url: String,
     ids: Value,
+    token_lifetime: Option<u64>,
 }
 
 impl Keystone {
     fn start() -> Keystone {
+        Keystone::start_with(None)
+    }
+
+    /// A Keystone whose tokens last `token_lifetime` seconds (default an hour).
+    fn start_with(token_lifetime: Option<u64>) -> Keystone {
         let template = std::env::var_os("CANOPY_TEST_KEYSTONE_TEMPLATE")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace().join("target/keystone-template"));
@@ -64,6 +71,7 @@ impl Keystone {
             url: format!("http://127.0.0.1:{port}/v3"),
             dir,
             ids,
+            token_lifetime,
         };
         keystone.spawn(port);
         keystone
@@ -74,7 +82,11 @@ impl Keystone {
     }
 
     fn spawn(&mut self, port: u16) {
-        let child = Command::new(workspace().join("scripts/keystone.sh"))
+        let mut command = Command::new(workspace().join("scripts/keystone.sh"));
+        if let Some(seconds) = self.token_lifetime {
+            command.env("KEYSTONE_TOKEN_EXPIRATION", seconds.to_string());
+        }
+        let child = command
             .arg("start")
             .arg(self.state())
             .arg(port.to_string())
@@ -332,4 +344,297 @@ async fn revoked_tokens_stop_working_within_the_cache_ttl() {
     let client = token_client(&one, &token).await;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
     nodes.list(&ListParams::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_tokens_are_refused_even_within_the_cache_ttl() {
+    let keystone = Keystone::start_with(Some(5));
+    let dir = tempfile::tempdir().unwrap();
+    let one = server(dir.path(), "embedded", &keystone, "5m");
+    let alice = keystone.member_token(0).await;
+    assert_eq!(list_status(&one, &alice).await, 200);
+    let validations = keystone.validations();
+    assert_eq!(list_status(&one, &alice).await, 200);
+    assert_eq!(keystone.validations(), validations, "cached until expiry");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(list_status(&one, &alice).await, 401);
+    // A new token works again.
+    let fresh = keystone.member_token(0).await;
+    assert_eq!(list_status(&one, &fresh).await, 200);
+}
+
+/// Runs `canopy` with a clean environment: HOME and the token cache in `home`.
+fn canopy_cli(home: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(common::canopy_exe());
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("HOME", home)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs kubectl as a user whose HOME is `home` (so ~/.kube/config and the token cache).
+fn user_kubectl(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(common::kubectl_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("HOME", home)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn canopy_login_writes_a_kubeconfig_that_kubectl_and_kube_rs_use() {
+    let keystone = Keystone::start();
+    let dir = tempfile::tempdir().unwrap();
+    let one = server(dir.path(), "embedded", &keystone, "5m");
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let ca = dir.path().join("pki/ca.crt");
+    let (alice, bob) = (keystone.tenant(0).clone(), keystone.tenant(1).clone());
+    let versionless = keystone.url.trim_end_matches("/v3").to_string();
+    let login_env = |t: &Value| {
+        vec![
+            ("OS_AUTH_URL", versionless.clone()),
+            ("OS_USERNAME", t["user"].as_str().unwrap().to_string()),
+            (
+                "OS_PROJECT_NAME",
+                t["project"].as_str().unwrap().to_string(),
+            ),
+            ("OS_USER_DOMAIN_NAME", "Default".to_string()),
+            ("OS_PROJECT_DOMAIN_NAME", "Default".to_string()),
+        ]
+    };
+    let login_args = [
+        "login",
+        "--server",
+        &one.url,
+        "--certificate-authority",
+        ca.to_str().unwrap(),
+    ];
+
+    // A wrong password is refused with a clear message, and nothing is written.
+    let mut env = login_env(&alice);
+    env.push(("OS_PASSWORD", "wrong".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = canopy_cli(home, &login_args, &env_refs, None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Keystone refused the credentials"), "{err}");
+    assert!(!home.join(".kube/config").exists());
+
+    // Alice logs in with OS_PASSWORD (like the OpenStack CLI) into ~/.kube/config.
+    let mut env = login_env(&alice);
+    env.push(("OS_PASSWORD", alice["password"].as_str().unwrap().into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = canopy_cli(home, &login_args, &env_refs, None);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Created namespace tenant-a"), "{err}");
+    assert!(!err.contains(alice["password"].as_str().unwrap()));
+    let validations = keystone.validations();
+
+    // kubectl works in her namespace with no password at hand: the plugin's saved token.
+    ok(&user_kubectl(
+        home,
+        &["create", "configmap", "demo", "--from-literal=a=b"],
+        &[],
+    ));
+    assert_eq!(
+        ok(&user_kubectl(
+            home,
+            &[
+                "get",
+                "configmap",
+                "demo",
+                "-o",
+                "jsonpath={.metadata.namespace}"
+            ],
+            &[]
+        )),
+        "tenant-a"
+    );
+    assert_eq!(
+        ok(&user_kubectl(
+            home,
+            &["get", "namespaces", "-o", "name"],
+            &[]
+        )),
+        "namespace/tenant-a"
+    );
+    assert_eq!(
+        keystone.validations(),
+        validations,
+        "every kubectl command reuses the token the server validated at login"
+    );
+    let cache_dir = home.join(".cache/canopy/tokens");
+    let cached: Vec<_> = std::fs::read_dir(&cache_dir).unwrap().collect();
+    assert_eq!(cached.len(), 1);
+    let cached = cached[0].as_ref().unwrap().path();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    let config = std::fs::read_to_string(home.join(".kube/config")).unwrap();
+    assert!(!config.contains(alice["password"].as_str().unwrap()));
+    assert!(config.contains("credential"), "{config}");
+
+    // kube-rs reads the same kubeconfig and runs the same plugin.
+    let kubeconfig = kube::config::Kubeconfig::read_from(home.join(".kube/config")).unwrap();
+    let config = {
+        // The plugin must find the token cache under the test's HOME.
+        let mut kubeconfig = kubeconfig.clone();
+        for user in &mut kubeconfig.auth_infos {
+            if let Some(exec) = user.auth_info.as_mut().and_then(|a| a.exec.as_mut()) {
+                let mut env = std::collections::HashMap::new();
+                env.insert("name".to_string(), "HOME".to_string());
+                env.insert("value".to_string(), home.display().to_string());
+                exec.env = Some(vec![env]);
+            }
+        }
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap()
+    };
+    let client = kube::Client::try_from(config).unwrap();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::default_namespaced(client);
+    assert!(maps.get("demo").await.is_ok());
+
+    // The saved token gone and no password: a clear error, not a hang.
+    std::fs::remove_file(&cached).unwrap();
+    let out = user_kubectl(home, &["get", "configmaps"], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run `canopy login` again"), "{err}");
+    // With OS_PASSWORD the plugin gets a new token itself.
+    let password = alice["password"].as_str().unwrap();
+    ok(&user_kubectl(
+        home,
+        &["get", "configmap", "demo"],
+        &[("OS_PASSWORD", password)],
+    ));
+    assert!(cached.exists());
+
+    // Bob logs in too (password on stdin); both contexts live in one kubeconfig.
+    let env = login_env(&bob);
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut args = login_args.to_vec();
+    args.push("--password-stdin");
+    let stdin = format!("{}\n", bob["password"].as_str().unwrap());
+    ok(&canopy_cli(home, &args, &env_refs, Some(&stdin)));
+    assert_eq!(
+        ok(&user_kubectl(home, &["config", "current-context"], &[])),
+        "bob@tenant-b"
+    );
+    assert_eq!(
+        ok(&user_kubectl(
+            home,
+            &["get", "namespaces", "-o", "name"],
+            &[]
+        )),
+        "namespace/tenant-b"
+    );
+    let out = user_kubectl(home, &["get", "configmap", "demo", "-n", "tenant-a"], &[]);
+    assert!(!out.status.success(), "bob must not read alice's configmap");
+    assert!(
+        ok(&user_kubectl(
+            home,
+            &[
+                "--context",
+                "alice@tenant-a",
+                "get",
+                "configmap",
+                "demo",
+                "-o",
+                "name"
+            ],
+            &[]
+        ))
+        .contains("demo")
+    );
+
+    // The plugin speaks the version kubectl asks for.
+    let env = login_env(&bob);
+    let mut env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let info = r#"{"apiVersion":"client.authentication.k8s.io/v1beta1","kind":"ExecCredential","spec":{"interactive":false}}"#;
+    env_refs.push(("KUBERNETES_EXEC_INFO", info));
+    let out = canopy_cli(home, &["credential"], &env_refs, None);
+    let credential: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(
+        credential["apiVersion"],
+        "client.authentication.k8s.io/v1beta1"
+    );
+    assert_eq!(credential["kind"], "ExecCredential");
+    assert!(!credential["status"]["token"].as_str().unwrap().is_empty());
+    let expires: DateTime<Utc> = credential["status"]["expirationTimestamp"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(expires > Utc::now() + chrono::Duration::minutes(30));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_uses_of_a_token_ask_keystone_once() {
+    let keystone = Keystone::start();
+    let dir = tempfile::tempdir().unwrap();
+    let one = server(dir.path(), "embedded", &keystone, "5m");
+    let alice = keystone.member_token(0).await;
+    let before = keystone.validations();
+    let requests: Vec<_> = (0..24)
+        .map(|_| {
+            let kubeconfig = one.kubeconfig.clone();
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                let client = common::token_client(&kubeconfig, &alice).await;
+                Api::<Namespace>::all(client)
+                    .list(&ListParams::default())
+                    .await
+                    .is_ok()
+            })
+        })
+        .collect();
+    for request in requests {
+        assert!(request.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(keystone.validations() - before, 1);
+    // The server counts it too.
+    let admin = common::client_for(&one.kubeconfig).await;
+    let (_, _, body) = common::raw(&admin, "GET", "/metrics", None, Vec::new()).await;
+    let metrics = body.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("canopy_keystone_requests_total{operation=\"validate\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apiserver_authentication_token_cache_request_total{status=\"miss\"}"),
+        "{metrics}"
+    );
 }

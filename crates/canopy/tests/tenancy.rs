@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Backend, Cluster};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, PostParams};
@@ -102,6 +104,20 @@ async fn static_tokens_tenants_and_quotas() {
     pods.create(&PostParams::default(), &pod("three", "10m"))
         .await
         .unwrap();
+
+    // The Tenant's status follows: its namespaces and what its pods use.
+    let mut status = String::new();
+    let settled = common::eventually(Duration::from_secs(20), || {
+        status = cluster.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.status}"]);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        status["namespaces"] == json!(["acme-web"])
+            && status["usage"]["pods"] == 2
+            && status["usage"]["cpu"] == "260m"
+            && status["usage"]["vms"] == 0
+    });
+    assert!(settled, "tenant status: {status}");
+    let table = cluster.kubectl_ok(&["get", "tenants"]);
+    assert!(table.contains("2/2"), "{table}");
 
     // A wrong token is 401; the token never reaches the log.
     let stranger = token_client(&cluster, "wrong-token").await;

@@ -17,7 +17,7 @@ use canopy::procs::{Etcd, ServerProcess};
 
 use super::{
     client::{Target, ok, request, send},
-    percentiles,
+    machine, percentiles,
 };
 
 /// Flags of `canopy bench api`.
@@ -61,22 +61,6 @@ fn pod(name: &str, namespace: &str, i: usize) -> Bytes {
         }))
         .unwrap_or_default(),
     )
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cores} cores, {cpu}")
 }
 
 fn ms(d: f64) -> String {

@@ -32,6 +32,16 @@ fn b64(value: &serde_yaml::Value, what: &str) -> Result<Vec<u8>> {
 impl Target {
     /// Reads the first cluster and user of a kubeconfig.
     pub fn from_kubeconfig(path: &std::path::Path) -> Result<Self> {
+        Self::load(path, true)
+    }
+
+    /// The first cluster of a kubeconfig, connecting without a client certificate (for
+    /// requests that authenticate with a bearer token).
+    pub fn without_client_cert(path: &std::path::Path) -> Result<Self> {
+        Self::load(path, false)
+    }
+
+    fn load(path: &std::path::Path, client_cert: bool) -> Result<Self> {
         let text = std::fs::read_to_string(path)?;
         let config: serde_yaml::Value = serde_yaml::from_str(&text)?;
         let cluster = &config["clusters"][0]["cluster"];
@@ -50,20 +60,24 @@ impl Target {
             &cluster["certificate-authority-data"],
             "certificate-authority-data",
         )?;
-        let cert = b64(&user["client-certificate-data"], "client-certificate-data")?;
-        let key = b64(&user["client-key-data"], "client-key-data")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut ca.as_slice()) {
             roots.add(c?)?;
         }
-        let certs: Vec<_> =
-            rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<_, _>>()?;
-        let key = rustls_pemfile::private_key(&mut key.as_slice())?.context("no client key")?;
-        let base = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)?;
+            .with_root_certificates(roots);
+        let base = if client_cert {
+            let cert = b64(&user["client-certificate-data"], "client-certificate-data")?;
+            let key = b64(&user["client-key-data"], "client-key-data")?;
+            let certs: Vec<_> =
+                rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<_, _>>()?;
+            let key = rustls_pemfile::private_key(&mut key.as_slice())?.context("no client key")?;
+            builder.with_client_auth_cert(certs, key)?
+        } else {
+            builder.with_no_client_auth()
+        };
         let mut h1 = base.clone();
         h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut h2 = base;

@@ -1,6 +1,7 @@
 //! `canopy bench ...`: benchmarks that run Canopy for real and print figures.
 
 mod api;
+mod auth;
 mod client;
 
 /// Benchmarks.
@@ -9,11 +10,15 @@ pub enum BenchCommand {
     /// The API server: pod creates/s and latency, LIST of every pod, watch delivery latency
     /// with many watchers, memory per stored pod.
     Api(api::ApiArgs),
+    /// Keystone token authentication: the cost of a cached token per request (in process) and
+    /// the Keystone calls a server makes for many requests with a few distinct tokens.
+    Auth(auth::AuthArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Api(args) => api::run(args).await,
+        BenchCommand::Auth(args) => auth::run(args).await,
     }
 }
 
@@ -25,4 +30,21 @@ pub fn percentiles(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (at(0.5), at(0.99))
+}
+
+/// The machine the figures come from.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {cpu}")
 }
