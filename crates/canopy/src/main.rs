@@ -2,6 +2,7 @@
 //! process; the other subcommands run single components and tools.
 
 mod bench;
+mod leader;
 mod login;
 mod server;
 
@@ -46,6 +47,9 @@ enum LogFormat {
 enum Command {
     /// Run the control plane (API server and controllers) in one process.
     Server(server::ServerArgs),
+    /// Run the scheduler alone against an API server (`canopy server` runs one itself unless
+    /// given --disable-scheduler).
+    Scheduler(SchedulerCmd),
     /// Measure Canopy's performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -57,6 +61,18 @@ enum Command {
     /// kubectl's exec credential plugin: print a Keystone token as an ExecCredential, asking
     /// Keystone for a new one when the saved one nears expiry. `canopy login` sets it up.
     Credential(login::CredentialArgs),
+}
+
+#[derive(clap::Args)]
+struct SchedulerCmd {
+    /// Kubeconfig of the scheduler's identity (`canopy server` writes
+    /// <data-dir>/scheduler.kubeconfig).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    #[command(flatten)]
+    scheduler: server::SchedulerArgs,
+    #[command(flatten)]
+    leader_election: leader::LeaderElectionArgs,
 }
 
 #[derive(clap::Args)]
@@ -101,6 +117,19 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server::run(args).await,
+            Command::Scheduler(cmd) => {
+                let client = server::client_from(&cmd.kubeconfig).await?;
+                let config = cmd.scheduler.config();
+                leader::run_elected(
+                    client.clone(),
+                    "kube-scheduler",
+                    cmd.leader_election,
+                    server::shutdown_signal(),
+                    move || canopy_scheduler::run::run(client.clone(), config.clone()),
+                )
+                .await;
+                Ok(())
+            }
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Kubeconfig(args) => issue_kubeconfig(args),
             Command::Login(args) => login::login(args).await,

@@ -1,7 +1,9 @@
 //! `canopy server`: the whole control plane in one process, started as a readiness chain:
 //! store → API server (caches loaded, default namespaces) → controllers.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::Mutex;
 
 use anyhow::{Context, Result};
 use canopy_apiserver::{ApiServer, ServerConfig, kubeconfig, pki::Pki};
@@ -50,6 +52,13 @@ pub struct ServerArgs {
     /// Do not run the controllers in this process (run them elsewhere).
     #[arg(long)]
     pub disable_controllers: bool,
+    /// Do not run the scheduler in this process (run `canopy scheduler` elsewhere).
+    #[arg(long)]
+    pub disable_scheduler: bool,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub leader_election: crate::leader::LeaderElectionArgs,
     /// Static bearer tokens, one `token,user,uid[,"group1,group2"]` line each (upstream's
     /// format), for bootstrap. Tenant members are in group `canopy:tenant:<tenant>`.
     #[arg(long)]
@@ -71,6 +80,47 @@ pub struct ServerArgs {
     /// Keystone project whose `admin` role makes cluster admins.
     #[arg(long, default_value = "admin")]
     pub keystone_admin_project: String,
+}
+
+/// Flags of the scheduler, in `canopy server` and `canopy scheduler`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    /// Tenants the scheduler works on at once (each tenant's pods over its own nodes).
+    #[arg(long, default_value_t = 16)]
+    pub scheduler_workers: usize,
+    /// Pods decided per turn on a tenant; their bindings are sent concurrently.
+    #[arg(long, default_value_t = 64)]
+    pub scheduler_batch: usize,
+    /// How nodes are ranked: `least-allocated` spreads pods (upstream's default),
+    /// `most-allocated` packs them so that idle VMs can be removed.
+    #[arg(long, value_enum, default_value_t = ScoringStrategy::LeastAllocated)]
+    pub scheduler_strategy: ScoringStrategy,
+}
+
+/// Node ranking.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ScoringStrategy {
+    /// Prefer the emptiest node.
+    LeastAllocated,
+    /// Prefer the fullest node that fits.
+    MostAllocated,
+}
+
+impl SchedulerArgs {
+    /// The scheduler's configuration.
+    pub fn config(&self) -> canopy_scheduler::run::SchedulerConfig {
+        canopy_scheduler::run::SchedulerConfig {
+            workers: self.scheduler_workers.max(1),
+            batch: self.scheduler_batch.max(1),
+            strategy: match self.scheduler_strategy {
+                ScoringStrategy::LeastAllocated => {
+                    canopy_scheduler::score::Strategy::LeastAllocated
+                }
+                ScoringStrategy::MostAllocated => canopy_scheduler::score::Strategy::MostAllocated,
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// `90`, `90s`, `5m`, `1h`.
@@ -174,21 +224,71 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         "system:kube-controller-manager",
     )?;
 
+    let scheduler_cert =
+        pki.ensure_client("scheduler", "system:kube-scheduler", &["system:masters"])?;
+    let scheduler_path = args.data_dir.join("scheduler.kubeconfig");
+    kubeconfig::write(
+        &scheduler_path,
+        &url,
+        &ca.cert_pem,
+        &scheduler_cert,
+        "system:kube-scheduler",
+    )?;
+
     server.wait_ready().await;
     server.bootstrap().await?;
-    let serving = tokio::spawn(server.run(shutdown_signal()));
-
-    let controllers = if args.disable_controllers {
-        None
-    } else {
-        let client = client_from(&controllers_path).await?;
-        Some(tokio::spawn(async move {
-            tokio::join!(
-                canopy_controllers::namespace::run(client.clone()),
-                canopy_controllers::tenant::run(client),
-            );
+    // On SIGTERM the elected components stop and release their leases (so another replica
+    // takes over at once) before the API server stops serving.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let components: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+    let serving = {
+        let stop = stop.clone();
+        let components = components.clone();
+        tokio::spawn(server.run(async move {
+            shutdown_signal().await;
+            stop.cancel();
+            let handles: Vec<_> = std::mem::take(&mut *components.lock().await);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(3), futures::future::join_all(handles))
+                    .await;
         }))
     };
+
+    if !args.disable_controllers {
+        let client = client_from(&controllers_path).await?;
+        components
+            .lock()
+            .await
+            .push(tokio::spawn(crate::leader::run_elected(
+                client.clone(),
+                "kube-controller-manager",
+                args.leader_election.clone(),
+                stop.clone().cancelled_owned(),
+                move || {
+                    let client = client.clone();
+                    async move {
+                        tokio::join!(
+                            canopy_controllers::namespace::run(client.clone()),
+                            canopy_controllers::tenant::run(client),
+                        );
+                    }
+                },
+            )));
+    }
+    if !args.disable_scheduler {
+        let client = client_from(&scheduler_path).await?;
+        let config = args.scheduler.config();
+        components
+            .lock()
+            .await
+            .push(tokio::spawn(crate::leader::run_elected(
+                client.clone(),
+                "kube-scheduler",
+                args.leader_election.clone(),
+                stop.clone().cancelled_owned(),
+                move || canopy_scheduler::run::run(client.clone(), config.clone()),
+            )));
+    }
 
     println!(
         "Canopy is serving the Kubernetes API at {url}; use it with: export KUBECONFIG={}",
@@ -197,7 +297,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             .display()
     );
     let result = serving.await.context("API server task failed")?;
-    if let Some(task) = controllers {
+    for task in components.lock().await.drain(..) {
         task.abort();
     }
     drop(store);

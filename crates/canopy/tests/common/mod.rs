@@ -52,13 +52,25 @@ fn require(tool: &str, hint: &str) {
 }
 
 impl Cluster {
-    /// Starts a server on the backend.
+    /// Starts a server on the backend, without the scheduler: tests of the API's own
+    /// semantics must not race the scheduler's writes to their pods.
     pub fn start(backend: Backend) -> Self {
         Self::start_with(backend, &[])
     }
 
-    /// Starts a server with extra `canopy server` flags.
+    /// Starts a server with its scheduler.
+    pub fn with_scheduler(backend: Backend) -> Self {
+        Self::launch(backend, &[])
+    }
+
+    /// Starts a server (without the scheduler) with extra `canopy server` flags.
     pub fn start_with(backend: Backend, extra: &[&str]) -> Self {
+        let mut flags = vec!["--disable-scheduler"];
+        flags.extend_from_slice(extra);
+        Self::launch(backend, &flags)
+    }
+
+    fn launch(backend: Backend, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let etcd = match backend {
             Backend::Embedded => None,

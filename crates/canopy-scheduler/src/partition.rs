@@ -1,0 +1,413 @@
+//! One tenant's share of the scheduler: its nodes, its pending pods in priority order, and
+//! the decisions made over them. A partition is only ever touched under its own lock, so
+//! tenants are scheduled in parallel and two decisions never race for one node.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
+    sync::Arc,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::{
+    filters::{PodFacts, Reason, filter, fit_error},
+    node_info::{NodeInfo, pod_key},
+    score::{Strategy, score},
+};
+
+/// Where a pending pod is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    /// Waiting for a worker.
+    Active,
+    /// Fits nowhere; retried when the tenant's nodes or pods change.
+    Unschedulable,
+    /// Failed to bind; retried after a delay.
+    Backoff,
+    /// Assumed on a node while its binding is in flight.
+    Binding,
+}
+
+/// A pod waiting to be scheduled.
+#[derive(Clone, Debug)]
+pub struct PendingPod {
+    /// The pod as last seen.
+    pub pod: Arc<Pod>,
+    /// Where it is.
+    pub state: PodState,
+    /// Failed attempts (for backoff).
+    pub attempts: u32,
+    seq: u64,
+}
+
+#[derive(PartialEq, Eq)]
+struct Turn {
+    priority: i32,
+    seq: u64,
+    key: String,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Higher priority first, then first come first served.
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// What a worker decided for one pod.
+#[derive(Debug)]
+pub enum Decision {
+    /// Bind the pod to the node (already assumed there).
+    Bind {
+        /// The pod.
+        pod: Arc<Pod>,
+        /// The node.
+        node: String,
+    },
+    /// No node fits; the message says why, upstream style.
+    Unschedulable {
+        /// The pod.
+        pod: Arc<Pod>,
+        /// `0/3 nodes are available: ...`.
+        message: String,
+    },
+}
+
+/// A tenant's nodes and pending pods.
+#[derive(Default)]
+pub struct Partition {
+    nodes: BTreeMap<String, NodeInfo>,
+    /// Nodes by free cpu (millicores) then name: the pre-filter. Nodes without room for a
+    /// pod's cpu are never visited.
+    by_free_cpu: BTreeSet<(i64, String)>,
+    pending: HashMap<String, PendingPod>,
+    active: BinaryHeap<Turn>,
+    next_seq: u64,
+}
+
+/// Upstream's message when there is no node at all (here: the tenant has none yet).
+pub const NO_NODES: &str = "no nodes available to schedule pods";
+
+fn free_cpu(info: &NodeInfo) -> i64 {
+    info.allocatable.milli_cpu - info.requested.milli_cpu
+}
+
+fn priority(pod: &Pod) -> i32 {
+    pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
+}
+
+impl Partition {
+    /// Whether a worker has something to do here.
+    pub fn has_active(&self) -> bool {
+        self.pending.values().any(|p| p.state == PodState::Active)
+    }
+
+    /// Nodes in the partition.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// A node, for tests and inspection.
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    /// Pending pods, for tests and inspection.
+    pub fn pending(&self, key: &str) -> Option<&PendingPod> {
+        self.pending.get(key)
+    }
+
+    fn with_node<R>(&mut self, name: &str, f: impl FnOnce(&mut NodeInfo) -> R) -> Option<R> {
+        let info = self.nodes.get_mut(name)?;
+        self.by_free_cpu.remove(&(free_cpu(info), name.to_string()));
+        let result = f(info);
+        self.by_free_cpu.insert((free_cpu(info), name.to_string()));
+        Some(result)
+    }
+
+    /// Adds or replaces a node, keeping the pods already placed on it.
+    pub fn put_node(&mut self, info: NodeInfo) {
+        let name = info.name().to_string();
+        if let Some(old) = self.nodes.get(&name) {
+            self.by_free_cpu.remove(&(free_cpu(old), name.clone()));
+        }
+        self.by_free_cpu.insert((free_cpu(&info), name.clone()));
+        self.nodes.insert(name, info);
+    }
+
+    /// Updates a node's object in place.
+    pub fn update_node(&mut self, node: Arc<k8s_openapi::api::core::v1::Node>) -> bool {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        self.with_node(&name, |info| info.set_node(node)).is_some()
+    }
+
+    /// Removes a node and returns it (with its pods).
+    pub fn take_node(&mut self, name: &str) -> Option<NodeInfo> {
+        let info = self.nodes.remove(name)?;
+        self.by_free_cpu
+            .remove(&(free_cpu(&info), name.to_string()));
+        Some(info)
+    }
+
+    /// Records a pod bound to one of this partition's nodes; it is no longer pending.
+    pub fn bound(&mut self, pod: Arc<Pod>, node: &str) {
+        let key = pod_key(&pod);
+        self.pending.remove(&key);
+        self.with_node(node, |info| info.add_pod(pod));
+    }
+
+    /// Forgets a pod wherever it is; returns whether it held resources on a node.
+    pub fn remove_pod(&mut self, key: &str, node: Option<&str>) -> bool {
+        self.pending.remove(key);
+        match node {
+            Some(node) => self
+                .with_node(node, |info| info.remove_pod(key))
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// A pod waiting for a node: new ones join the queue; known ones are refreshed where they
+    /// are (an update of an unschedulable pod, such as its own condition, does not retry it).
+    pub fn enqueue(&mut self, pod: Arc<Pod>) -> bool {
+        let key = pod_key(&pod);
+        if let Some(pending) = self.pending.get_mut(&key) {
+            pending.pod = pod;
+            return false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.active.push(Turn {
+            priority: priority(&pod),
+            seq,
+            key: key.clone(),
+        });
+        self.pending.insert(
+            key,
+            PendingPod {
+                pod,
+                state: PodState::Active,
+                attempts: 0,
+                seq,
+            },
+        );
+        true
+    }
+
+    /// Puts a pod back in the queue (after backoff, or when the cluster changed).
+    pub fn activate(&mut self, key: &str) -> bool {
+        let Some(pending) = self.pending.get_mut(key) else {
+            return false;
+        };
+        if pending.state == PodState::Active || pending.state == PodState::Binding {
+            return false;
+        }
+        pending.state = PodState::Active;
+        self.active.push(Turn {
+            priority: priority(&pending.pod),
+            seq: pending.seq,
+            key: key.to_string(),
+        });
+        true
+    }
+
+    /// Retries every unschedulable pod: a node joined or changed, or capacity was freed.
+    pub fn activate_unschedulable(&mut self) -> bool {
+        let keys: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.state == PodState::Unschedulable)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let any = !keys.is_empty();
+        for key in keys {
+            self.activate(&key);
+        }
+        any
+    }
+
+    /// A binding failed: the pod leaves its node and waits `attempts`-long backoff.
+    pub fn binding_failed(&mut self, key: &str, node: &str) -> Option<u32> {
+        self.with_node(node, |info| info.remove_pod(key));
+        let pending = self.pending.get_mut(key)?;
+        pending.state = PodState::Backoff;
+        pending.attempts += 1;
+        Some(pending.attempts)
+    }
+
+    /// Decides for up to `limit` pods, best first. Chosen pods are assumed on their node at
+    /// once, so the next decision sees the capacity they take.
+    pub fn decide(&mut self, limit: usize, strategy: Strategy) -> Vec<Decision> {
+        let mut decisions = Vec::new();
+        while decisions.len() < limit {
+            let Some(turn) = self.active.pop() else {
+                break;
+            };
+            let Some(pending) = self.pending.get(&turn.key) else {
+                continue;
+            };
+            // Stale turns (the pod moved since) are skipped.
+            if pending.state != PodState::Active || pending.seq != turn.seq {
+                continue;
+            }
+            let pod = pending.pod.clone();
+            match self.place(&pod, strategy) {
+                Ok(node) => {
+                    self.with_node(&node, |info| info.add_pod(pod.clone()));
+                    if let Some(p) = self.pending.get_mut(&turn.key) {
+                        p.state = PodState::Binding;
+                    }
+                    decisions.push(Decision::Bind { pod, node });
+                }
+                Err(message) => {
+                    if let Some(p) = self.pending.get_mut(&turn.key) {
+                        p.state = PodState::Unschedulable;
+                    }
+                    decisions.push(Decision::Unschedulable { pod, message });
+                }
+            }
+        }
+        decisions
+    }
+
+    /// The best node for a pod, or why there is none.
+    fn place(&self, pod: &Pod, strategy: Strategy) -> Result<String, String> {
+        if self.nodes.is_empty() {
+            return Err(NO_NODES.into());
+        }
+        let facts = PodFacts::new(pod);
+        let want_cpu = facts.requests.milli_cpu;
+        let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
+        let mut best: Option<(i64, &str)> = None;
+        let mut visited = 0;
+        for (_, name) in self.by_free_cpu.range((want_cpu, String::new())..) {
+            let Some(info) = self.nodes.get(name) else {
+                continue;
+            };
+            visited += 1;
+            match filter(&facts, info) {
+                Ok(()) => {
+                    let s = score(strategy, &facts.requests, info);
+                    // Ties go to the first name, so that decisions are reproducible.
+                    if best.is_none_or(|(b, _)| s > b) {
+                        best = Some((s, name));
+                    }
+                }
+                Err(found) => {
+                    for reason in found {
+                        *reasons.entry(reason).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if let Some((_, name)) = best {
+            return Ok(name.to_string());
+        }
+        // Nodes the pre-filter skipped lack cpu.
+        let skipped = self.nodes.len() - visited;
+        if skipped > 0 {
+            *reasons
+                .entry(Reason::Insufficient("cpu".into()))
+                .or_default() += skipped;
+        }
+        Err(fit_error(self.nodes.len(), &reasons))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, cpu: &str) -> NodeInfo {
+        NodeInfo::new(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "status": {"allocatable": {"cpu": cpu, "memory": "64Gi", "pods": "110"},
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }))
+            .unwrap(),
+        ))
+    }
+
+    fn pod(name: &str, cpu: &str, priority: i32) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "t"},
+                "spec": {"priority": priority, "containers": [{"name": "c", "image": "i",
+                    "resources": {"requests": {"cpu": cpu}}}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn priority_then_fifo_and_no_double_booking() {
+        let mut p = Partition::default();
+        p.put_node(node("n1", "2"));
+        p.put_node(node("n2", "1"));
+        p.enqueue(pod("low", "1", 0));
+        p.enqueue(pod("first", "1", 10));
+        p.enqueue(pod("second", "1", 10));
+        p.enqueue(pod("late", "1", 0));
+        let decisions = p.decide(10, Strategy::LeastAllocated);
+        let order: Vec<String> = decisions
+            .iter()
+            .map(|d| match d {
+                Decision::Bind { pod, .. } | Decision::Unschedulable { pod, .. } => {
+                    pod.metadata.name.clone().unwrap()
+                }
+            })
+            .collect();
+        assert_eq!(order, ["first", "second", "low", "late"]);
+        // Three cpus for four one-cpu pods: the last one does not fit anywhere.
+        let bound = decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Bind { .. }))
+            .count();
+        assert_eq!(bound, 3);
+        match &decisions[3] {
+            Decision::Unschedulable { message, .. } => {
+                assert_eq!(message, "0/2 nodes are available: 2 Insufficient cpu.")
+            }
+            other => panic!("{other:?}"),
+        }
+        for name in ["n1", "n2"] {
+            let info = p.node(name).unwrap();
+            assert!(info.requested.milli_cpu <= info.allocatable.milli_cpu);
+        }
+        // Freed capacity brings the unschedulable pod back.
+        assert!(p.remove_pod("t/first", Some("n1")) || p.remove_pod("t/first", Some("n2")));
+        assert!(p.activate_unschedulable());
+        let again = p.decide(10, Strategy::LeastAllocated);
+        assert!(matches!(again.as_slice(), [Decision::Bind { .. }]));
+    }
+
+    #[test]
+    fn most_allocated_packs_onto_one_node() {
+        let mut p = Partition::default();
+        for n in ["a", "b", "c"] {
+            p.put_node(node(n, "4"));
+        }
+        for i in 0..4 {
+            p.enqueue(pod(&format!("p{i}"), "1", 0));
+        }
+        let nodes: std::collections::HashSet<String> = p
+            .decide(10, Strategy::MostAllocated)
+            .into_iter()
+            .filter_map(|d| match d {
+                Decision::Bind { node, .. } => Some(node),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(nodes.len(), 1, "{nodes:?}");
+    }
+}

@@ -1,0 +1,275 @@
+//! The scheduler through the API: a tenant's pods land only on that tenant's nodes, pods that
+//! fit nowhere say why (condition and Event, upstream's wording), and are placed as soon as
+//! their tenant gains a node.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use canopy::procs::{Etcd, ServerProcess};
+use common::{Backend, Cluster, client_for};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Event, Namespace, Node, Pod},
+};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+async fn add_node(admin: &kube::Client, name: &str, tenant: &str, cpu: &str) {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"canopy.io/tenant": tenant}},
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let status = json!({"status": {
+        "allocatable": {"cpu": cpu, "memory": "8Gi", "pods": "110"},
+        "capacity": {"cpu": cpu, "memory": "8Gi", "pods": "110"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+fn pod(name: &str, cpu: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": "registry.local/app:1",
+            "resources": {"requests": {"cpu": cpu, "memory": "256Mi"}}}]},
+    }))
+    .unwrap()
+}
+
+async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = f().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node_of(pods: &Api<Pod>, name: &str) -> Option<String> {
+    pods.get(name).await.ok()?.spec?.node_name
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_go_to_their_tenants_nodes_and_wait_for_room() {
+    let cluster = Cluster::with_scheduler(Backend::Embedded);
+    let admin = cluster.client().await;
+    add_node(&admin, "acme-1", "acme", "2").await;
+    add_node(&admin, "other-1", "other", "16").await;
+
+    let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(acme.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(acme.clone(), "shop");
+    pods.create(&PostParams::default(), &pod("web", "1500m"))
+        .await
+        .unwrap();
+    let node = wait_for("web to be bound", async || node_of(&pods, "web").await).await;
+    assert_eq!(node, "acme-1");
+
+    // No room left on acme's node; the other tenant's big node does not count.
+    pods.create(&PostParams::default(), &pod("worker", "1"))
+        .await
+        .unwrap();
+    let message = wait_for("worker to be marked unschedulable", async || {
+        let pod = pods.get("worker").await.ok()?;
+        let condition = pod
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled")?;
+        (condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable"))
+            .then(|| condition.message.unwrap_or_default())
+    })
+    .await;
+    assert_eq!(message, "0/1 nodes are available: 1 Insufficient cpu.");
+    assert!(node_of(&pods, "worker").await.is_none());
+    let events: Api<Event> = Api::namespaced(acme.clone(), "shop");
+    let failed = wait_for("a FailedScheduling event", async || {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("FailedScheduling"))
+    })
+    .await;
+    assert_eq!(failed.involved_object.name.as_deref(), Some("worker"));
+    assert_eq!(failed.message.as_deref(), Some(message.as_str()));
+
+    // A new node for acme: the waiting pod is placed at once, on it.
+    let added = Instant::now();
+    add_node(&admin, "acme-2", "acme", "4").await;
+    let node = wait_for("worker to be bound", async || {
+        node_of(&pods, "worker").await
+    })
+    .await;
+    assert_eq!(node, "acme-2");
+    assert!(
+        added.elapsed() < Duration::from_secs(5),
+        "retried on the node's arrival, not on a timer"
+    );
+
+    // Freed capacity works the same way.
+    pods.create(&PostParams::default(), &pod("batch", "3500m"))
+        .await
+        .unwrap();
+    wait_for("batch to be unschedulable", async || {
+        let pod = pods.get("batch").await.ok()?;
+        pod.status?
+            .conditions?
+            .into_iter()
+            .any(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .then_some(())
+    })
+    .await;
+    pods.delete(
+        "worker",
+        &kube::api::DeleteParams::default().grace_period(0),
+    )
+    .await
+    .unwrap();
+    let node = wait_for("batch to be bound", async || node_of(&pods, "batch").await).await;
+    assert_eq!(node, "acme-2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_without_nodes_is_told_so() {
+    let cluster = Cluster::with_scheduler(Backend::Embedded);
+    let admin = cluster.client().await;
+    add_node(&admin, "other-1", "other", "16").await;
+    let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(acme.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(acme, "shop");
+    pods.create(&PostParams::default(), &pod("web", "100m"))
+        .await
+        .unwrap();
+    let message = wait_for("web to be unschedulable", async || {
+        pods.get("web")
+            .await
+            .ok()?
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
+            .message
+    })
+    .await;
+    assert_eq!(message, "no nodes available to schedule pods");
+}
+
+/// The pid in a lease holder's identity (`host_pid_suffix`).
+async fn leader_pid(admin: &kube::Client, lease: &str) -> Option<u32> {
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-system");
+    let holder = leases.get(lease).await.ok()?.spec?.holder_identity?;
+    holder.split('_').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_replica_schedules_when_the_leader_dies() {
+    let etcd = Etcd::start().expect("etcd");
+    let store = format!("etcd={}", etcd.url);
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let election = [
+        "--leader-elect-lease-duration",
+        "4s",
+        "--leader-elect-renew-deadline",
+        "3s",
+        "--leader-elect-retry-period",
+        "500ms",
+    ];
+    let start = |dir: &std::path::Path| {
+        ServerProcess::start(&common::canopy_exe(), dir, &store, &election).expect("server")
+    };
+    let mut servers = [start(dirs.0.path()), start(dirs.1.path())];
+    let admin = client_for(&servers[0].kubeconfig).await;
+    let leader = wait_for("a scheduler leader", async || {
+        leader_pid(&admin, "kube-scheduler").await
+    })
+    .await;
+    let (leader_at, survivor_at) = if servers[0].pid() == leader {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    assert_eq!(
+        servers[leader_at].pid(),
+        leader,
+        "the leader is one of the replicas"
+    );
+    // One leader for the controllers too.
+    wait_for("a controller-manager leader", async || {
+        leader_pid(&admin, "kube-controller-manager").await
+    })
+    .await;
+
+    let survivor = client_for(&servers[survivor_at].kubeconfig).await;
+    add_node(&survivor, "acme-1", "acme", "8").await;
+    let ns: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": "shop", "labels": {"canopy.io/tenant": "acme"}}
+    }))
+    .unwrap();
+    Api::<Namespace>::all(survivor.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(survivor.clone(), "shop");
+    pods.create(&PostParams::default(), &pod("before", "1"))
+        .await
+        .unwrap();
+    wait_for("before to be bound", async || {
+        node_of(&pods, "before").await
+    })
+    .await;
+
+    // Only the leader schedules.
+    let leads = |dir: &std::path::Path| {
+        std::fs::read_to_string(dir.join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("became leader") && l.contains("kube-scheduler"))
+    };
+    assert_eq!(
+        [leads(dirs.0.path()), leads(dirs.1.path())]
+            .iter()
+            .filter(|l| **l)
+            .count(),
+        1
+    );
+    servers[leader_at].kill();
+    let killed = Instant::now();
+    pods.create(&PostParams::default(), &pod("after", "1"))
+        .await
+        .unwrap();
+    let node = wait_for("after to be bound by the new leader", async || {
+        node_of(&pods, "after").await
+    })
+    .await;
+    assert_eq!(node, "acme-1");
+    assert!(
+        killed.elapsed() < Duration::from_secs(12),
+        "taken over within the lease duration (took {:?})",
+        killed.elapsed()
+    );
+    assert_eq!(
+        leader_pid(&survivor, "kube-scheduler").await,
+        Some(servers[survivor_at].pid())
+    );
+}
