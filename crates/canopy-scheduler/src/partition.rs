@@ -93,6 +93,17 @@ pub struct Partition {
     next_seq: u64,
 }
 
+/// How many feasible nodes are enough to pick from: upstream's adaptive
+/// percentageOfNodesToScore (50% of small clusters, down to 5% of large ones, at least 100).
+pub fn feasible_nodes_to_find(nodes: usize) -> usize {
+    const MIN: usize = 100;
+    if nodes <= MIN {
+        return nodes;
+    }
+    let percentage = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percentage / 100).max(MIN)
+}
+
 /// Upstream's message when there is no node at all (here: the tenant has none yet).
 pub const NO_NODES: &str = "no nodes available to schedule pods";
 
@@ -288,15 +299,29 @@ impl Partition {
         let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
         let mut best: Option<(i64, &str)> = None;
         let mut visited = 0;
-        for (_, name) in self.by_free_cpu.range((want_cpu, String::new())..) {
+        let mut feasible = 0;
+        let enough = feasible_nodes_to_find(self.nodes.len());
+        // The index yields the best candidates for the strategy first (most free cpu for
+        // spreading, least for packing), so stopping after `enough` feasible nodes, as
+        // upstream's percentageOfNodesToScore does, rarely misses the best node.
+        let candidates = self.by_free_cpu.range((want_cpu, String::new())..);
+        let candidates: Box<dyn Iterator<Item = &(i64, String)>> = match strategy {
+            Strategy::LeastAllocated => Box::new(candidates.rev()),
+            Strategy::MostAllocated => Box::new(candidates),
+        };
+        for (_, name) in candidates {
+            if feasible >= enough {
+                break;
+            }
             let Some(info) = self.nodes.get(name) else {
                 continue;
             };
             visited += 1;
             match filter(&facts, info) {
                 Ok(()) => {
+                    feasible += 1;
                     let s = score(strategy, &facts.requests, info);
-                    // Ties go to the first name, so that decisions are reproducible.
+                    // Ties go to the first found, so that decisions are reproducible.
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, name));
                     }
@@ -389,6 +414,14 @@ mod tests {
         assert!(p.activate_unschedulable());
         let again = p.decide(10, Strategy::LeastAllocated);
         assert!(matches!(again.as_slice(), [Decision::Bind { .. }]));
+    }
+
+    #[test]
+    fn enough_feasible_nodes_like_upstream() {
+        assert_eq!(feasible_nodes_to_find(50), 50);
+        assert_eq!(feasible_nodes_to_find(1000), 420);
+        assert_eq!(feasible_nodes_to_find(5000), 500);
+        assert_eq!(feasible_nodes_to_find(100_000), 5000);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct SchedulerConfig {
     pub strategy: Strategy,
     /// Pods with this `spec.schedulerName` are ours.
     pub scheduler_name: String,
+    /// Bindings and status writes in flight at once, across tenants.
+    pub max_inflight_writes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +52,7 @@ impl Default for SchedulerConfig {
             batch: 64,
             strategy: Strategy::LeastAllocated,
             scheduler_name: "default-scheduler".into(),
+            max_inflight_writes: 64,
         }
     }
 }
@@ -73,6 +76,9 @@ struct Shared {
     placement: Mutex<Placement>,
     queued: Mutex<HashSet<String>>,
     ready: mpsc::UnboundedSender<String>,
+    /// Bounds the scheduler's writes in flight across all workers, so that it does not
+    /// crowd out other clients of the API server's mutating requests.
+    writes: Semaphore,
 }
 
 fn tenant_of<K: kube::Resource>(obj: &K) -> String {
@@ -237,6 +243,9 @@ impl Shared {
             let partition = partition.clone();
             let tenant = tenant.clone();
             async move {
+                let Ok(_slot) = this.writes.acquire().await else {
+                    return;
+                };
                 match decision {
                     Decision::Bind { pod, node } => this.bind(&partition, &tenant, pod, node).await,
                     Decision::Unschedulable { pod, message } => {
@@ -358,6 +367,7 @@ impl Shared {
 pub async fn run(client: Client, config: SchedulerConfig) {
     let (ready, mut tenants) = mpsc::unbounded_channel::<String>();
     let workers = Arc::new(Semaphore::new(config.workers.max(1)));
+    let config_writes = config.max_inflight_writes.max(1);
     let shared = Arc::new(Shared {
         client: client.clone(),
         config,
@@ -365,6 +375,7 @@ pub async fn run(client: Client, config: SchedulerConfig) {
         placement: Default::default(),
         queued: Default::default(),
         ready,
+        writes: Semaphore::new(config_writes),
     });
 
     let nodes = {

@@ -91,6 +91,10 @@ pub struct SchedulerArgs {
     /// Pods decided per turn on a tenant; their bindings are sent concurrently.
     #[arg(long, default_value_t = 64)]
     pub scheduler_batch: usize,
+    /// Bindings and status writes the scheduler has in flight at once, across tenants (the
+    /// API server refuses mutating requests beyond --max-mutating-requests-inflight).
+    #[arg(long, default_value_t = 64)]
+    pub scheduler_max_inflight_writes: usize,
     /// How nodes are ranked: `least-allocated` spreads pods (upstream's default),
     /// `most-allocated` packs them so that idle VMs can be removed.
     #[arg(long, value_enum, default_value_t = ScoringStrategy::LeastAllocated)]
@@ -112,6 +116,7 @@ impl SchedulerArgs {
         canopy_scheduler::run::SchedulerConfig {
             workers: self.scheduler_workers.max(1),
             batch: self.scheduler_batch.max(1),
+            max_inflight_writes: self.scheduler_max_inflight_writes.max(1),
             strategy: match self.scheduler_strategy {
                 ScoringStrategy::LeastAllocated => {
                     canopy_scheduler::score::Strategy::LeastAllocated

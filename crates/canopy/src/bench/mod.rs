@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod client;
+mod scheduler;
 
 /// Benchmarks.
 #[derive(clap::Subcommand)]
@@ -13,12 +14,16 @@ pub enum BenchCommand {
     /// Keystone token authentication: the cost of a cached token per request (in process) and
     /// the Keystone calls a server makes for many requests with a few distinct tokens.
     Auth(auth::AuthArgs),
+    /// The scheduler: pods bound per second and create→bound latency with simulated nodes
+    /// spread over tenants.
+    Scheduler(scheduler::SchedulerArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Auth(args) => auth::run(args).await,
+        BenchCommand::Scheduler(args) => scheduler::run(args).await,
     }
 }
 
