@@ -444,3 +444,102 @@ mod tests {
         assert_eq!(nodes.len(), 1, "{nodes:?}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use serde_json::json;
+
+    /// A small deterministic generator (no extra dependency): xorshift64*.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, bound: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
+        }
+    }
+
+    fn node(name: &str, rng: &mut Rng) -> NodeInfo {
+        NodeInfo::new(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "status": {"allocatable": {"cpu": (1 + rng.next(8)).to_string(),
+                    "memory": format!("{}Gi", 1 + rng.next(16)),
+                    "pods": (1 + rng.next(6)).to_string()},
+                    "conditions": [{"type": "Ready", "status": "True"}]},
+            }))
+            .unwrap(),
+        ))
+    }
+
+    /// Random arrivals of nodes and pods, departures of pods, and decisions in between: no
+    /// node is ever given more cpu, memory or pods than it has, every decision names a node
+    /// of the partition, and the accounting matches the pods placed.
+    #[test]
+    fn decisions_never_overcommit_a_node() {
+        let mut bindings = 0;
+        for seed in 1..=50u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut p = Partition::default();
+            let mut placed: Vec<(String, String)> = Vec::new();
+            for step in 0..400 {
+                match rng.next(10) {
+                    0 => {
+                        let name = format!("n{}", rng.next(12));
+                        if p.node(&name).is_none() {
+                            p.put_node(node(&name, &mut rng));
+                            p.activate_unschedulable();
+                        }
+                    }
+                    1 if !placed.is_empty() => {
+                        let at = rng.next(placed.len() as u64) as usize;
+                        let (key, node) = placed.swap_remove(at);
+                        assert!(p.remove_pod(&key, Some(&node)));
+                        p.activate_unschedulable();
+                    }
+                    2..=6 => {
+                        let pod: Pod = serde_json::from_value(json!({
+                            "metadata": {"name": format!("p{step}"), "namespace": "t"},
+                            "spec": {"priority": rng.next(3) as i32, "containers": [{
+                                "name": "c", "image": "i", "resources": {"requests": {
+                                    "cpu": format!("{}m", 100 + rng.next(3000)),
+                                    "memory": format!("{}Mi", 64 + rng.next(4096))}}}]},
+                        }))
+                        .unwrap();
+                        p.enqueue(Arc::new(pod));
+                    }
+                    _ => {
+                        let strategy = if rng.next(2) == 0 {
+                            Strategy::LeastAllocated
+                        } else {
+                            Strategy::MostAllocated
+                        };
+                        for decision in p.decide(1 + rng.next(8) as usize, strategy) {
+                            if let Decision::Bind { pod, node } = decision {
+                                assert!(p.node(&node).is_some(), "seed {seed}: {node}");
+                                // The binding succeeds: the pod is seen bound.
+                                p.bound(pod.clone(), &node);
+                                placed.push((pod_key(&pod), node));
+                                bindings += 1;
+                            }
+                        }
+                    }
+                }
+                for info in p.nodes.values() {
+                    let (have, used) = (&info.allocatable, &info.requested);
+                    assert!(used.milli_cpu <= have.milli_cpu, "seed {seed}: cpu");
+                    assert!(used.memory <= have.memory, "seed {seed}: memory");
+                    assert!(used.pods <= have.pods, "seed {seed}: pods");
+                    let sum: i64 = info.pods.values().map(|pp| pp.requests.milli_cpu).sum();
+                    assert_eq!(sum, used.milli_cpu, "seed {seed}: accounting");
+                }
+            }
+        }
+        assert!(
+            bindings > 1000,
+            "the run must place pods to test anything ({bindings})"
+        );
+    }
+}
