@@ -116,9 +116,10 @@ fn priority(pod: &Pod) -> i32 {
 }
 
 impl Partition {
-    /// Whether a worker has something to do here.
+    /// Whether a worker has something to do here (a turn may turn out stale; a worker
+    /// then finds nothing, which is cheaper than scanning every pending pod).
     pub fn has_active(&self) -> bool {
-        self.pending.values().any(|p| p.state == PodState::Active)
+        !self.active.is_empty()
     }
 
     /// Nodes in the partition.

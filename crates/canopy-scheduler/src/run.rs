@@ -191,12 +191,6 @@ impl Shared {
         let mut placement = self.placement.lock();
         let previous = placement.node_tenant.insert(name.clone(), tenant.clone());
         let changed = placement.fingerprints.insert(name.clone(), print.clone()) != Some(print);
-        let pods_here: Vec<Arc<Pod>> = placement
-            .bound
-            .values()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, p)| p.clone())
-            .collect();
         drop(placement);
         match previous {
             Some(old) if old == tenant => {
@@ -204,15 +198,11 @@ impl Shared {
             }
             _ => {
                 // New, or moved to another tenant: it takes its pods along.
-                let mut info = previous
-                    .and_then(|old| self.partition(&old).lock().take_node(&name))
-                    .unwrap_or_else(|| {
-                        let mut info = NodeInfo::new(node.clone());
-                        for pod in pods_here {
-                            info.add_pod(pod);
-                        }
-                        info
-                    });
+                let mut info =
+                    match previous.and_then(|old| self.partition(&old).lock().take_node(&name)) {
+                        Some(info) => info,
+                        None => self.new_node_info(&node),
+                    };
                 info.set_node(node);
                 self.partition(&tenant).lock().put_node(info);
             }
@@ -220,6 +210,18 @@ impl Shared {
         if changed && self.partition(&tenant).lock().activate_unschedulable() {
             self.wake(&tenant);
         }
+    }
+
+    /// A node seen for the first time, with the pods already bound to it.
+    fn new_node_info(&self, node: &Arc<Node>) -> NodeInfo {
+        let name = node.name_any();
+        let mut info = NodeInfo::new(node.clone());
+        for (bound_to, pod) in self.placement.lock().bound.values() {
+            if *bound_to == name {
+                info.add_pod(pod.clone());
+            }
+        }
+        info
     }
 
     fn on_node_deleted(&self, name: &str) {

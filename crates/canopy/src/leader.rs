@@ -46,16 +46,8 @@ fn new_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "canopy".into());
-    let suffix = uuid_suffix();
-    format!("{host}_{}_{suffix}", std::process::id())
-}
-
-fn uuid_suffix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    format!("{nanos:08x}")
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}_{}_{}", std::process::id(), &suffix[..8])
 }
 
 struct Elector {

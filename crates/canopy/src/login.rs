@@ -469,16 +469,17 @@ fn merge_kubeconfig(
         doc = json!({"apiVersion": "v1", "kind": "Config", "preferences": {}});
     }
     let upsert = |doc: &mut Value, list: &str, field: &str, body: Value| -> Result<()> {
-        let entries = doc
+        let object = doc
             .as_object_mut()
-            .map(|o| o.entry(list).or_insert_with(|| json!([])))
             .ok_or_else(|| anyhow!("not a kubeconfig"))?;
-        if !entries.is_array() {
-            *entries = json!([]);
+        let slot = object.entry(list).or_insert_with(|| json!([]));
+        if !slot.is_array() {
+            *slot = json!([]);
         }
-        let entries = entries.as_array_mut().expect("an array");
-        entries.retain(|e| e.get("name").and_then(Value::as_str) != Some(name));
-        entries.push(json!({ "name": name, field: body }));
+        if let Value::Array(entries) = slot {
+            entries.retain(|e| e.get("name").and_then(Value::as_str) != Some(name));
+            entries.push(json!({ "name": name, field: body }));
+        }
         Ok(())
     };
     upsert(&mut doc, "clusters", "cluster", cluster)?;

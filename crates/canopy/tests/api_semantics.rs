@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::enc;
+
 use std::{
     collections::BTreeSet,
     time::{Duration, Instant},
@@ -198,18 +200,6 @@ fn strs(names: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     v.sort();
     v
-}
-
-/// Percent-encodes a query parameter value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Polls GET `path` until `done(status, body)` holds; returns the last response.

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::enc;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -99,18 +101,6 @@ fn created(response: (u16, Value)) -> Value {
 
 fn reason_of(v: &Value) -> &str {
     v["reason"].as_str().unwrap_or("")
-}
-
-/// Percent-encodes a query parameter value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn configmap(name: &str) -> Value {

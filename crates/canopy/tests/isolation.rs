@@ -22,6 +22,8 @@
 
 mod common;
 
+use common::enc;
+
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -478,18 +480,6 @@ async fn list_rv(admin: &Client) -> u64 {
     rv_of(&list)
         .parse()
         .unwrap_or_else(|_| panic!("no list resourceVersion: {list}"))
-}
-
-/// Percent-encodes a query parameter value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Appends query parameters to a path.

@@ -55,6 +55,22 @@ async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
 }
 
+/// The message of a pod's `PodScheduled=False, Unschedulable` condition, once it has one.
+async fn unschedulable(pods: &Api<Pod>, name: &str) -> Option<String> {
+    pods.get(name)
+        .await
+        .ok()?
+        .status?
+        .conditions?
+        .into_iter()
+        .find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+        .map(|c| c.message.unwrap_or_default())
+}
+
 async fn node_of(pods: &Api<Pod>, name: &str) -> Option<String> {
     pods.get(name).await.ok()?.spec?.node_name
 }
@@ -84,14 +100,7 @@ async fn pods_go_to_their_tenants_nodes_and_wait_for_room() {
         .await
         .unwrap();
     let message = wait_for("worker to be marked unschedulable", async || {
-        let pod = pods.get("worker").await.ok()?;
-        let condition = pod
-            .status?
-            .conditions?
-            .into_iter()
-            .find(|c| c.type_ == "PodScheduled")?;
-        (condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable"))
-            .then(|| condition.message.unwrap_or_default())
+        unschedulable(&pods, "worker").await
     })
     .await;
     assert_eq!(message, "0/1 nodes are available: 1 Insufficient cpu.");
@@ -128,12 +137,7 @@ async fn pods_go_to_their_tenants_nodes_and_wait_for_room() {
         .await
         .unwrap();
     wait_for("batch to be unschedulable", async || {
-        let pod = pods.get("batch").await.ok()?;
-        pod.status?
-            .conditions?
-            .into_iter()
-            .any(|c| c.type_ == "PodScheduled" && c.status == "False")
-            .then_some(())
+        unschedulable(&pods, "batch").await
     })
     .await;
     pods.delete(
@@ -162,14 +166,7 @@ async fn a_tenant_without_nodes_is_told_so() {
         .await
         .unwrap();
     let message = wait_for("web to be unschedulable", async || {
-        pods.get("web")
-            .await
-            .ok()?
-            .status?
-            .conditions?
-            .into_iter()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
-            .message
+        unschedulable(&pods, "web").await
     })
     .await;
     assert_eq!(message, "no nodes available to schedule pods");

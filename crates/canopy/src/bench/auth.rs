@@ -8,10 +8,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,7 +20,7 @@ use canopy_apiserver::{
 };
 
 use super::{
-    client::{Target, ok, request, send},
+    client::{Target, in_parallel, ok, request, send},
     machine, percentiles,
 };
 use crate::login::KeystoneUser;
@@ -205,39 +202,23 @@ async fn over_https(args: &AuthArgs, url: &str, headers: Arc<Vec<String>>) -> Re
     let server = ServerProcess::start(&exe, dir.path(), "embedded", &extra)?;
     let target = Target::without_client_cert(&server.kubeconfig)?;
 
-    let next = Arc::new(AtomicUsize::new(0));
+    let tokens = headers.len();
     let started = Instant::now();
-    let tasks: Vec<_> = (0..args.clients)
-        .map(|_| {
-            let target = target.clone();
-            let next = next.clone();
-            let headers = headers.clone();
-            let total = args.requests;
-            tokio::spawn(async move {
-                let mut conn = target.http1().await?;
-                let mut latencies = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
-                        return Ok::<_, anyhow::Error>(latencies);
-                    }
-                    let mut req = request("GET", "/api/v1/namespaces", None)?;
-                    req.headers_mut().insert(
-                        http::header::AUTHORIZATION,
-                        headers[i % headers.len()].parse()?,
-                    );
-                    let t = Instant::now();
-                    let (code, body) = send(&mut conn, req).await?;
-                    latencies.push(t.elapsed().as_secs_f64());
-                    ok(code, &body, "listing namespaces with a Keystone token")?;
-                }
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
+    let mut latencies = in_parallel(
+        &target,
+        args.clients,
+        args.requests,
+        "listing namespaces with a Keystone token",
+        Arc::new(move |i| {
+            let mut req = request("GET", "/api/v1/namespaces", None)?;
+            req.headers_mut().insert(
+                http::header::AUTHORIZATION,
+                headers[i % headers.len()].parse()?,
+            );
+            Ok(req)
+        }),
+    )
+    .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let (p50, p99) = percentiles(&mut latencies);
 
@@ -260,7 +241,7 @@ async fn over_https(args: &AuthArgs, url: &str, headers: Arc<Vec<String>>) -> Re
         "over HTTPS ({} clients): {} requests with {} distinct tokens in {:.2} s ({:.0}/s), latency p50 {:.2} ms p99 {:.2} ms",
         args.clients,
         args.requests,
-        headers.len(),
+        tokens,
         elapsed,
         args.requests as f64 / elapsed,
         p50 * 1e3,
@@ -268,7 +249,7 @@ async fn over_https(args: &AuthArgs, url: &str, headers: Arc<Vec<String>>) -> Re
     );
     println!(
         "Keystone validations for those requests: {validations} (target: {}); cache hits {hits}",
-        headers.len()
+        tokens
     );
     Ok(())
 }

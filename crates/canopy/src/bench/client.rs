@@ -1,7 +1,13 @@
 //! A lean HTTPS client for benchmarks: raw hyper connections with the kubeconfig's client
 //! certificate, so that what is measured is the server, not client-side decoding.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
@@ -152,6 +158,55 @@ pub async fn send(
     let code = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((code, body))
+}
+
+/// A request builder for [`in_parallel`]: request `i` of the run.
+pub type MakeRequest = Arc<dyn Fn(usize) -> Result<http::Request<Full<Bytes>>> + Send + Sync>;
+
+/// Sends `count` requests over `clients` HTTP/1.1 connections (`make(i)` builds request i),
+/// waiting and retrying on 429 as a well-behaved client does; fails on any other non-success.
+/// Returns each request's latency in seconds.
+pub async fn in_parallel(
+    target: &Target,
+    clients: usize,
+    count: usize,
+    what: &'static str,
+    make: MakeRequest,
+) -> Result<Vec<f64>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let target = target.clone();
+            let next = next.clone();
+            let make = make.clone();
+            tokio::spawn(async move {
+                let mut conn = target.http1().await?;
+                let mut latencies = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, anyhow::Error>(latencies);
+                    }
+                    let started = Instant::now();
+                    loop {
+                        let (code, body) = send(&mut conn, make(i)?).await?;
+                        if code == 429 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        ok(code, &body, what)?;
+                        break;
+                    }
+                    latencies.push(started.elapsed().as_secs_f64());
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(count);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok(latencies)
 }
 
 /// Fails unless the status is a success.

@@ -3,10 +3,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -18,7 +15,7 @@ use serde_json::{Value, json};
 use canopy::procs::ServerProcess;
 
 use super::{
-    client::{Target, ok, request, send},
+    client::{Target, in_parallel, ok, request, send},
     machine, percentiles,
 };
 
@@ -53,47 +50,6 @@ fn now_nanos() -> i128 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
         .unwrap_or_default()
-}
-
-/// Runs `count` requests over `clients` connections; `make(i)` builds request i.
-async fn in_parallel(
-    target: &Target,
-    clients: usize,
-    count: usize,
-    what: &'static str,
-    make: Arc<dyn Fn(usize) -> Result<http::Request<http_body_util::Full<Bytes>>> + Send + Sync>,
-) -> Result<()> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..clients.max(1))
-        .map(|_| {
-            let target = target.clone();
-            let next = next.clone();
-            let make = make.clone();
-            tokio::spawn(async move {
-                let mut conn = target.http1().await?;
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    // Honour 429 as a well-behaved client does: wait and retry.
-                    loop {
-                        let (code, body) = send(&mut conn, make(i)?).await?;
-                        if code == 429 {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                        ok(code, &body, what)?;
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
 }
 
 fn node_name(j: usize, tenants: usize) -> String {

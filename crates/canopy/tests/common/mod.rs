@@ -230,6 +230,18 @@ pub async fn token_client(kubeconfig: &Path, token: &str) -> kube::Client {
     kube::Client::try_from(config).expect("kube client")
 }
 
+/// Percent-encodes a query parameter value.
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Polls `f` until it returns true or the timeout passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
