@@ -1,6 +1,7 @@
-//! Upstream's filter plugins that look at one node (NodeUnschedulable, TaintToleration,
-//! NodeAffinity, NodePorts, NodeResourcesFit), with upstream's failure texts, and the
-//! `FitError` message that sums them up over all nodes.
+//! Upstream's filter plugins (NodeUnschedulable, TaintToleration, NodeAffinity, NodePorts,
+//! NodeResourcesFit, and InterPodAffinity from the state `inter_pod_affinity` prepares once
+//! per decision), with upstream's failure texts, and the `FitError` message that sums them up
+//! over all nodes.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -9,6 +10,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use crate::{
+    inter_pod_affinity::InterPodAffinity,
     node_info::{HostPort, NodeInfo},
     resources::Resources,
 };
@@ -33,6 +35,12 @@ pub enum Reason {
     Unschedulable,
     /// A wanted host port is taken.
     HostPorts,
+    /// No pod the pod's required affinity asks for in the node's topology domain.
+    PodAffinity,
+    /// A pod the pod's required anti-affinity rules out is in the node's topology domain.
+    PodAntiAffinity,
+    /// A pod in the node's topology domain rules this pod out by its required anti-affinity.
+    ExistingPodsAntiAffinity,
 }
 
 impl fmt::Display for Reason {
@@ -50,6 +58,11 @@ impl fmt::Display for Reason {
             Reason::HostPorts => {
                 f.write_str("node(s) didn't have free ports for the requested pod ports")
             }
+            Reason::PodAffinity => f.write_str("node(s) didn't match pod affinity rules"),
+            Reason::PodAntiAffinity => f.write_str("node(s) didn't match pod anti-affinity rules"),
+            Reason::ExistingPodsAntiAffinity => {
+                f.write_str("node(s) didn't satisfy existing pods anti-affinity rules")
+            }
         }
     }
 }
@@ -62,15 +75,32 @@ pub struct PodFacts<'a> {
     pub requests: Resources,
     /// Its host ports.
     pub ports: Vec<HostPort>,
+    /// The pods around it that its required (anti-)affinity, or theirs, concern; `None`
+    /// when there are none. It depends on the whole partition, so the partition sets it.
+    pub inter_pod_affinity: Option<InterPodAffinity>,
 }
 
 impl<'a> PodFacts<'a> {
-    /// Facts of a pod.
+    /// Facts of a pod, without inter-pod affinity (see `with_inter_pod_affinity`).
     pub fn new(pod: &'a Pod) -> Self {
         Self {
             requests: crate::resources::pod_requests(pod),
             ports: crate::node_info::host_ports(pod),
+            inter_pod_affinity: None,
             pod,
+        }
+    }
+
+    /// Facts of a pod placed among `nodes`, of which `with_anti_affinity` hold pods with
+    /// required anti-affinity.
+    pub fn with_inter_pod_affinity<'n>(
+        pod: &'a Pod,
+        nodes: impl IntoIterator<Item = &'n NodeInfo>,
+        with_anti_affinity: impl IntoIterator<Item = &'n NodeInfo>,
+    ) -> Self {
+        Self {
+            inter_pod_affinity: InterPodAffinity::prepare(pod, nodes, with_anti_affinity),
+            ..Self::new(pod)
         }
     }
 
@@ -168,7 +198,14 @@ pub fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Result<(), Vec<Reason>> 
     }
     // NodeResourcesFit.
     let short = insufficient(&facts.requests, info);
-    if short.is_empty() { Ok(()) } else { Err(short) }
+    if !short.is_empty() {
+        return Err(short);
+    }
+    // InterPodAffinity (upstream runs PodTopologySpread and volume plugins in between).
+    match &facts.inter_pod_affinity {
+        Some(state) => state.check(node).map_err(|reason| vec![reason]),
+        None => Ok(()),
+    }
 }
 
 /// Every resource the node lacks for the request.
@@ -537,6 +574,54 @@ mod tests {
             "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 2 Insufficient cpu."
         );
         assert_eq!(fit_error(0, &BTreeMap::new()), "0/0 nodes are available.");
+        let mut reasons = BTreeMap::new();
+        reasons.insert(Reason::PodAffinity, 1);
+        reasons.insert(Reason::PodAntiAffinity, 2);
+        reasons.insert(Reason::ExistingPodsAntiAffinity, 3);
+        assert_eq!(
+            fit_error(6, &reasons),
+            "0/6 nodes are available: 1 node(s) didn't match pod affinity rules, 2 node(s) \
+             didn't match pod anti-affinity rules, 3 node(s) didn't satisfy existing pods \
+             anti-affinity rules."
+        );
+    }
+
+    #[test]
+    fn inter_pod_affinity_comes_after_resource_fit() {
+        let mut info = node(
+            "n",
+            "2",
+            "4Gi",
+            json!({"metadata": {"labels": {"host": "n"}}}),
+        );
+        info.add_pod(Arc::new(pod(
+            "web-1",
+            "1",
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )));
+        let anti = |cpu: &str| {
+            pod(
+                "web-2",
+                cpu,
+                json!({"metadata": {"labels": {"app": "web"}},
+                "spec": {"affinity": {"podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "host"}
+                    ]}}}}),
+            )
+        };
+        let nodes = [info];
+        let verdict = |p: &Pod| {
+            let facts = PodFacts::with_inter_pod_affinity(p, &nodes, []);
+            filter(&facts, &nodes[0])
+        };
+        assert_eq!(verdict(&anti("500m")), Err(vec![Reason::PodAntiAffinity]));
+        assert_eq!(
+            verdict(&anti("2")),
+            Err(vec![Reason::Insufficient("cpu".into())])
+        );
+        // Facts without the partition's view do not check inter-pod affinity.
+        assert!(check(&anti("500m"), &nodes[0]).is_ok());
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 
-use crate::resources::{Resources, node_allocatable, pod_requests};
+use crate::{
+    inter_pod_affinity::{AffinityTerm, required_anti_affinity_terms},
+    resources::{Resources, node_allocatable, pod_requests},
+};
 
 /// A host port a pod holds: protocol, host IP (`0.0.0.0` for all) and port.
 pub type HostPort = (String, String, i32);
@@ -49,6 +52,9 @@ pub struct PlacedPod {
     pub requests: Resources,
     /// Its host ports.
     pub ports: Vec<HostPort>,
+    /// Its required anti-affinity terms, compiled once: every later pod is checked against
+    /// them.
+    pub anti_affinity: Vec<AffinityTerm>,
 }
 
 /// A node and what is placed on it.
@@ -63,6 +69,9 @@ pub struct NodeInfo {
     /// Its pods by `namespace/name`.
     pub pods: HashMap<String, PlacedPod>,
     used_ports: HashMap<HostPort, usize>,
+    /// Pods here with required anti-affinity, so that the partition knows which nodes to
+    /// visit for them (upstream's `PodsWithRequiredAntiAffinity`).
+    anti_affinity_pods: usize,
 }
 
 /// `namespace/name` of a pod.
@@ -83,6 +92,7 @@ impl NodeInfo {
             requested: Resources::default(),
             pods: HashMap::new(),
             used_ports: HashMap::new(),
+            anti_affinity_pods: 0,
         }
     }
 
@@ -104,9 +114,13 @@ impl NodeInfo {
         let placed = PlacedPod {
             requests: pod_requests(&pod),
             ports: host_ports(&pod),
+            anti_affinity: required_anti_affinity_terms(&pod),
             pod,
         };
         self.requested.add(&placed.requests);
+        if !placed.anti_affinity.is_empty() {
+            self.anti_affinity_pods += 1;
+        }
         for port in &placed.ports {
             *self.used_ports.entry(port.clone()).or_default() += 1;
         }
@@ -119,6 +133,9 @@ impl NodeInfo {
             return false;
         };
         self.requested.sub(&placed.requests);
+        if !placed.anti_affinity.is_empty() {
+            self.anti_affinity_pods -= 1;
+        }
         for port in &placed.ports {
             if let Some(n) = self.used_ports.get_mut(port) {
                 *n -= 1;
@@ -137,6 +154,11 @@ impl NodeInfo {
         self.used_ports.keys().any(|(p, i, n)| {
             p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0")
         })
+    }
+
+    /// Whether a pod here has required anti-affinity terms.
+    pub fn has_pods_with_required_anti_affinity(&self) -> bool {
+        self.anti_affinity_pods > 0
     }
 
     /// Distinct host ports in use (for tests and metrics).

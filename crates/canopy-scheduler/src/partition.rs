@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::{
     filters::{PodFacts, Reason, filter, fit_error},
+    inter_pod_affinity::{AffinityTerm, required_affinity_terms},
     node_info::{NodeInfo, pod_key},
     score::{Strategy, score},
 };
@@ -88,6 +89,12 @@ pub struct Partition {
     /// Nodes by free cpu (millicores) then name: the pre-filter. Nodes without room for a
     /// pod's cpu are never visited.
     by_free_cpu: BTreeSet<(i64, String)>,
+    /// Nodes holding pods with required anti-affinity: the only ones a pod without terms of
+    /// its own must be checked against, and none at all in the common case.
+    anti_affinity_nodes: BTreeSet<String>,
+    /// Unschedulable pods with required pod affinity, with their terms: a pod placed later
+    /// may be what they wait for (upstream requeues them when an assigned pod arrives).
+    waiting_for_pods: HashMap<String, Vec<AffinityTerm>>,
     pending: HashMap<String, PendingPod>,
     active: BinaryHeap<Turn>,
     next_seq: u64,
@@ -142,7 +149,17 @@ impl Partition {
         self.by_free_cpu.remove(&(free_cpu(info), name.to_string()));
         let result = f(info);
         self.by_free_cpu.insert((free_cpu(info), name.to_string()));
+        let anti_affinity = info.has_pods_with_required_anti_affinity();
+        self.index_anti_affinity(name, anti_affinity);
         Some(result)
+    }
+
+    fn index_anti_affinity(&mut self, name: &str, has: bool) {
+        if !has {
+            self.anti_affinity_nodes.remove(name);
+        } else if !self.anti_affinity_nodes.contains(name) {
+            self.anti_affinity_nodes.insert(name.to_string());
+        }
     }
 
     /// Adds or replaces a node, keeping the pods already placed on it.
@@ -152,6 +169,7 @@ impl Partition {
             self.by_free_cpu.remove(&(free_cpu(old), name.clone()));
         }
         self.by_free_cpu.insert((free_cpu(&info), name.clone()));
+        self.index_anti_affinity(&name, info.has_pods_with_required_anti_affinity());
         self.nodes.insert(name, info);
     }
 
@@ -166,19 +184,52 @@ impl Partition {
         let info = self.nodes.remove(name)?;
         self.by_free_cpu
             .remove(&(free_cpu(&info), name.to_string()));
+        self.anti_affinity_nodes.remove(name);
         Some(info)
     }
 
     /// Records a pod bound to one of this partition's nodes; it is no longer pending.
-    pub fn bound(&mut self, pod: Arc<Pod>, node: &str) {
+    /// Returns whether unschedulable pods waiting for such a pod (required affinity) were
+    /// put back in the queue, so that the caller wakes the tenant.
+    pub fn bound(&mut self, pod: Arc<Pod>, node: &str) -> bool {
         let key = pod_key(&pod);
         self.pending.remove(&key);
-        self.with_node(node, |info| info.add_pod(pod));
+        self.waiting_for_pods.remove(&key);
+        // A pod this scheduler assumed is already there: only a newcomer can unblock anyone,
+        // and status updates of bound pods must not retry the waiting ones each time.
+        let arrived = self
+            .with_node(node, |info| {
+                let arrived = !info.pods.contains_key(&key);
+                info.add_pod(pod.clone());
+                arrived
+            })
+            .unwrap_or(false);
+        arrived && self.activate_waiting_for(&pod)
+    }
+
+    /// Puts back in the queue the unschedulable pods whose required affinity a newly placed
+    /// pod matches (upstream's queueing hint for InterPodAffinity).
+    fn activate_waiting_for(&mut self, placed: &Pod) -> bool {
+        if self.waiting_for_pods.is_empty() {
+            return false;
+        }
+        let keys: Vec<String> = self
+            .waiting_for_pods
+            .iter()
+            .filter(|(_, terms)| terms.iter().any(|t| t.matches(placed)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut any = false;
+        for key in keys {
+            any |= self.activate(&key);
+        }
+        any
     }
 
     /// Forgets a pod wherever it is; returns whether it held resources on a node.
     pub fn remove_pod(&mut self, key: &str, node: Option<&str>) -> bool {
         self.pending.remove(key);
+        self.waiting_for_pods.remove(key);
         match node {
             Some(node) => self
                 .with_node(node, |info| info.remove_pod(key))
@@ -216,6 +267,7 @@ impl Partition {
 
     /// Puts a pod back in the queue (after backoff, or when the cluster changed).
     pub fn activate(&mut self, key: &str) -> bool {
+        self.waiting_for_pods.remove(key);
         let Some(pending) = self.pending.get_mut(key) else {
             return false;
         };
@@ -256,7 +308,8 @@ impl Partition {
     }
 
     /// Decides for up to `limit` pods, best first. Chosen pods are assumed on their node at
-    /// once, so the next decision sees the capacity they take.
+    /// once, so the next decision sees the capacity they take and the (anti-)affinity they
+    /// bring.
     pub fn decide(&mut self, limit: usize, strategy: Strategy) -> Vec<Decision> {
         let mut decisions = Vec::new();
         while decisions.len() < limit {
@@ -283,7 +336,20 @@ impl Partition {
                     if let Some(p) = self.pending.get_mut(&turn.key) {
                         p.state = PodState::Unschedulable;
                     }
+                    let terms = required_affinity_terms(&pod);
+                    if !terms.is_empty() {
+                        self.waiting_for_pods.insert(turn.key.clone(), terms);
+                    }
                     decisions.push(Decision::Unschedulable { pod, message });
+                }
+            }
+        }
+        // Pods these placements unblock are decided in a later turn, once the Unschedulable
+        // status this batch may hold for them has been written, not in a race with it.
+        if !self.waiting_for_pods.is_empty() {
+            for decision in &decisions {
+                if let Decision::Bind { pod, .. } = decision {
+                    self.activate_waiting_for(pod);
                 }
             }
         }
@@ -295,7 +361,11 @@ impl Partition {
         if self.nodes.is_empty() {
             return Err(NO_NODES.into());
         }
-        let facts = PodFacts::new(pod);
+        let with_anti_affinity = self
+            .anti_affinity_nodes
+            .iter()
+            .filter_map(|name| self.nodes.get(name));
+        let facts = PodFacts::with_inter_pod_affinity(pod, self.nodes.values(), with_anti_affinity);
         let want_cpu = facts.requests.milli_cpu;
         let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
         let mut best: Option<(i64, &str)> = None;
@@ -356,7 +426,7 @@ mod tests {
     fn node(name: &str, cpu: &str) -> NodeInfo {
         NodeInfo::new(Arc::new(
             serde_json::from_value(json!({
-                "metadata": {"name": name},
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
                 "status": {"allocatable": {"cpu": cpu, "memory": "64Gi", "pods": "110"},
                            "conditions": [{"type": "Ready", "status": "True"}]},
             }))
@@ -444,6 +514,126 @@ mod tests {
             .collect();
         assert_eq!(nodes.len(), 1, "{nodes:?}");
     }
+
+    /// A pod labelled `app` with required terms of `kind` over `kubernetes.io/hostname`.
+    fn affine(name: &str, app: &str, kind: &str, wants: &str) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "t", "labels": {"app": app}},
+                "spec": {"containers": [{"name": "c", "image": "i",
+                    "resources": {"requests": {"cpu": "100m"}}}],
+                    "affinity": {kind: {"requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"labelSelector": {"matchLabels": {"app": wants}},
+                         "topologyKey": "kubernetes.io/hostname"}]}}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn bound_to(decisions: &[Decision]) -> Vec<(String, String)> {
+        decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Bind { pod, node } => Some((pod.metadata.name.clone()?, node.clone())),
+                Decision::Unschedulable { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn anti_affine_pods_decided_in_one_batch_spread_out() {
+        let mut p = Partition::default();
+        p.put_node(node("n1", "4"));
+        p.put_node(node("n2", "4"));
+        for name in ["web-1", "web-2", "web-3"] {
+            p.enqueue(affine(name, "web", "podAntiAffinity", "web"));
+        }
+        // Packing would put them all on one node: only the assumed pods keep them apart.
+        let decisions = p.decide(10, Strategy::MostAllocated);
+        let bound = bound_to(&decisions);
+        assert_eq!(bound.len(), 2, "{decisions:?}");
+        assert_ne!(bound[0].1, bound[1].1);
+        match &decisions[2] {
+            Decision::Unschedulable { message, .. } => assert_eq!(
+                message,
+                "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A plain pod the placed ones repel is kept away by their terms.
+        let plain: Arc<Pod> = Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "intruder", "namespace": "t", "labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            }))
+            .unwrap(),
+        );
+        p.enqueue(plain);
+        match p.decide(10, Strategy::MostAllocated).as_slice() {
+            [Decision::Unschedulable { message, .. }] => assert_eq!(
+                message,
+                "0/2 nodes are available: 2 node(s) didn't satisfy existing pods anti-affinity rules."
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A failed binding takes its pod's rule along: the node is open again.
+        let (name, node) = &bound[0];
+        p.binding_failed(&format!("t/{name}"), node);
+        assert_eq!(p.anti_affinity_nodes.len(), 1);
+        p.activate_unschedulable();
+        let again = bound_to(&p.decide(10, Strategy::MostAllocated));
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(&again[0].1, node);
+    }
+
+    #[test]
+    fn a_pod_waiting_for_its_peer_is_retried_when_the_peer_is_placed() {
+        let mut p = Partition::default();
+        p.put_node(node("n1", "4"));
+        p.put_node(node("n2", "4"));
+        p.enqueue(affine("cache", "cache", "podAffinity", "db"));
+        match p.decide(10, Strategy::LeastAllocated).as_slice() {
+            [Decision::Unschedulable { message, .. }] => assert_eq!(
+                message,
+                "0/2 nodes are available: 2 node(s) didn't match pod affinity rules."
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(!p.has_active());
+        // The peer is decided in this turn; the waiting pod in the next one, beside it.
+        p.enqueue(affine("db", "db", "podAntiAffinity", "db"));
+        let first = bound_to(&p.decide(10, Strategy::LeastAllocated));
+        assert_eq!(first.len(), 1);
+        assert!(p.has_active());
+        let second = bound_to(&p.decide(10, Strategy::LeastAllocated));
+        assert_eq!(second, [("cache".to_string(), first[0].1.clone())]);
+
+        // A peer bound by someone else wakes a waiting pod too; a bound pod's updates do not.
+        p.enqueue(affine("queue", "queue", "podAffinity", "broker"));
+        p.decide(10, Strategy::LeastAllocated);
+        let broker = affine("broker", "broker", "podAffinity", "none");
+        assert!(p.bound(broker.clone(), "n2"));
+        assert!(!p.bound(broker, "n2"));
+        let third = bound_to(&p.decide(10, Strategy::LeastAllocated));
+        assert_eq!(third, [("queue".to_string(), "n2".to_string())]);
+    }
+
+    #[test]
+    fn the_first_pod_of_a_self_affine_group_is_placed() {
+        let mut p = Partition::default();
+        p.put_node(node("n1", "4"));
+        p.put_node(node("n2", "4"));
+        for name in ["a", "b", "c"] {
+            p.enqueue(affine(name, "web", "podAffinity", "web"));
+        }
+        // The first goes anywhere; the group then gathers around it.
+        let bound = bound_to(&p.decide(10, Strategy::LeastAllocated));
+        assert_eq!(bound.len(), 3);
+        assert!(
+            bound.iter().all(|(_, node)| *node == bound[0].1),
+            "{bound:?}"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -465,7 +655,7 @@ mod properties {
     fn node(name: &str, rng: &mut Rng) -> NodeInfo {
         NodeInfo::new(Arc::new(
             serde_json::from_value(json!({
-                "metadata": {"name": name},
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
                 "status": {"allocatable": {"cpu": (1 + rng.next(8)).to_string(),
                     "memory": format!("{}Gi", 1 + rng.next(16)),
                     "pods": (1 + rng.next(6)).to_string()},
@@ -501,15 +691,27 @@ mod properties {
                         p.activate_unschedulable();
                     }
                     2..=6 => {
-                        let pod: Pod = serde_json::from_value(json!({
+                        let mut pod = json!({
                             "metadata": {"name": format!("p{step}"), "namespace": "t"},
                             "spec": {"priority": rng.next(3) as i32, "containers": [{
                                 "name": "c", "image": "i", "resources": {"requests": {
                                     "cpu": format!("{}m", 100 + rng.next(3000)),
                                     "memory": format!("{}Mi", 64 + rng.next(4096))}}}]},
-                        }))
-                        .unwrap();
-                        p.enqueue(Arc::new(pod));
+                        });
+                        // Some pods belong to a group; some of those shun their group.
+                        let group = format!("g{}", rng.next(3));
+                        match rng.next(4) {
+                            0 => {
+                                pod["metadata"]["labels"] = json!({"group": group});
+                                pod["spec"]["affinity"] = json!({"podAntiAffinity": {
+                                    "requiredDuringSchedulingIgnoredDuringExecution": [{
+                                        "labelSelector": {"matchLabels": {"group": group}},
+                                        "topologyKey": "kubernetes.io/hostname"}]}});
+                            }
+                            1 => pod["metadata"]["labels"] = json!({"group": group}),
+                            _ => {}
+                        }
+                        p.enqueue(Arc::new(serde_json::from_value(pod).unwrap()));
                     }
                     _ => {
                         let strategy = if rng.next(2) == 0 {
@@ -535,6 +737,21 @@ mod properties {
                     assert!(used.pods <= have.pods, "seed {seed}: pods");
                     let sum: i64 = info.pods.values().map(|pp| pp.requests.milli_cpu).sum();
                     assert_eq!(sum, used.milli_cpu, "seed {seed}: accounting");
+                    // A pod that shuns its group is alone of its group on its node.
+                    for placed in info.pods.values() {
+                        let group = |pod: &Pod| pod.metadata.labels.as_ref()?.get("group").cloned();
+                        if placed.anti_affinity.is_empty() {
+                            continue;
+                        }
+                        let mine = group(&placed.pod);
+                        let same = info.pods.values().filter(|o| group(&o.pod) == mine).count();
+                        assert_eq!(same, 1, "seed {seed}: anti-affinity on {}", info.name());
+                    }
+                    assert_eq!(
+                        p.anti_affinity_nodes.contains(info.name()),
+                        info.has_pods_with_required_anti_affinity(),
+                        "seed {seed}: anti-affinity index"
+                    );
                 }
             }
         }

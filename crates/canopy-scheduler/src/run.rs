@@ -140,8 +140,11 @@ impl Shared {
                     .insert(key.clone(), (node.clone(), pod.clone()));
                 let partition = placement.node_tenant.get(&node).cloned();
                 drop(placement);
-                if let Some(node_tenant) = &partition {
-                    self.partition(node_tenant).lock().bound(pod, &node);
+                // A bound peer may satisfy a waiting pod's required affinity.
+                if let Some(node_tenant) = &partition
+                    && self.partition(node_tenant).lock().bound(pod, &node)
+                {
+                    self.wake(node_tenant);
                 }
                 // A pod bound by someone else no longer waits in its own tenant's queue.
                 if partition.as_deref() != Some(tenant.as_str()) {

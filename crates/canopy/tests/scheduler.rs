@@ -16,9 +16,22 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 async fn add_node(admin: &kube::Client, name: &str, tenant: &str, cpu: &str) {
+    add_labelled_node(admin, name, tenant, cpu, json!({})).await
+}
+
+/// A node with labels besides its tenant's, set at creation so that the scheduler never sees
+/// the node without them.
+async fn add_labelled_node(
+    admin: &kube::Client,
+    name: &str,
+    tenant: &str,
+    cpu: &str,
+    mut labels: serde_json::Value,
+) {
     let nodes: Api<Node> = Api::all(admin.clone());
+    labels["canopy.io/tenant"] = json!(tenant);
     let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"canopy.io/tenant": tenant}},
+        "metadata": {"name": name, "labels": labels},
     }))
     .unwrap();
     nodes.create(&PostParams::default(), &node).await.unwrap();
@@ -148,6 +161,65 @@ async fn pods_go_to_their_tenants_nodes_and_wait_for_room() {
     .unwrap();
     let node = wait_for("batch to be bound", async || node_of(&pods, "batch").await).await;
     assert_eq!(node, "acme-2");
+}
+
+/// A pod labelled `app=<app>` with one required term of `kind` (`podAffinity` or
+/// `podAntiAffinity`) on `app=web` per host.
+fn with_web_term(name: &str, app: &str, kind: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {
+            "containers": [{"name": "app", "image": "registry.local/app:1",
+                "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}],
+            "affinity": {kind: {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchLabels": {"app": "web"}},
+                "topologyKey": "kubernetes.io/hostname",
+            }]}},
+        },
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn required_pod_affinity_and_anti_affinity_per_host() {
+    let cluster = Cluster::with_scheduler(Backend::Embedded);
+    let admin = cluster.client().await;
+    for name in ["acme-1", "acme-2"] {
+        let labels = json!({"kubernetes.io/hostname": name});
+        add_labelled_node(&admin, name, "acme", "4", labels).await;
+    }
+    let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(acme.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(acme, "shop");
+    let create = async |pod: Pod| {
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    };
+
+    create(with_web_term("web-1", "web", "podAntiAffinity")).await;
+    let first = wait_for("web-1 to be bound", async || node_of(&pods, "web-1").await).await;
+    // web-1's node is the busier one: spreading alone would pick the other.
+    create(with_web_term("cache", "cache", "podAffinity")).await;
+    let cache = wait_for("cache to be bound", async || node_of(&pods, "cache").await).await;
+    assert_eq!(cache, first, "the cache joins a web pod");
+
+    create(with_web_term("web-2", "web", "podAntiAffinity")).await;
+    let second = wait_for("web-2 to be bound", async || node_of(&pods, "web-2").await).await;
+    assert_ne!(second, first, "web pods on different hosts");
+
+    create(with_web_term("web-3", "web", "podAntiAffinity")).await;
+    let message = wait_for("web-3 to be unschedulable", async || {
+        unschedulable(&pods, "web-3").await
+    })
+    .await;
+    assert_eq!(
+        message,
+        "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+    );
+    assert!(node_of(&pods, "web-3").await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]
