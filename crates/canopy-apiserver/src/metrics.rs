@@ -213,8 +213,20 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.render_with(&[])
+    }
+
+    /// The exposition of these metrics followed by other registries' (components in the
+    /// same process), with one end-of-file marker.
+    pub fn render_with(&self, others: &[std::sync::Arc<Registry>]) -> String {
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        for registry in std::iter::once(&self.registry).chain(others.iter().map(|r| &**r)) {
+            let mut part = String::new();
+            if prometheus_client::encoding::text::encode_registry(&mut part, registry).is_ok() {
+                out.push_str(&part);
+            }
+        }
+        if prometheus_client::encoding::text::encode_eof(&mut out).is_err() {
             out.clear();
         }
         out

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Keystone token authentication.
     pub keystone: Option<crate::keystone::KeystoneConfig>,
+    /// Metrics of components running in the same process (the scheduler, ...), shown on
+    /// this server's `/metrics` after its own.
+    pub extra_metrics: Vec<Arc<prometheus_client::registry::Registry>>,
 }
 
 impl ServerConfig {
@@ -81,6 +84,7 @@ impl ServerConfig {
             event_ttl: Duration::from_secs(3600),
             token_auth_file: None,
             keystone: None,
+            extra_metrics: Vec::new(),
         }
     }
 }
@@ -92,6 +96,7 @@ struct State {
     read_slots: Semaphore,
     write_slots: Semaphore,
     authenticator: auth::Authenticator,
+    extra_metrics: Vec<Arc<prometheus_client::registry::Registry>>,
 }
 
 /// A running API server.
@@ -181,6 +186,7 @@ impl ApiServer {
             openapi,
             read_slots: Semaphore::new(config.max_requests_inflight),
             write_slots: Semaphore::new(config.max_mutating_requests_inflight),
+            extra_metrics: config.extra_metrics.clone(),
         });
         Ok(Self {
             state,
@@ -575,7 +581,7 @@ async fn non_resource(
         Route::Metrics => bytes_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(ctx.metrics.render()),
+            Bytes::from(ctx.metrics.render_with(&state.extra_metrics)),
         ),
         Route::OpenApiV2 => json_response(StatusCode::OK, state.openapi.v2()),
         Route::OpenApiV3Root => json_response(StatusCode::OK, state.openapi.v3_root()),

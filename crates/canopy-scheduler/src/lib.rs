@@ -3,10 +3,11 @@
 //!
 //! `resources`, `node_info`, `filters`, `inter_pod_affinity`, `score` and `partition` are the
 //! scheduling core without I/O (what a pod asks for, what a node has left, upstream's filters
-//! and scores, a tenant's queue and decisions); `run` connects it to the API through kube-rs.
+//! and scores, a tenant's queue and decisions); `run` connects it to the API through kube-rs, `metrics` says how it goes.
 
 pub mod filters;
 pub mod inter_pod_affinity;
+pub mod metrics;
 pub mod node_info;
 pub mod partition;
 pub mod resources;

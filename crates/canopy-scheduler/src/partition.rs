@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -39,6 +40,21 @@ pub struct PendingPod {
     /// Failed attempts (for backoff).
     pub attempts: u32,
     seq: u64,
+    /// When the pod was first queued (scheduling SLI).
+    first_queued: Instant,
+    /// When the pod last became active (queue wait).
+    queued_at: Instant,
+}
+
+/// How long a decision took and waited, for the scheduler's metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// When the pod was first queued.
+    pub first_queued: Instant,
+    /// From becoming active to being taken by a worker.
+    pub waited: Duration,
+    /// Filtering and scoring.
+    pub decided_in: Duration,
 }
 
 #[derive(PartialEq, Eq)]
@@ -72,6 +88,8 @@ pub enum Decision {
         pod: Arc<Pod>,
         /// The node.
         node: String,
+        /// Queue wait and decision time.
+        timing: Timing,
     },
     /// No node fits; the message says why, upstream style.
     Unschedulable {
@@ -79,7 +97,18 @@ pub enum Decision {
         pod: Arc<Pod>,
         /// `0/3 nodes are available: ...`.
         message: String,
+        /// Queue wait and decision time.
+        timing: Timing,
     },
+}
+
+impl Decision {
+    /// Queue wait and decision time.
+    pub fn timing(&self) -> Timing {
+        match self {
+            Decision::Bind { timing, .. } | Decision::Unschedulable { timing, .. } => *timing,
+        }
+    }
 }
 
 /// A tenant's nodes and pending pods.
@@ -253,6 +282,7 @@ impl Partition {
             seq,
             key: key.clone(),
         });
+        let now = Instant::now();
         self.pending.insert(
             key,
             PendingPod {
@@ -260,6 +290,8 @@ impl Partition {
                 state: PodState::Active,
                 attempts: 0,
                 seq,
+                first_queued: now,
+                queued_at: now,
             },
         );
         true
@@ -275,12 +307,27 @@ impl Partition {
             return false;
         }
         pending.state = PodState::Active;
+        pending.queued_at = Instant::now();
         self.active.push(Turn {
             priority: priority(&pending.pod),
             seq: pending.seq,
             key: key.to_string(),
         });
         true
+    }
+
+    /// Pending pods: active, in backoff, unschedulable (pods being bound are not pending).
+    pub fn pending_counts(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for pending in self.pending.values() {
+            match pending.state {
+                PodState::Active => counts[0] += 1,
+                PodState::Backoff => counts[1] += 1,
+                PodState::Unschedulable => counts[2] += 1,
+                PodState::Binding => {}
+            }
+        }
+        counts
     }
 
     /// Retries every unschedulable pod: a node joined or changed, or capacity was freed.
@@ -324,13 +371,21 @@ impl Partition {
                 continue;
             }
             let pod = pending.pod.clone();
-            match self.place(&pod, strategy) {
+            let taken = Instant::now();
+            let mut timing = Timing {
+                first_queued: pending.first_queued,
+                waited: taken.saturating_duration_since(pending.queued_at),
+                decided_in: Duration::ZERO,
+            };
+            let placed = self.place(&pod, strategy);
+            timing.decided_in = taken.elapsed();
+            match placed {
                 Ok(node) => {
                     self.with_node(&node, |info| info.add_pod(pod.clone()));
                     if let Some(p) = self.pending.get_mut(&turn.key) {
                         p.state = PodState::Binding;
                     }
-                    decisions.push(Decision::Bind { pod, node });
+                    decisions.push(Decision::Bind { pod, node, timing });
                 }
                 Err(message) => {
                     if let Some(p) = self.pending.get_mut(&turn.key) {
@@ -340,7 +395,11 @@ impl Partition {
                     if !terms.is_empty() {
                         self.waiting_for_pods.insert(turn.key.clone(), terms);
                     }
-                    decisions.push(Decision::Unschedulable { pod, message });
+                    decisions.push(Decision::Unschedulable {
+                        pod,
+                        message,
+                        timing,
+                    });
                 }
             }
         }
@@ -534,7 +593,9 @@ mod tests {
         decisions
             .iter()
             .filter_map(|d| match d {
-                Decision::Bind { pod, node } => Some((pod.metadata.name.clone()?, node.clone())),
+                Decision::Bind { pod, node, .. } => {
+                    Some((pod.metadata.name.clone()?, node.clone()))
+                }
                 Decision::Unschedulable { .. } => None,
             })
             .collect()
@@ -720,7 +781,7 @@ mod properties {
                             Strategy::MostAllocated
                         };
                         for decision in p.decide(1 + rng.next(8) as usize, strategy) {
-                            if let Decision::Bind { pod, node } = decision {
+                            if let Decision::Bind { pod, node, .. } = decision {
                                 assert!(p.node(&node).is_some(), "seed {seed}: {node}");
                                 // The binding succeeds: the pod is seen bound.
                                 p.bound(pod.clone(), &node);

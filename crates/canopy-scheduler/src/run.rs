@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, future::join_all};
@@ -22,8 +22,9 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
+    metrics::SchedulerMetrics,
     node_info::{NodeInfo, pod_key},
-    partition::{Decision, Partition},
+    partition::{Decision, Partition, Timing},
     score::Strategy,
 };
 
@@ -72,13 +73,14 @@ struct Placement {
 struct Shared {
     client: Client,
     config: SchedulerConfig,
-    partitions: Mutex<HashMap<String, Arc<Mutex<Partition>>>>,
+    partitions: Arc<Mutex<HashMap<String, Arc<Mutex<Partition>>>>>,
     placement: Mutex<Placement>,
     queued: Mutex<HashSet<String>>,
     ready: mpsc::UnboundedSender<String>,
     /// Bounds the scheduler's writes in flight across all workers, so that it does not
     /// crowd out other clients of the API server's mutating requests.
     writes: Semaphore,
+    metrics: SchedulerMetrics,
 }
 
 fn tenant_of<K: kube::Resource>(obj: &K) -> String {
@@ -243,6 +245,16 @@ impl Shared {
         let decisions = partition
             .lock()
             .decide(self.config.batch, self.config.strategy);
+        let profile = &self.config.scheduler_name;
+        for decision in &decisions {
+            let timing = decision.timing();
+            let result = match decision {
+                Decision::Bind { .. } => "scheduled",
+                Decision::Unschedulable { .. } => "unschedulable",
+            };
+            self.metrics
+                .attempt(result, profile, timing.decided_in, timing.waited);
+        }
         let writes = decisions.into_iter().map(|decision| {
             let this = self.clone();
             let partition = partition.clone();
@@ -252,8 +264,10 @@ impl Shared {
                     return;
                 };
                 match decision {
-                    Decision::Bind { pod, node } => this.bind(&partition, &tenant, pod, node).await,
-                    Decision::Unschedulable { pod, message } => {
+                    Decision::Bind { pod, node, timing } => {
+                        this.bind(&partition, &tenant, pod, node, timing).await
+                    }
+                    Decision::Unschedulable { pod, message, .. } => {
                         this.report_unschedulable(&pod, &message).await
                     }
                 }
@@ -271,6 +285,7 @@ impl Shared {
         tenant: &str,
         pod: Arc<Pod>,
         node: String,
+        timing: Timing,
     ) {
         let namespace = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
@@ -281,6 +296,7 @@ impl Shared {
             "metadata": {"name": name, "namespace": namespace},
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         });
+        let started = Instant::now();
         let result = api
             .create_subresource::<_, serde_json::Value>(
                 "binding",
@@ -289,15 +305,24 @@ impl Shared {
                 &binding,
             )
             .await;
+        let took = started.elapsed();
         let key = pod_key(&pod);
+        let profile = &self.config.scheduler_name;
         match result {
-            Ok(_) => tracing::debug!(pod = %key, %node, "bound"),
+            Ok(_) => {
+                self.metrics.bound("Success", profile, took);
+                self.metrics.scheduled(timing.first_queued.elapsed());
+                tracing::debug!(pod = %key, %node, "bound");
+            }
             // Gone, or bound by someone else: the pod watch says what became of it.
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                self.metrics.bound("Conflict", profile, took);
                 partition.lock().binding_failed(&key, &node);
                 partition.lock().remove_pod(&key, None);
             }
             Err(err) => {
+                self.metrics.bound("Error", profile, took);
+                self.metrics.error(profile);
                 tracing::warn!(pod = %key, %node, error = %err, "binding failed; retrying");
                 let attempts = partition.lock().binding_failed(&key, &node).unwrap_or(1);
                 let delay = Duration::from_secs(1 << attempts.min(4));
@@ -369,7 +394,7 @@ impl Shared {
 }
 
 /// Runs the scheduler until its watches end.
-pub async fn run(client: Client, config: SchedulerConfig) {
+pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetrics) {
     let (ready, mut tenants) = mpsc::unbounded_channel::<String>();
     let workers = Arc::new(Semaphore::new(config.workers.max(1)));
     let config_writes = config.max_inflight_writes.max(1);
@@ -381,7 +406,9 @@ pub async fn run(client: Client, config: SchedulerConfig) {
         queued: Default::default(),
         ready,
         writes: Semaphore::new(config_writes),
+        metrics,
     });
+    shared.metrics.watch_queues(shared.partitions.clone());
 
     let nodes = {
         let shared = shared.clone();

@@ -2,6 +2,7 @@
 //! process; the other subcommands run single components and tools.
 
 mod bench;
+mod component_http;
 mod leader;
 mod login;
 mod server;
@@ -73,6 +74,10 @@ struct SchedulerCmd {
     scheduler: server::SchedulerArgs,
     #[command(flatten)]
     leader_election: leader::LeaderElectionArgs,
+    /// Address of the plain-HTTP endpoint with /metrics, /healthz, /livez and /readyz
+    /// (upstream's former insecure scheduler port; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:10251")]
+    metrics_bind_address: std::net::SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -120,12 +125,23 @@ fn main() -> Result<()> {
             Command::Scheduler(cmd) => {
                 let client = server::client_from(&cmd.kubeconfig).await?;
                 let config = cmd.scheduler.config();
+                let mut registry = prometheus_client::registry::Registry::default();
+                let metrics = canopy_scheduler::metrics::SchedulerMetrics::register(&mut registry);
+                let served = component_http::serve(
+                    cmd.metrics_bind_address,
+                    std::sync::Arc::new(registry),
+                    client.clone(),
+                )
+                .await?;
+                tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
                 leader::run_elected(
                     client.clone(),
                     "kube-scheduler",
                     cmd.leader_election,
                     server::shutdown_signal(),
-                    move || canopy_scheduler::run::run(client.clone(), config.clone()),
+                    move || {
+                        canopy_scheduler::run::run(client.clone(), config.clone(), metrics.clone())
+                    },
                 )
                 .await;
                 Ok(())

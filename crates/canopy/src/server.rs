@@ -206,6 +206,13 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             admin_project: args.keystone_admin_project.clone(),
         });
     }
+    // The scheduler's metrics outlive its terms as leader, and show on this server's /metrics.
+    let mut scheduler_registry = prometheus_client::registry::Registry::default();
+    let scheduler_metrics =
+        canopy_scheduler::metrics::SchedulerMetrics::register(&mut scheduler_registry);
+    if !args.disable_scheduler {
+        config.extra_metrics.push(Arc::new(scheduler_registry));
+    }
     let server = ApiServer::new(config, store.clone()).await?;
     let url = local_url(server.local_addr());
 
@@ -291,7 +298,13 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 "kube-scheduler",
                 args.leader_election.clone(),
                 stop.clone().cancelled_owned(),
-                move || canopy_scheduler::run::run(client.clone(), config.clone()),
+                move || {
+                    canopy_scheduler::run::run(
+                        client.clone(),
+                        config.clone(),
+                        scheduler_metrics.clone(),
+                    )
+                },
             )));
     }
 

@@ -342,3 +342,158 @@ async fn another_replica_schedules_when_the_leader_dies() {
         Some(servers[survivor_at].pid())
     );
 }
+
+/// The value of the first sample of `metric` whose labels include every one of `labels`.
+fn sample(exposition: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+        (name == metric && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
+    })
+}
+
+/// A plain-HTTP GET (the standalone scheduler's endpoint): status and body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: scheduler\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// One pod bound and one unschedulable in a fresh tenant `acme` with a 2-cpu node.
+async fn bind_one_and_strand_one(admin: &kube::Client) {
+    add_node(admin, "acme-1", "acme", "2").await;
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": "shop", "labels": {"canopy.io/tenant": "acme"}}}),
+    )
+    .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    pods.create(&PostParams::default(), &pod("web", "1500m"))
+        .await
+        .unwrap();
+    wait_for("web to be bound", async || node_of(&pods, "web").await).await;
+    pods.create(&PostParams::default(), &pod("worker", "1"))
+        .await
+        .unwrap();
+    wait_for("worker to be marked unschedulable", async || {
+        unschedulable(&pods, "worker").await
+    })
+    .await;
+}
+
+fn assert_scheduler_metrics(exposition: &str) {
+    let scheduled = sample(
+        exposition,
+        "scheduler_schedule_attempts_total",
+        &[r#"result="scheduled""#, r#"profile="default-scheduler""#],
+    );
+    assert_eq!(scheduled, Some(1.0), "{exposition}");
+    let unschedulable = sample(
+        exposition,
+        "scheduler_schedule_attempts_total",
+        &[r#"result="unschedulable""#],
+    );
+    assert!(unschedulable >= Some(1.0), "{exposition}");
+    assert_eq!(
+        sample(
+            exposition,
+            "scheduler_pending_pods",
+            &[r#"queue="unschedulable""#]
+        ),
+        Some(1.0),
+        "{exposition}"
+    );
+    assert_eq!(
+        sample(exposition, "scheduler_pending_pods", &[r#"queue="active""#]),
+        Some(0.0),
+        "{exposition}"
+    );
+    for histogram in [
+        "scheduler_pod_scheduling_sli_duration_seconds_count",
+        "canopy_scheduler_queue_wait_duration_seconds_count",
+    ] {
+        assert!(
+            sample(exposition, histogram, &[]) >= Some(1.0),
+            "{histogram}: {exposition}"
+        );
+    }
+    assert_eq!(
+        sample(
+            exposition,
+            "scheduler_framework_extension_point_duration_seconds_count",
+            &[r#"extension_point="Bind""#, r#"status="Success""#],
+        ),
+        Some(1.0),
+        "{exposition}"
+    );
+}
+
+#[tokio::test]
+async fn scheduler_metrics_show_on_the_servers_metrics() {
+    let cluster = Cluster::with_scheduler(Backend::Embedded);
+    let admin = cluster.client().await;
+    bind_one_and_strand_one(&admin).await;
+    let exposition = admin
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert_scheduler_metrics(&exposition);
+    // One end-of-file marker, at the end, after the API server's own metrics.
+    assert_eq!(exposition.matches("# EOF").count(), 1);
+    assert!(exposition.trim_end().ends_with("# EOF"));
+    assert!(exposition.contains("apiserver_request_total"));
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_standalone_scheduler_serves_metrics_and_health() {
+    let cluster = Cluster::start(Backend::Embedded);
+    let admin = cluster.client().await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _scheduler = Child(
+        std::process::Command::new(common::canopy_exe())
+            .arg("scheduler")
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig())
+            .arg("--metrics-bind-address")
+            .arg(addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the scheduler's /readyz", async || {
+        http_get(addr, "/readyz").filter(|answer| *answer == (200, "ok".to_string()))
+    })
+    .await;
+    assert_eq!(http_get(addr, "/healthz"), Some((200, "ok".to_string())));
+    assert_eq!(http_get(addr, "/nope").map(|(s, _)| s), Some(404));
+    bind_one_and_strand_one(&admin).await;
+    let (status, exposition) = http_get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert_scheduler_metrics(&exposition);
+}

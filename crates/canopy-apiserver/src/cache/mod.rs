@@ -548,6 +548,12 @@ impl WatchCache {
     /// Records an object this server stored at `revision` (with its resourceVersion set):
     /// when the store's event for it arrives, the cache uses this instead of decoding.
     pub fn prime(&self, revision: Revision, obj: &Value) {
+        // The store's event often reaches the cache before the writer gets here; then the
+        // cache has built the object already and building it again would be wasted.
+        if self.revision() >= revision {
+            self.note_write(revision);
+            return;
+        }
         let dictionary = self.inner.read().dictionary.clone();
         let cached = Arc::new(CachedObject::new(
             self.def,

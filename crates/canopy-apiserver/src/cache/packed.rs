@@ -6,29 +6,32 @@
 //! lets the cache hold every object in memory at a small cost per object. Until a resource has
 //! enough objects to train on, its objects are kept as they are.
 
-use std::{
-    cell::RefCell,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-};
+use std::{cell::RefCell, sync::Arc};
 
 use bytes::Bytes;
+use zstd::zstd_safe::{CCtx, CDict, DCtx, DDict};
 
 /// Compression level: with a dictionary, higher levels gain little and cost write time.
 const LEVEL: i32 = 3;
 /// Largest dictionary trained.
 const DICTIONARY_BYTES: usize = 32 * 1024;
 
-/// A trained dictionary.
-#[derive(Debug)]
+/// A trained dictionary, prepared for both directions: loading a raw dictionary into a
+/// context for every object (hashing all of it each time) cost more than compressing the
+/// object itself.
 pub struct Dictionary {
-    id: u32,
-    bytes: Vec<u8>,
+    len: usize,
+    compress: CDict<'static>,
+    decompress: DDict<'static>,
 }
 
-static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dictionary")
+            .field("len", &self.len)
+            .finish()
+    }
+}
 
 impl Dictionary {
     /// Trains a dictionary from sample objects; None when zstd finds nothing worth keeping
@@ -36,27 +39,27 @@ impl Dictionary {
     pub fn train(samples: &[Bytes]) -> Option<Arc<Self>> {
         let bytes = zstd::dict::from_samples(samples, DICTIONARY_BYTES).ok()?;
         Some(Arc::new(Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            bytes,
+            len: bytes.len(),
+            compress: CDict::try_create(&bytes, LEVEL)?,
+            decompress: DDict::try_create(&bytes)?,
         }))
     }
 
     /// The dictionary's size.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     /// Whether the dictionary is empty.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 }
 
-// Compression contexts are expensive to create and load a dictionary into, so each thread
-// keeps one per dictionary in use.
+// Contexts are costly to create, so each thread keeps one of each.
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(u32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<(u32, zstd::bulk::Decompressor<'static>)>> = const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<CCtx<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
 }
 
 /// An object's JSON as the cache keeps it.
@@ -83,12 +86,15 @@ impl Packed {
         };
         let compressed = COMPRESSOR.with(|cell| {
             let mut cell = cell.borrow_mut();
-            if cell.as_ref().is_none_or(|(id, _)| *id != dictionary.id) {
-                let compressor =
-                    zstd::bulk::Compressor::with_dictionary(LEVEL, &dictionary.bytes).ok()?;
-                *cell = Some((dictionary.id, compressor));
+            if cell.is_none() {
+                *cell = CCtx::try_create();
             }
-            cell.as_mut()?.1.compress(&json).ok()
+            let context = cell.as_mut()?;
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(json.len()));
+            context
+                .compress_using_cdict(&mut out, &json, &dictionary.compress)
+                .ok()?;
+            Some(out)
         });
         match compressed {
             Some(data) if data.len() < json.len() => Packed::Zstd {
@@ -151,14 +157,15 @@ impl Packed {
                 out.resize(start + *len as usize, 0);
                 let written = DECOMPRESSOR.with(|cell| {
                     let mut cell = cell.borrow_mut();
-                    if cell.as_ref().is_none_or(|(id, _)| *id != dictionary.id) {
-                        let decompressor =
-                            zstd::bulk::Decompressor::with_dictionary(&dictionary.bytes).ok()?;
-                        *cell = Some((dictionary.id, decompressor));
+                    if cell.is_none() {
+                        *cell = DCtx::try_create();
                     }
                     cell.as_mut()?
-                        .1
-                        .decompress_to_buffer(&data[..], &mut out[start..])
+                        .decompress_using_ddict(
+                            &mut out[start..],
+                            &data[..],
+                            &dictionary.decompress,
+                        )
                         .ok()
                 });
                 // Data compressed by this process always decompresses; if it ever did not,

@@ -194,11 +194,8 @@ pub(super) async fn bind(
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    let manager = call.field_manager()?;
-    let schemas = call.ctx.registry.schemas();
-    let pod_node = schemas
-        .definition(def.definition)
-        .ok_or_else(|| ApiError::internal("no Pod schema"))?;
+    // Upstream binds straight through storage (BindingREST.setPodHostAndAnnotations): the
+    // Binding is not persisted and the pod's managedFields are left as they were.
     let required: Option<Revision> = None;
     guaranteed_update(call, required, false, |old| {
         let Some(old) = old else {
@@ -232,16 +229,6 @@ pub(super) async fn bind(
             }
         }
         set_condition(&mut new, "PodScheduled", "True");
-        canopy_api::fieldmanager::FieldManager::new(schemas, pod_node)
-            .update(
-                Some(old),
-                &mut new,
-                &manager,
-                "v1",
-                Some("binding"),
-                &meta::now_rfc3339(),
-            )
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(new)
     })
     .await?;

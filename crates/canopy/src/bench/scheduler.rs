@@ -1,5 +1,8 @@
 //! `canopy bench scheduler`: pods bound per second and create→bound latency against a live
-//! `canopy server`, with simulated nodes (Node objects, Ready, no agents) spread over tenants.
+//! `canopy server`, with simulated nodes (Node objects, Ready, no agents, their Leases renewed
+//! every 10 s like kubelets do) spread over tenants. `--backlog` creates the pods first and
+//! starts a standalone `canopy scheduler` on them, to measure the scheduler without the
+//! creations competing for the API server.
 
 use std::{
     collections::HashSet,
@@ -43,6 +46,101 @@ pub struct SchedulerArgs {
     /// Store of the server under test: `embedded` or `etcd=http://host:port`.
     #[arg(long, default_value = "embedded")]
     store: String,
+    /// Create every pod first, then start a standalone scheduler on the backlog.
+    #[arg(long)]
+    backlog: bool,
+    /// Seconds between two renewals of a node's Lease (the kubelet's default is 10).
+    #[arg(long, default_value_t = 10.0)]
+    lease_renew_seconds: f64,
+}
+
+/// Renewals of the simulated nodes' Leases, spread evenly over each period.
+struct LeaseRenewals {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<Result<RenewalTally>>>,
+}
+
+/// One connection's renewal latencies (seconds) and how many renewals went out late.
+type RenewalTally = (Vec<f64>, usize);
+
+const LEASE_CONNECTIONS: usize = 8;
+
+fn micro_time_now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+fn lease_path(node: &str) -> String {
+    format!("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node}")
+}
+
+impl LeaseRenewals {
+    fn start(target: &Target, nodes: usize, tenants: usize, period: Duration) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let origin = tokio::time::Instant::now();
+        let tasks = (0..LEASE_CONNECTIONS)
+            .map(|c| {
+                let target = target.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut conn = target.http1().await?;
+                    let mut latencies = Vec::new();
+                    let mut late = 0usize;
+                    for round in 0u32.. {
+                        for j in (c..nodes).step_by(LEASE_CONNECTIONS) {
+                            let due =
+                                origin + period * round + period.mul_f64(j as f64 / nodes as f64);
+                            tokio::select! {
+                                _ = stop.cancelled() => return Ok((latencies, late)),
+                                _ = tokio::time::sleep_until(due) => {}
+                            }
+                            if tokio::time::Instant::now() > due + period / 4 {
+                                late += 1;
+                            }
+                            let body = json!({"spec": {"renewTime": micro_time_now()}});
+                            let mut req = request(
+                                "PATCH",
+                                &lease_path(&node_name(j, tenants)),
+                                Some(Bytes::from(serde_json::to_vec(&body)?)),
+                            )?;
+                            req.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/merge-patch+json"),
+                            );
+                            let started = Instant::now();
+                            let (code, body) = send(&mut conn, req).await?;
+                            ok(code, &body, "renewing a node Lease")?;
+                            latencies.push(started.elapsed().as_secs_f64());
+                        }
+                    }
+                    Ok((latencies, late))
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops renewing; prints how the renewals went.
+    async fn finish(self, seconds: f64) -> Result<()> {
+        self.stop.cancel();
+        let mut latencies = Vec::new();
+        let mut late = 0;
+        for task in self.tasks {
+            let (l, n) = task.await??;
+            latencies.extend(l);
+            late += n;
+        }
+        let count = latencies.len();
+        let (p50, p99) = percentiles(&mut latencies);
+        println!(
+            "node Lease renewals: {count} ({:.0}/s), latency p50 {:.1} ms, p99 {:.1} ms; {late} later than a quarter period",
+            count as f64 / seconds.max(f64::EPSILON),
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        Ok(())
+    }
 }
 
 fn now_nanos() -> i128 {
@@ -73,18 +171,19 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the canopy binary")?;
     let workers = args.workers.to_string();
     let inflight = args.inflight_writes.to_string();
-    let server = ServerProcess::start(
-        &exe,
-        dir.path(),
-        &args.store,
-        &[
-            "--disable-controllers",
-            "--scheduler-workers",
-            &workers,
-            "--scheduler-max-inflight-writes",
-            &inflight,
-        ],
-    )?;
+    let scheduler_flags = [
+        "--scheduler-workers",
+        &workers,
+        "--scheduler-max-inflight-writes",
+        &inflight,
+    ];
+    let mut server_flags = vec!["--disable-controllers"];
+    if args.backlog {
+        server_flags.push("--disable-scheduler");
+    } else {
+        server_flags.extend(scheduler_flags);
+    }
+    let server = ServerProcess::start(&exe, dir.path(), &args.store, &server_flags)?;
     let target = Target::from_kubeconfig(&server.kubeconfig)?;
     let tenants = args.tenants;
 
@@ -130,12 +229,31 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         Ok(req)
     }))
     .await?;
+    in_parallel(&target, args.clients, args.nodes, "creating a node Lease", Arc::new(move |j| {
+        let node = node_name(j, tenants);
+        let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": micro_time_now()}});
+        request(
+            "POST",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+            Some(Bytes::from(serde_json::to_vec(&body)?)),
+        )
+    }))
+    .await?;
     println!(
-        "set up {} tenants and {} Ready nodes in {:.1} s",
+        "set up {} tenants and {} Ready nodes with Leases in {:.1} s",
         tenants,
         args.nodes,
         started.elapsed().as_secs_f64()
     );
+    let renewals = LeaseRenewals::start(
+        &target,
+        args.nodes,
+        tenants,
+        Duration::from_secs_f64(args.lease_renew_seconds.max(0.1)),
+    );
+    let renewals_started = Instant::now();
     // Let the scheduler see every node before pods arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -166,6 +284,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         let mut bound: HashSet<String> = HashSet::with_capacity(total);
         let mut latencies = Vec::with_capacity(total);
         let mut wrong_tenant = 0usize;
+        let mut first = None;
         let mut last = Instant::now();
         while bound.len() < total {
             let Some(frame) = body.frame().await else {
@@ -188,6 +307,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
                     continue;
                 }
                 last = Instant::now();
+                first.get_or_insert(last);
                 let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
                 if !node.ends_with(&format!("-{namespace}")) {
                     wrong_tenant += 1;
@@ -200,7 +320,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((latencies, wrong_tenant, last))
+        Ok::<_, anyhow::Error>((latencies, wrong_tenant, first.unwrap_or(last), last))
     });
 
     let created = Instant::now();
@@ -225,25 +345,67 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     )
     .await?;
     let create_seconds = created.elapsed().as_secs_f64();
-    let (mut latencies, wrong_tenant, last) =
-        tokio::time::timeout(Duration::from_secs(600), watcher)
-            .await
-            .context("not every pod was bound within 10 minutes")???;
-    let seconds = last.duration_since(created).as_secs_f64();
-    let (p50, p99) = percentiles(&mut latencies);
     println!(
-        "created {} pods in {:.2} s ({:.0}/s); all bound after {:.2} s: {:.0} pods bound/s",
+        "created {} pods in {:.2} s ({:.0}/s)",
         args.pods,
         create_seconds,
         args.pods as f64 / create_seconds,
-        seconds,
-        args.pods as f64 / seconds
     );
-    println!(
-        "create→bound latency p50 {:.1} ms, p99 {:.1} ms; pods on another tenant's node: {wrong_tenant}",
-        p50 * 1e3,
-        p99 * 1e3
-    );
+    let mut scheduler = None;
+    let scheduler_started = Instant::now();
+    if args.backlog {
+        let log = std::fs::File::create(dir.path().join("scheduler.log"))?;
+        scheduler = Some(
+            std::process::Command::new(&exe)
+                .args(["--log", "info", "scheduler", "--kubeconfig"])
+                .arg(&server.kubeconfig)
+                .args(["--metrics-bind-address", "127.0.0.1:0"])
+                .args(scheduler_flags)
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting canopy scheduler")?,
+        );
+    }
+    let waited = tokio::time::timeout(Duration::from_secs(600), watcher).await;
+    if let Some(mut child) = scheduler {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (mut latencies, wrong_tenant, first, last) =
+        waited.context("not every pod was bound within 10 minutes")???;
+    renewals
+        .finish(renewals_started.elapsed().as_secs_f64())
+        .await?;
+    if args.backlog {
+        let seconds = last.duration_since(scheduler_started).as_secs_f64();
+        let binding = last.duration_since(first).as_secs_f64();
+        println!(
+            "scheduler started on a backlog of {} pods; all bound {:.2} s later: {:.0} pods bound/s ({:.0}/s from first to last binding, start-up {:.2} s)",
+            args.pods,
+            seconds,
+            args.pods as f64 / seconds,
+            args.pods as f64 / binding.max(f64::EPSILON),
+            first.duration_since(scheduler_started).as_secs_f64()
+        );
+    } else {
+        let seconds = last.duration_since(created).as_secs_f64();
+        let (p50, p99) = percentiles(&mut latencies);
+        println!(
+            "all bound {:.2} s after the first creation: {:.0} pods bound/s",
+            seconds,
+            args.pods as f64 / seconds
+        );
+        println!(
+            "create→bound latency p50 {:.1} ms, p99 {:.1} ms",
+            p50 * 1e3,
+            p99 * 1e3
+        );
+    }
+    println!("pods on another tenant's node: {wrong_tenant}");
+    if wrong_tenant > 0 {
+        bail!("{wrong_tenant} pods were placed on another tenant's node");
+    }
     drop(server);
     Ok(())
 }
