@@ -211,14 +211,9 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        self.render_with(&[])
-    }
-
-    /// The exposition of these metrics followed by other registries' (components in the
-    /// same process), with one end-of-file marker.
-    pub fn render_with(&self, others: &[std::sync::Arc<Registry>]) -> String {
+    /// The Prometheus text exposition of these metrics followed by other registries'
+    /// (components in the same process), with one end-of-file marker.
+    pub fn render(&self, others: &[std::sync::Arc<Registry>]) -> String {
         let mut out = String::new();
         for registry in std::iter::once(&self.registry).chain(others.iter().map(|r| &**r)) {
             let mut part = String::new();

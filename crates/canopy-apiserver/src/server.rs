@@ -581,7 +581,7 @@ async fn non_resource(
         Route::Metrics => bytes_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(ctx.metrics.render_with(&state.extra_metrics)),
+            Bytes::from(ctx.metrics.render(&state.extra_metrics)),
         ),
         Route::OpenApiV2 => json_response(StatusCode::OK, state.openapi.v2()),
         Route::OpenApiV3Root => json_response(StatusCode::OK, state.openapi.v3_root()),

@@ -144,11 +144,6 @@ impl SchedulerMetrics {
         metrics
     }
 
-    /// A set of metrics not registered anywhere (tests, benchmarks).
-    pub fn unregistered() -> Self {
-        Self::register(&mut Registry::default())
-    }
-
     pub(crate) fn watch_queues(&self, partitions: Partitions) {
         *self.pending.partitions.lock() = Some(partitions);
     }

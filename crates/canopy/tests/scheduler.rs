@@ -48,6 +48,18 @@ async fn add_labelled_node(
         .unwrap();
 }
 
+/// Creates namespace `name` (with `labels`; a tenant's user needs none, admission sets its
+/// tenant) and returns its pods.
+async fn namespace_pods(client: &kube::Client, name: &str, labels: serde_json::Value) -> Api<Pod> {
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    Api::namespaced(client.clone(), name)
+}
+
 fn pod(name: &str, cpu: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name},
@@ -96,12 +108,7 @@ async fn pods_go_to_their_tenants_nodes_and_wait_for_room() {
     add_node(&admin, "other-1", "other", "16").await;
 
     let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(acme.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(acme.clone(), "shop");
+    let pods = namespace_pods(&acme, "shop", json!({})).await;
     pods.create(&PostParams::default(), &pod("web", "1500m"))
         .await
         .unwrap();
@@ -189,12 +196,7 @@ async fn required_pod_affinity_and_anti_affinity_per_host() {
         add_labelled_node(&admin, name, "acme", "4", labels).await;
     }
     let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(acme.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(acme, "shop");
+    let pods = namespace_pods(&acme, "shop", json!({})).await;
     let create = async |pod: Pod| {
         pods.create(&PostParams::default(), &pod).await.unwrap();
     };
@@ -228,12 +230,7 @@ async fn a_tenant_without_nodes_is_told_so() {
     let admin = cluster.client().await;
     add_node(&admin, "other-1", "other", "16").await;
     let acme = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(acme.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(acme, "shop");
+    let pods = namespace_pods(&acme, "shop", json!({})).await;
     pods.create(&PostParams::default(), &pod("web", "100m"))
         .await
         .unwrap();
@@ -291,15 +288,7 @@ async fn another_replica_schedules_when_the_leader_dies() {
 
     let survivor = client_for(&servers[survivor_at].kubeconfig).await;
     add_node(&survivor, "acme-1", "acme", "8").await;
-    let ns: Namespace = serde_json::from_value(json!({
-        "metadata": {"name": "shop", "labels": {"canopy.io/tenant": "acme"}}
-    }))
-    .unwrap();
-    Api::<Namespace>::all(survivor.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(survivor.clone(), "shop");
+    let pods = namespace_pods(&survivor, "shop", json!({"canopy.io/tenant": "acme"})).await;
     pods.create(&PostParams::default(), &pod("before", "1"))
         .await
         .unwrap();
@@ -372,15 +361,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
 /// One pod bound and one unschedulable in a fresh tenant `acme` with a 2-cpu node.
 async fn bind_one_and_strand_one(admin: &kube::Client) {
     add_node(admin, "acme-1", "acme", "2").await;
-    let ns: Namespace = serde_json::from_value(
-        json!({"metadata": {"name": "shop", "labels": {"canopy.io/tenant": "acme"}}}),
-    )
-    .unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    let pods = namespace_pods(admin, "shop", json!({"canopy.io/tenant": "acme"})).await;
     pods.create(&PostParams::default(), &pod("web", "1500m"))
         .await
         .unwrap();
