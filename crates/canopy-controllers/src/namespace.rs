@@ -4,13 +4,19 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, ListParams, PostParams},
     discovery::{Discovery, Scope, verbs},
-    runtime::{Controller, controller::Action, watcher},
+};
+
+use crate::{
+    informer::{Change, ObjectKey},
+    manager::Context,
+    queue::WorkQueue,
+    worker::{Outcome, run_workers},
 };
 
 /// The finalizer the API server puts on every namespace.
@@ -22,43 +28,41 @@ pub enum Error {
     /// An API call failed.
     #[error("API call failed: {0}")]
     Api(#[from] kube::Error),
-    /// Content is still being deleted (finalizers or grace periods).
-    #[error("namespace {namespace} still has {remaining} objects")]
-    ContentRemaining {
-        /// The namespace.
-        namespace: String,
-        /// Objects left.
-        remaining: usize,
-    },
 }
 
-struct Ctx {
-    client: Client,
-}
-
-/// Runs the controller until the stream of namespaces ends.
-pub async fn run(client: Client) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    Controller::new(api, watcher::Config::default())
-        .run(reconcile, error_policy, Arc::new(Ctx { client }))
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "namespace reconcile failed");
+/// Registers the controller's handlers and returns its workers: a namespace is synced when
+/// it is added, changes, or at a resync.
+pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
+    let queue: WorkQueue<ObjectKey> = ctx.queue("namespace");
+    let namespaces = ctx.informers.namespaces.clone();
+    {
+        let queue = queue.clone();
+        namespaces.add_handler(move |change| {
+            if !matches!(change, Change::Delete(_)) {
+                queue.add(ObjectKey::of(change.object().as_ref()), change.lane());
+            }
+        });
+    }
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        namespaces.wait_synced().await;
+        let workers = ctx.config.workers;
+        run_workers(queue, workers, move |key: ObjectKey| {
+            let ctx = ctx.clone();
+            async move {
+                match ctx.informers.namespaces.get(&key) {
+                    Some(ns) => reconcile(ns, &ctx.client).await,
+                    None => Ok(Outcome::Done),
+                }
             }
         })
         .await;
+    })
 }
 
-fn error_policy(_ns: Arc<Namespace>, err: &Error, _ctx: Arc<Ctx>) -> Action {
-    match err {
-        Error::ContentRemaining { .. } => Action::requeue(Duration::from_secs(2)),
-        Error::Api(_) => Action::requeue(Duration::from_secs(5)),
-    }
-}
-
-async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn reconcile(ns: Arc<Namespace>, client: &Client) -> Result<Outcome, Error> {
     if ns.metadata.deletion_timestamp.is_none() {
-        return Ok(Action::await_change());
+        return Ok(Outcome::Done);
     }
     let finalizers = ns
         .spec
@@ -66,25 +70,25 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .and_then(|s| s.finalizers.clone())
         .unwrap_or_default();
     if !finalizers.iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
+        return Ok(Outcome::Done);
     }
     let name = ns.name_any();
-    let remaining = delete_content(&ctx.client, &name).await?;
+    let remaining = delete_content(client, &name).await?;
     if remaining > 0 {
-        return Err(Error::ContentRemaining {
-            namespace: name,
-            remaining,
-        });
+        // Content with finalizers or grace periods goes later; look again soon rather than
+        // backing off as for a failure.
+        tracing::debug!(namespace = %name, remaining, "namespace content still being deleted");
+        return Ok(Outcome::RequeueAfter(Duration::from_secs(1)));
     }
     let mut finalized = (*ns).clone();
     if let Some(spec) = finalized.spec.as_mut() {
         spec.finalizers = Some(finalizers.into_iter().filter(|f| f != FINALIZER).collect());
     }
-    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    let api: Api<Namespace> = Api::all(client.clone());
     api.replace_subresource("finalize", &name, &PostParams::default(), &finalized)
         .await?;
     tracing::info!(namespace = %name, "namespace content deleted; finalized");
-    Ok(Action::await_change())
+    Ok(Outcome::Done)
 }
 
 /// Deletes every namespaced object in `namespace`; returns how many remain.

@@ -117,27 +117,27 @@ impl SchedulerMetrics {
         };
         registry.register(
             "scheduler_schedule_attempts",
-            "Attempts to schedule pods, by result.",
+            "Attempts to schedule pods, by result",
             metrics.attempts.clone(),
         );
         registry.register(
             "scheduler_scheduling_attempt_duration_seconds",
-            "Time filtering and scoring took for one pod, by result.",
+            "Time filtering and scoring took for one pod, by result",
             metrics.attempt_duration.clone(),
         );
         registry.register(
             "canopy_scheduler_queue_wait_duration_seconds",
-            "Time a pod waited in its tenant's active queue before a worker took it.",
+            "Time a pod waited in its tenant's active queue before a worker took it",
             metrics.queue_wait.clone(),
         );
         registry.register(
             "scheduler_pod_scheduling_sli_duration_seconds",
-            "Time from a pod first entering the queue to its successful binding, retries included.",
+            "Time from a pod first entering the queue to its successful binding, retries included",
             metrics.sli_duration.clone(),
         );
         registry.register(
             "scheduler_framework_extension_point_duration_seconds",
-            "Latency of the bind step (a pods/binding request).",
+            "Latency of the bind step (a pods/binding request)",
             metrics.bind_duration.clone(),
         );
         registry.register_collector(Box::new(metrics.pending.clone()));

@@ -51,6 +51,9 @@ enum Command {
     /// Run the scheduler alone against an API server (`canopy server` runs one itself unless
     /// given --disable-scheduler).
     Scheduler(SchedulerCmd),
+    /// Run the controller manager alone against an API server (`canopy server` runs one
+    /// itself unless given --disable-controllers).
+    ControllerManager(ControllerManagerCmd),
     /// Measure Canopy's performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -77,6 +80,22 @@ struct SchedulerCmd {
     /// Address of the plain-HTTP endpoint with /metrics, /healthz, /livez and /readyz
     /// (upstream's former insecure scheduler port; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:10251")]
+    metrics_bind_address: std::net::SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct ControllerManagerCmd {
+    /// Kubeconfig of the controller manager's identity (`canopy server` writes
+    /// <data-dir>/controller-manager.kubeconfig).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    #[command(flatten)]
+    controller_manager: server::ControllerManagerArgs,
+    #[command(flatten)]
+    leader_election: leader::LeaderElectionArgs,
+    /// Address of the plain-HTTP endpoint with /metrics, /healthz, /livez and /readyz
+    /// (upstream's former insecure controller-manager port; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:10252")]
     metrics_bind_address: std::net::SocketAddr,
 }
 
@@ -141,6 +160,35 @@ fn main() -> Result<()> {
                     server::shutdown_signal(),
                     move || {
                         canopy_scheduler::run::run(client.clone(), config.clone(), metrics.clone())
+                    },
+                )
+                .await;
+                Ok(())
+            }
+            Command::ControllerManager(cmd) => {
+                cmd.controller_manager.validate()?;
+                let client = server::client_from(&cmd.kubeconfig).await?;
+                let config = cmd.controller_manager.config();
+                let mut registry = prometheus_client::registry::Registry::default();
+                let metrics = canopy_controllers::queue::QueueMetrics::register(&mut registry);
+                let served = component_http::serve(
+                    cmd.metrics_bind_address,
+                    std::sync::Arc::new(registry),
+                    client.clone(),
+                )
+                .await?;
+                tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
+                leader::run_elected(
+                    client.clone(),
+                    "kube-controller-manager",
+                    cmd.leader_election,
+                    server::shutdown_signal(),
+                    move || {
+                        canopy_controllers::manager::run(canopy_controllers::manager::Context::new(
+                            client.clone(),
+                            config.clone(),
+                            metrics.clone(),
+                        ))
                     },
                 )
                 .await;

@@ -58,6 +58,8 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
     #[command(flatten)]
+    pub controller_manager: ControllerManagerArgs,
+    #[command(flatten)]
     pub leader_election: crate::leader::LeaderElectionArgs,
     /// Static bearer tokens, one `token,user,uid[,"group1,group2"]` line each (upstream's
     /// format), for bootstrap. Tenant members are in group `canopy:tenant:<tenant>`.
@@ -125,6 +127,64 @@ impl SchedulerArgs {
             },
             ..Default::default()
         }
+    }
+}
+
+/// Flags of the controller manager, in `canopy server` and `canopy controller-manager`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerManagerArgs {
+    /// Controllers to run, comma-separated: `*` for all, `-name` to leave one out
+    /// (upstream's --controllers). Names: replicaset, deployment, endpoint, endpointslice,
+    /// namespace, nodelifecycle, garbagecollector, serviceaccount, tenant.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub controllers: Vec<String>,
+    /// Keys each controller syncs at once (upstream's --concurrent-*-syncs).
+    #[arg(long, default_value_t = 5)]
+    pub concurrent_syncs: usize,
+    /// How often the controllers look at every object again (queued in the SYNC lane, behind
+    /// all new work); 0 turns periodic resyncs off. Upstream's --min-resync-period.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    pub resync_period: Duration,
+    /// Serve the work queues as one FIFO, as upstream does, instead of the priority lanes
+    /// ADD > UPDATE > DELETE > SYNC. For comparison only.
+    #[arg(long)]
+    pub fifo_work_queues: bool,
+    /// How long a node's Lease may go unrenewed before the node is marked Unknown.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// How long pods stay on a node that is not Ready before they are evicted.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub pod_eviction_timeout: Duration,
+}
+
+impl ControllerManagerArgs {
+    /// The controller manager's configuration.
+    pub fn config(&self) -> canopy_controllers::manager::ManagerConfig {
+        canopy_controllers::manager::ManagerConfig {
+            queue: canopy_controllers::queue::QueueConfig {
+                fifo: self.fifo_work_queues,
+                ..Default::default()
+            },
+            resync_period: (!self.resync_period.is_zero()).then_some(self.resync_period),
+            workers: self.concurrent_syncs.max(1),
+            controllers: self.controllers.clone(),
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            pod_eviction_timeout: self.pod_eviction_timeout,
+        }
+    }
+
+    /// Unknown controller names, as an error.
+    pub fn validate(&self) -> Result<()> {
+        for name in &self.controllers {
+            let bare = name.strip_prefix('-').unwrap_or(name);
+            if bare != "*" && !canopy_controllers::manager::CONTROLLERS.contains(&bare) {
+                anyhow::bail!(
+                    "--controllers: unknown controller {bare:?}; known: {}",
+                    canopy_controllers::manager::CONTROLLERS.join(", ")
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -206,6 +266,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             admin_project: args.keystone_admin_project.clone(),
         });
     }
+    args.controller_manager.validate()?;
+    // The controllers' queue metrics show on this server's /metrics.
+    let mut controllers_registry = prometheus_client::registry::Registry::default();
+    let queue_metrics =
+        canopy_controllers::queue::QueueMetrics::register(&mut controllers_registry);
+    if !args.disable_controllers {
+        config.extra_metrics.push(Arc::new(controllers_registry));
+    }
     // The scheduler's metrics outlive its terms as leader, and show on this server's /metrics.
     let mut scheduler_registry = prometheus_client::registry::Registry::default();
     let scheduler_metrics =
@@ -268,6 +336,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     if !args.disable_controllers {
         let client = client_from(&controllers_path).await?;
+        let manager_config = args.controller_manager.config();
         components
             .lock()
             .await
@@ -277,13 +346,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 args.leader_election.clone(),
                 stop.clone().cancelled_owned(),
                 move || {
-                    let client = client.clone();
-                    async move {
-                        tokio::join!(
-                            canopy_controllers::namespace::run(client.clone()),
-                            canopy_controllers::tenant::run(client),
-                        );
-                    }
+                    canopy_controllers::manager::run(canopy_controllers::manager::Context::new(
+                        client.clone(),
+                        manager_config.clone(),
+                        queue_metrics.clone(),
+                    ))
                 },
             )));
     }

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use canopy::procs::{Etcd, ServerProcess};
-use common::{Backend, Cluster, client_for};
+use common::{Backend, Child, Cluster, client_for, http_get, sample};
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Event, Namespace, Node, Pod},
@@ -333,31 +333,6 @@ async fn another_replica_schedules_when_the_leader_dies() {
 }
 
 /// The value of the first sample of `metric` whose labels include every one of `labels`.
-fn sample(exposition: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-        (name == metric && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
-    })
-}
-
-/// A plain-HTTP GET (the standalone scheduler's endpoint): status and body.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: scheduler\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
-
 /// One pod bound and one unschedulable in a fresh tenant `acme` with a 2-cpu node.
 async fn bind_one_and_strand_one(admin: &kube::Client) {
     add_node(admin, "acme-1", "acme", "2").await;
@@ -436,15 +411,6 @@ async fn scheduler_metrics_show_on_the_servers_metrics() {
     assert_eq!(exposition.matches("# EOF").count(), 1);
     assert!(exposition.trim_end().ends_with("# EOF"));
     assert!(exposition.contains("apiserver_request_total"));
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]

@@ -63,8 +63,24 @@ impl Cluster {
         Self::launch(backend, &[])
     }
 
-    /// Starts a server (without the scheduler) with extra `canopy server` flags.
+    /// Starts a server (without the scheduler) with extra `canopy server` flags. Of the
+    /// controllers it runs only those the API's own behaviour relies on (namespace deletion,
+    /// Tenant status), unless `extra` says otherwise: workload controllers would race the
+    /// tests' writes to Deployments, ReplicaSets and pods.
     pub fn start_with(backend: Backend, extra: &[&str]) -> Self {
+        let mut flags = vec!["--disable-scheduler"];
+        if !extra
+            .iter()
+            .any(|f| f.starts_with("--controllers") || *f == "--disable-controllers")
+        {
+            flags.push("--controllers=namespace,tenant");
+        }
+        flags.extend_from_slice(extra);
+        Self::launch(backend, &flags)
+    }
+
+    /// Starts a server with every controller (and extra flags), without the scheduler.
+    pub fn with_controllers(backend: Backend, extra: &[&str]) -> Self {
         let mut flags = vec!["--disable-scheduler"];
         flags.extend_from_slice(extra);
         Self::launch(backend, &flags)
@@ -281,4 +297,40 @@ pub async fn raw(
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
     (status, headers, value)
+}
+
+/// The value of the first sample of `metric` whose labels include all of `labels`.
+pub fn sample(exposition: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+        (name == metric && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
+    })
+}
+
+/// A plain-HTTP GET (a standalone component's endpoint): status and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: component\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// A child process killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

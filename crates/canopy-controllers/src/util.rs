@@ -1,0 +1,94 @@
+//! Helpers several controllers share, after upstream's `pkg/controller` and `podutil`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference},
+    jiff::Timestamp,
+};
+use kube::{
+    Resource,
+    core::{Selector, SelectorExt},
+};
+
+/// A label selector that can be matched; `None` (no selector, or one that does not parse)
+/// matches nothing, as upstream's `labels.Nothing()`.
+pub fn selector(selector: Option<&LabelSelector>) -> Option<Selector> {
+    Selector::try_from(selector?.clone()).ok()
+}
+
+/// Whether `selector` selects an object with `labels`.
+pub fn selects(selector: &Option<Selector>, labels: &BTreeMap<String, String>) -> bool {
+    selector.as_ref().is_some_and(|s| s.matches(labels))
+}
+
+/// The owner reference with `controller: true`, if any.
+pub fn controller_of<K: Resource>(obj: &K) -> Option<&OwnerReference> {
+    obj.meta()
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true))
+}
+
+/// An owner reference naming `owner` as the controller (with `blockOwnerDeletion`).
+pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: owner.meta().name.clone().unwrap_or_default(),
+        uid: owner.meta().uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Not finished (`Succeeded`/`Failed`) and not being deleted: upstream's `IsPodActive`.
+pub fn pod_active(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed")) && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// The time the pod's `Ready` condition last turned true, if it is true.
+pub fn pod_ready_since(pod: &Pod) -> Option<Option<Timestamp>> {
+    let condition = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    (condition.status == "True").then(|| condition.last_transition_time.as_ref().map(|t| t.0))
+}
+
+/// Whether the pod's `Ready` condition is true.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod_ready_since(pod).is_some()
+}
+
+/// Ready for at least `min_ready_seconds` at `now`: upstream's `IsPodAvailable`.
+pub fn pod_available(pod: &Pod, min_ready_seconds: i32, now: Timestamp) -> bool {
+    match pod_ready_since(pod) {
+        None => false,
+        Some(_) if min_ready_seconds <= 0 => true,
+        Some(None) => false,
+        Some(Some(since)) => now.as_second() - since.as_second() >= i64::from(min_ready_seconds),
+    }
+}
+
+/// The pod's phase, `""` when it has none yet.
+pub fn pod_phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+/// Whether the pod is bound to a node.
+pub fn pod_assigned(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty())
+}
