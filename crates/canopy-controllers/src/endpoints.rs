@@ -131,6 +131,25 @@ pub(crate) fn pod_ips(pod: &Pod) -> Vec<&str> {
         .collect()
 }
 
+/// The node a pod is bound to, if any.
+pub(crate) fn pod_node_name(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty())
+}
+
+/// An endpoint's `targetRef` to its pod.
+pub(crate) fn pod_reference(pod: &Pod) -> ObjectReference {
+    ObjectReference {
+        kind: Some("Pod".into()),
+        namespace: pod.metadata.namespace.clone(),
+        name: pod.metadata.name.clone(),
+        uid: pod.metadata.uid.clone(),
+        ..Default::default()
+    }
+}
+
 /// Whether an address is an IPv6 one (upstream's `utilnet.IsIPv6String`).
 pub(crate) fn is_ipv6(ip: &str) -> bool {
     ip.parse::<std::net::Ipv6Addr>().is_ok()
@@ -456,18 +475,8 @@ fn pod_address(service: &Service, pod: &Pod) -> Option<EndpointAddress> {
     Some(EndpointAddress {
         ip: ip.to_string(),
         hostname: hostname_for(pod, service),
-        node_name: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
-            ..Default::default()
-        }),
+        node_name: pod_node_name(pod),
+        target_ref: Some(pod_reference(pod)),
     })
 }
 

@@ -18,7 +18,7 @@ use std::{
 use futures::future::BoxFuture;
 use k8s_openapi::{
     api::{
-        core::v1::{ObjectReference, Pod, Service},
+        core::v1::{Pod, Service},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
@@ -32,8 +32,9 @@ use parking_lot::Mutex;
 use crate::{
     endpoints::{
         HEADLESS_LABEL, LAST_CHANGE_TRIGGER_TIME, TriggerTimeTracker, find_port, hostname_for,
-        is_ipv6, managed_selector, namespace_terminating, not_found, pod_ips, publish_not_ready,
-        queue_services_of_pods, selected_pods, service_ip_set, should_pod_be_in_endpoints,
+        is_ipv6, managed_selector, namespace_terminating, not_found, pod_ips, pod_node_name,
+        pod_reference, publish_not_ready, queue_services_of_pods, selected_pods, service_ip_set,
+        should_pod_be_in_endpoints,
     },
     informer::{Change, ObjectKey},
     manager::Context,
@@ -172,18 +173,8 @@ fn pod_to_endpoint(
             terminating: Some(terminating),
         }),
         hostname: hostname_for(pod, service),
-        node_name: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
-            ..Default::default()
-        }),
+        node_name: pod_node_name(pod),
+        target_ref: Some(pod_reference(pod)),
         zone,
         ..Default::default()
     }

@@ -142,57 +142,37 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Scheduler(cmd) => {
-                let client = server::client_from(&cmd.kubeconfig).await?;
                 let config = cmd.scheduler.config();
-                let mut registry = prometheus_client::registry::Registry::default();
-                let metrics = canopy_scheduler::metrics::SchedulerMetrics::register(&mut registry);
-                let served = component_http::serve(
+                run_component(
+                    &cmd.kubeconfig,
                     cmd.metrics_bind_address,
-                    std::sync::Arc::new(registry),
-                    client.clone(),
-                )
-                .await?;
-                tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
-                leader::run_elected(
-                    client.clone(),
                     "kube-scheduler",
                     cmd.leader_election,
-                    server::shutdown_signal(),
-                    move || {
-                        canopy_scheduler::run::run(client.clone(), config.clone(), metrics.clone())
+                    canopy_scheduler::metrics::SchedulerMetrics::register,
+                    move |client, metrics| {
+                        canopy_scheduler::run::run(client, config.clone(), metrics)
                     },
                 )
-                .await;
-                Ok(())
+                .await
             }
             Command::ControllerManager(cmd) => {
                 cmd.controller_manager.validate()?;
-                let client = server::client_from(&cmd.kubeconfig).await?;
                 let config = cmd.controller_manager.config();
-                let mut registry = prometheus_client::registry::Registry::default();
-                let metrics = canopy_controllers::queue::QueueMetrics::register(&mut registry);
-                let served = component_http::serve(
+                run_component(
+                    &cmd.kubeconfig,
                     cmd.metrics_bind_address,
-                    std::sync::Arc::new(registry),
-                    client.clone(),
-                )
-                .await?;
-                tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
-                leader::run_elected(
-                    client.clone(),
                     "kube-controller-manager",
                     cmd.leader_election,
-                    server::shutdown_signal(),
-                    move || {
+                    canopy_controllers::queue::QueueMetrics::register,
+                    move |client, metrics| {
                         canopy_controllers::manager::run(canopy_controllers::manager::Context::new(
-                            client.clone(),
+                            client,
                             config.clone(),
-                            metrics.clone(),
+                            metrics,
                         ))
                     },
                 )
-                .await;
-                Ok(())
+                .await
             }
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Kubeconfig(args) => issue_kubeconfig(args),
@@ -200,6 +180,41 @@ fn main() -> Result<()> {
             Command::Credential(args) => login::credential(args).await,
         }
     })
+}
+
+/// Runs a component alone: its metrics and health on a plain-HTTP endpoint, the component
+/// itself while it holds the Lease `lease`, until SIGTERM.
+async fn run_component<M, Fut>(
+    kubeconfig: &std::path::Path,
+    metrics_address: std::net::SocketAddr,
+    lease: &str,
+    election: leader::LeaderElectionArgs,
+    register: impl FnOnce(&mut prometheus_client::registry::Registry) -> M,
+    component: impl Fn(kube::Client, M) -> Fut,
+) -> Result<()>
+where
+    M: Clone,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let client = server::client_from(kubeconfig).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = register(&mut registry);
+    let served = component_http::serve(
+        metrics_address,
+        std::sync::Arc::new(registry),
+        client.clone(),
+    )
+    .await?;
+    tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
+    leader::run_elected(
+        client.clone(),
+        lease,
+        election,
+        server::shutdown_signal(),
+        move || component(client.clone(), metrics.clone()),
+    )
+    .await;
+    Ok(())
 }
 
 fn issue_kubeconfig(args: KubeconfigArgs) -> Result<()> {

@@ -152,7 +152,9 @@ pub struct ControllerManagerArgs {
     /// How long a node's Lease may go unrenewed before the node is marked Unknown.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     pub node_monitor_grace_period: Duration,
-    /// How long pods stay on a node that is not Ready before they are evicted.
+    /// How long pods without a toleration for the not-ready/unreachable taints stay on a
+    /// node that is not Ready before they are evicted. Pods created through the API get such
+    /// tolerations for 300 s (upstream's DefaultTolerationSeconds admission), which decide.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub pod_eviction_timeout: Duration,
 }

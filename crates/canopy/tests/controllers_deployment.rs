@@ -100,6 +100,18 @@ spec:
 }
 
 /// Blocking kubectl/eventually calls must not hold the runtime's worker threads.
+/// `kubectl rollout status` of a deployment, which must succeed within a minute.
+fn rollout_status(cluster: &Cluster, ns: &str, name: &str) -> String {
+    cluster.kubectl_ok(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        &format!("deployment/{name}"),
+        "--timeout=60s",
+    ])
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
@@ -216,14 +228,7 @@ async fn rolling_update_history_undo_pause_and_scale() {
     let c = cluster.clone();
     blocking(move || {
         c.kubectl_stdin(&["-n", NS, "apply", "-f", "-"], &yaml);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "web");
     })
     .await;
 
@@ -317,14 +322,7 @@ async fn rolling_update_history_undo_pause_and_scale() {
             "deployment/web",
             "kubernetes.io/change-cause=web version 2",
         ]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "web");
     })
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -365,14 +363,7 @@ async fn rolling_update_history_undo_pause_and_scale() {
     let c = cluster.clone();
     blocking(move || {
         c.kubectl_ok(&["-n", NS, "rollout", "undo", "deployment/web"]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "web");
     })
     .await;
     let rss = replica_sets(&client, NS).await;
@@ -444,14 +435,7 @@ async fn rolling_update_history_undo_pause_and_scale() {
     let c = cluster.clone();
     blocking(move || {
         c.kubectl_ok(&["-n", NS, "rollout", "resume", "deployment/web"]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "web");
     })
     .await;
     let pods = live_pods(&client, NS).await;
@@ -494,14 +478,7 @@ async fn recreate_replaces_all_pods_at_once() {
     let c = cluster.clone();
     blocking(move || {
         c.kubectl_stdin(&["-n", NS, "apply", "-f", "-"], &yaml);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/db",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "db");
     })
     .await;
     assert_eq!(live_pods(&client, NS).await.len(), 3);
@@ -536,14 +513,7 @@ async fn recreate_replaces_all_pods_at_once() {
             "deployment/db",
             "app=registry.local/db:2",
         ]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/db",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "db");
     })
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -638,14 +608,7 @@ async fn progress_deadline_exceeded_when_pods_never_become_ready() {
             "deployment/api",
             "app=registry.local/api:2",
         ]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/api",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "api");
         c.kubectl_ok(&[
             "-n",
             NS,
@@ -654,14 +617,7 @@ async fn progress_deadline_exceeded_when_pods_never_become_ready() {
             "deployment/api",
             "app=registry.local/api:3",
         ]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/api",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "api");
     })
     .await;
     let d = Api::<Deployment>::namespaced(client.clone(), NS)
@@ -739,14 +695,7 @@ async fn scaling_mid_rollout_is_proportional_and_orphans_are_adopted() {
     let c = cluster.clone();
     blocking(move || {
         c.kubectl_stdin(&["-n", NS, "apply", "-f", "-"], &yaml);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "web");
         c.kubectl_ok(&[
             "-n",
             NS,
@@ -836,14 +785,7 @@ spec:
     blocking(move || {
         c.kubectl_stdin(&["-n", NS, "apply", "-f", "-"], orphan);
         c.kubectl_stdin(&["-n", NS, "apply", "-f", "-"], &yaml);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/legacy",
-            "--timeout=60s",
-        ]);
+        rollout_status(&c, NS, "legacy");
     })
     .await;
     let legacy: Vec<ReplicaSet> = replica_sets(&client, NS)

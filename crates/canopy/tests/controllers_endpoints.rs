@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
-use common::{Backend, Cluster};
+use common::{Backend, Cluster, wait_for};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
     discovery::v1::EndpointSlice,
@@ -21,17 +18,6 @@ use serde_json::json;
 /// renewing its Lease, and its pods must not be marked not ready behind the test's back.
 fn cluster() -> Cluster {
     Cluster::with_controllers(Backend::Embedded, &["--controllers=*,-nodelifecycle"])
-}
-
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = f().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn create_namespace(client: &kube::Client, name: &str) {

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Backend, Cluster};
+use common::{Backend, Cluster, wait_until};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -24,17 +24,6 @@ use k8s_openapi::{
 };
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use serde_json::json;
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = f().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn config_map(
     api: &Api<ConfigMap>,
@@ -80,15 +69,15 @@ async fn background_deletion_removes_dependents() {
     config_map(&cms, "orphaned-from-birth", &[&ghost], false, &[]).await;
 
     cluster.kubectl_ok(&["delete", "configmap", "parent"]);
-    wait_for("the child to be collected", GC_WAIT, async || {
+    wait_until("the child to be collected", GC_WAIT, async || {
         gone(&cms, "child").await
     })
     .await;
-    wait_for("the grandchild to be collected", GC_WAIT, async || {
+    wait_until("the grandchild to be collected", GC_WAIT, async || {
         gone(&cms, "grandchild").await
     })
     .await;
-    wait_for(
+    wait_until(
         "a dependent of a missing owner to be collected",
         GC_WAIT,
         async || gone(&cms, "orphaned-from-birth").await,
@@ -113,7 +102,7 @@ async fn foreground_deletion_waits_for_blocking_dependents() {
         "--cascade=foreground",
         "--wait=false",
     ]);
-    wait_for("the dependent to be deleted", GC_WAIT, async || {
+    wait_until("the dependent to be deleted", GC_WAIT, async || {
         let child = cms.get("child").await.unwrap();
         child.metadata.deletion_timestamp.map(|_| ())
     })
@@ -138,11 +127,11 @@ async fn foreground_deletion_waits_for_blocking_dependents() {
     )
     .await
     .unwrap();
-    wait_for("the dependent to go", GC_WAIT, async || {
+    wait_until("the dependent to go", GC_WAIT, async || {
         gone(&cms, "child").await
     })
     .await;
-    wait_for("the owner to go after its dependent", GC_WAIT, async || {
+    wait_until("the owner to go after its dependent", GC_WAIT, async || {
         gone(&cms, "parent").await
     })
     .await;
@@ -160,7 +149,7 @@ async fn foreground_deletion_through_the_api_deletes_a_chain() {
         .await
         .unwrap();
     for name in ["grandchild", "child", "parent"] {
-        wait_for(name, GC_WAIT, async || gone(&cms, name).await).await;
+        wait_until(name, GC_WAIT, async || gone(&cms, name).await).await;
     }
 }
 
@@ -173,7 +162,7 @@ async fn orphan_deletion_keeps_dependents_without_the_reference() {
     config_map(&cms, "child", &[&parent], true, &[]).await;
 
     cluster.kubectl_ok(&["delete", "configmap", "parent", "--cascade=orphan"]);
-    wait_for("the owner to go", GC_WAIT, async || {
+    wait_until("the owner to go", GC_WAIT, async || {
         gone(&cms, "parent").await
     })
     .await;
@@ -203,7 +192,7 @@ async fn a_dependent_of_two_owners_goes_with_the_last() {
     cms.delete("first", &DeleteParams::background())
         .await
         .unwrap();
-    wait_for(
+    wait_until(
         "the dangling reference to be removed",
         GC_WAIT,
         async || {
@@ -229,7 +218,7 @@ async fn a_dependent_of_two_owners_goes_with_the_last() {
         ..DeleteParams::default()
     };
     cms.delete("second", &params).await.unwrap();
-    wait_for(
+    wait_until(
         "the shared dependent to go with its last owner",
         GC_WAIT,
         async || gone(&cms, "shared").await,
@@ -404,7 +393,7 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
 
     lost_renews.store(false, Ordering::SeqCst);
     let stopped = Instant::now();
-    let node = wait_for(
+    let node = wait_until(
         "the lost node to go Unknown",
         Duration::from_secs(20),
         async || {
@@ -428,7 +417,7 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
     for type_ in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
         assert_eq!(condition(&node, type_).unwrap().0, "Unknown", "{type_}");
     }
-    let tainted = wait_for(
+    let tainted = wait_until(
         "the unreachable taints",
         Duration::from_secs(10),
         async || {
@@ -449,7 +438,7 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
     assert!(taints(&alive).is_empty());
 
     for name in ["short", "forever"] {
-        wait_for(
+        wait_until(
             "pods on the lost node to be marked not Ready",
             Duration::from_secs(10),
             async || {
@@ -468,7 +457,7 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
         "a tolerated taint does not evict at once"
     );
 
-    wait_for(
+    wait_until(
         "the pod to be evicted once its toleration ran out",
         Duration::from_secs(20),
         async || evicted(&pods, "short").await.then_some(()),
@@ -492,7 +481,7 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
     // The kubelet is back: Ready again, taints removed.
     post_ready(&nodes, "lost").await;
     lost_renews.store(true, Ordering::SeqCst);
-    wait_for(
+    wait_until(
         "the taints to be removed",
         Duration::from_secs(10),
         async || {

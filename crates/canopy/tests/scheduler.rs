@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use canopy::procs::{Etcd, ServerProcess};
-use common::{Backend, Child, Cluster, client_for, http_get, sample};
+use common::{Backend, Child, Cluster, client_for, http_get, sample, wait_for};
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Event, Namespace, Node, Pod},
@@ -67,17 +67,6 @@ fn pod(name: &str, cpu: &str) -> Pod {
             "resources": {"requests": {"cpu": cpu, "memory": "256Mi"}}}]},
     }))
     .unwrap()
-}
-
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = f().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The message of a pod's `PodScheduled=False, Unschedulable` condition, once it has one.

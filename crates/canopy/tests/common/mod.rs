@@ -334,3 +334,24 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+/// Polls `f` every 100 ms until it gives a value; fails the test after `timeout`.
+pub async fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`wait_until`] with 30 s.
+pub async fn wait_for<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    wait_until(what, Duration::from_secs(30), f).await
+}
