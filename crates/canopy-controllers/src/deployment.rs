@@ -27,15 +27,14 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, PostParams},
 };
-use serde_json::json;
 
 use crate::{
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::WorkQueue,
-    util::{controller_of, controller_ref, selector, selects},
+    util::{self, controller_of, controller_ref, selector, selects},
     worker::{Outcome, run_workers},
 };
 use calc::*;
@@ -274,6 +273,10 @@ impl Controller {
         Api::namespaced(self.client.clone(), ns)
     }
 
+    fn deployment_api(&self, ns: &str) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
     /// Writes the deployment's status (and, as upstream's status update allows, its
     /// annotations: the revision) and keeps the answer, so later writes of the same sync
     /// do not conflict with this one.
@@ -356,7 +359,8 @@ impl Controller {
                     if matches {
                         claimed.push((*rs).clone());
                     } else if !is_deleting(d) {
-                        self.release(&rs, &uid).await?;
+                        util::release(&self.rs_api(&ns), rs.as_ref(), &uid).await?;
+                        tracing::info!(replica_set = %name(&rs), "released replica set its deployment no longer selects");
                     }
                 }
                 Some(_) => {}
@@ -365,86 +369,20 @@ impl Controller {
                         continue;
                     }
                     if can_adopt.is_none() {
-                        can_adopt = Some(self.can_adopt(d).await?);
+                        can_adopt = Some(util::can_adopt(&self.deployment_api(&ns), d).await?);
                     }
                     if can_adopt != Some(true) {
                         continue;
                     }
-                    match self.adopt(&rs, d).await {
-                        Ok(adopted) => claimed.push(adopted),
-                        Err(Error::Api(kube::Error::Api(s))) if s.is_not_found() => {}
-                        Err(err) => return Err(err),
+                    let rs_api = self.rs_api(&ns);
+                    if let Some(adopted) = util::adopt(&rs_api, rs.as_ref(), d).await? {
+                        tracing::info!(deployment = %ObjectKey::of(d), replica_set = %name(&adopted), "adopted replica set");
+                        claimed.push(adopted);
                     }
                 }
             }
         }
         Ok(claimed)
-    }
-
-    /// Upstream rechecks with a live read that the deployment is still the one it cached
-    /// and is not being deleted before it adopts anything.
-    async fn can_adopt(&self, d: &Deployment) -> Result<bool> {
-        let api: Api<Deployment> = Api::namespaced(
-            self.client.clone(),
-            d.metadata.namespace.as_deref().unwrap_or(""),
-        );
-        let fresh = api.get(&d.name_any()).await?;
-        if fresh.metadata.uid != d.metadata.uid {
-            return Err(Error::Invalid(format!(
-                "original Deployment {} is gone: got uid {:?}, wanted {:?}",
-                ObjectKey::of(d),
-                fresh.metadata.uid,
-                d.metadata.uid
-            )));
-        }
-        Ok(!is_deleting(&fresh))
-    }
-
-    async fn adopt(&self, rs: &ReplicaSet, d: &Deployment) -> Result<ReplicaSet> {
-        let mut refs = rs.metadata.owner_references.clone().unwrap_or_default();
-        refs.push(controller_ref(d));
-        // The resourceVersion and uid make the patch a compare-and-swap, as upstream's.
-        let patch = json!({"metadata": {
-            "ownerReferences": refs,
-            "resourceVersion": rs.metadata.resource_version,
-            "uid": rs.metadata.uid,
-        }});
-        let ns = rs.metadata.namespace.clone().unwrap_or_default();
-        let adopted = self
-            .rs_api(&ns)
-            .patch(&name(rs), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        tracing::info!(deployment = %ObjectKey::of(d), replica_set = %name(rs), "adopted replica set");
-        Ok(adopted)
-    }
-
-    async fn release(&self, rs: &ReplicaSet, owner_uid: &str) -> Result<()> {
-        let refs: Vec<OwnerReference> = rs
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .filter(|r| r.uid != owner_uid)
-            .cloned()
-            .collect();
-        let patch = json!({"metadata": {
-            "ownerReferences": refs,
-            "resourceVersion": rs.metadata.resource_version,
-            "uid": rs.metadata.uid,
-        }});
-        let ns = rs.metadata.namespace.clone().unwrap_or_default();
-        match self
-            .rs_api(&ns)
-            .patch(&name(rs), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(replica_set = %name(rs), "released replica set its deployment no longer selects");
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
-            Err(err) => Err(err.into()),
-        }
     }
 
     // -----------------------------------------------------------------------------------

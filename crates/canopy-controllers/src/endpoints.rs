@@ -30,7 +30,7 @@ use crate::{
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
-    util::pod_ready,
+    util::{pod_ready, pod_terminal},
     worker::{Outcome, run_workers},
 };
 
@@ -153,13 +153,6 @@ pub(crate) fn pod_reference(pod: &Pod) -> ObjectReference {
 /// Whether an address is an IPv6 one (upstream's `utilnet.IsIPv6String`).
 pub(crate) fn is_ipv6(ip: &str) -> bool {
     ip.parse::<std::net::Ipv6Addr>().is_ok()
-}
-
-fn pod_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
 }
 
 /// Upstream's `ShouldPodBeInEndpoints`: finished pods and pods without an IP never are;

@@ -165,6 +165,9 @@ struct Shared<K> {
     cache: RwLock<Cache<K>>,
     handlers: RwLock<Vec<Handler<K>>>,
     synced: watch::Sender<bool>,
+    /// Whether any controller uses this informer (a handler, an index, or waiting for its
+    /// cache): an informer nobody uses never watches.
+    wanted: watch::Sender<bool>,
     /// Resyncs asked for so far; the run loop compares it with those done, so a request
     /// made while the loop is busy with an event is not lost.
     resync: watch::Sender<u64>,
@@ -214,6 +217,7 @@ where
                 }),
                 handlers: RwLock::new(Vec::new()),
                 synced: watch::channel(false).0,
+                wanted: watch::channel(false).0,
                 resync: watch::channel(0).0,
                 resyncs_done: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -227,6 +231,7 @@ where
         name: &'static str,
         values_of: impl Fn(&K) -> Vec<String> + Send + Sync + 'static,
     ) {
+        self.want();
         let mut cache = self.shared.cache.write();
         let values_of: IndexFn<K> = Arc::new(values_of);
         let mut keys: HashMap<String, HashSet<ObjectKey>> = HashMap::new();
@@ -241,12 +246,19 @@ where
     /// Registers a handler of every change. Handlers run on the informer's task: they must
     /// be quick (queue keys, not call the API).
     pub fn add_handler(&self, handler: impl Fn(&Change<K>) + Send + Sync + 'static) {
+        self.want();
         self.shared.handlers.write().push(Arc::new(handler));
     }
 
     /// The cached object of a key.
     pub fn get(&self, key: &ObjectKey) -> Option<Arc<K>> {
         self.shared.cache.read().objects.get(key).cloned()
+    }
+
+    fn want(&self) {
+        self.shared
+            .wanted
+            .send_if_modified(|wanted| !std::mem::replace(wanted, true));
     }
 
     /// Every cached object.
@@ -282,6 +294,7 @@ where
 
     /// Waits until the first list has been loaded into the cache.
     pub async fn wait_synced(&self) {
+        self.want();
         let mut synced = self.shared.synced.subscribe();
         let _ = synced.wait_for(|s| *s).await;
     }
@@ -303,13 +316,17 @@ where
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Watches `api` (all namespaces or one, as the `Api` was made) and keeps the cache and
-    /// handlers current until the stream ends; resyncs every `resync_period` if given.
+    /// Once a controller uses the informer, watches `api` (all namespaces or one, as the
+    /// `Api` was made) and keeps the cache and handlers current until the stream ends;
+    /// resyncs every `resync_period` if given.
     pub async fn run(self, api: Api<K>, config: watcher::Config, resync_period: Option<Duration>)
     where
         K: DeserializeOwned,
         K::DynamicType: Default,
     {
+        // Controllers that are not enabled leave their informers unused: no watch, no cache.
+        let mut wanted = self.shared.wanted.subscribe();
+        let _ = wanted.wait_for(|w| *w).await;
         let events = watcher(api, config).default_backoff().boxed();
         self.run_stream(events, resync_period).await;
     }
@@ -443,8 +460,9 @@ where
     }
 
     fn notify(&self, change: &Change<K>) {
-        let handlers = self.shared.handlers.read().clone();
-        for handler in handlers {
+        // Called for every event: no copy of the handler list. Handlers only queue keys, and
+        // never register handlers, so holding the read lock through them is safe.
+        for handler in self.shared.handlers.read().iter() {
             handler(change);
         }
     }

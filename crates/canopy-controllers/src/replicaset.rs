@@ -24,17 +24,16 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, PostParams},
 };
 use parking_lot::Mutex;
-use serde_json::json;
 
 use crate::{
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
     util::{
-        controller_of, controller_ref, pod_active, pod_assigned, pod_available, pod_phase,
+        self, controller_of, controller_ref, pod_active, pod_assigned, pod_available, pod_phase,
         pod_ready, pod_ready_since, selector, selects,
     },
     worker::{Outcome, run_workers},
@@ -311,8 +310,10 @@ impl Controller {
 
         // Claim: owned pods that still match stay, owned ones that do not are released,
         // matching orphans are adopted (unless the ReplicaSet is going away).
+        let pods_api = Api::<Pod>::namespaced(self.client.clone(), key.ns());
         let mut pods: Vec<Arc<Pod>> = Vec::new();
         let mut claim_error = None;
+        let mut can_adopt: Option<bool> = None;
         let candidates = self.pods.by_index(BY_CONTROLLER, &uid).into_iter().chain(
             self.pods
                 .by_index(BY_CONTROLLER, &format!("orphan/{}", key.ns())),
@@ -321,21 +322,33 @@ impl Controller {
             if !pod_active(&pod) {
                 continue;
             }
-            let owner = controller_of(pod.as_ref());
             let matches = selects(&selector, pod.labels());
-            match owner {
+            match controller_of(pod.as_ref()) {
                 Some(r) if r.uid == uid => {
                     if matches || rs.metadata.deletion_timestamp.is_some() {
                         pods.push(pod);
-                    } else if let Err(err) = self.release(&pod, &uid).await {
+                    } else if let Err(err) = util::release(&pods_api, pod.as_ref(), &uid).await {
                         claim_error.get_or_insert(err);
                     }
                 }
                 Some(_) => {}
                 None if matches && rs.metadata.deletion_timestamp.is_none() => {
-                    match self.adopt(&rs, &pod).await {
-                        Ok(true) => pods.push(pod),
-                        Ok(false) => {}
+                    if can_adopt.is_none() {
+                        let rs_api = Api::<ReplicaSet>::namespaced(self.client.clone(), key.ns());
+                        match util::can_adopt(&rs_api, rs.as_ref()).await {
+                            Ok(can) => can_adopt = Some(can),
+                            Err(err) => {
+                                claim_error.get_or_insert(err);
+                                break;
+                            }
+                        }
+                    }
+                    if can_adopt != Some(true) {
+                        continue;
+                    }
+                    match util::adopt(&pods_api, pod.as_ref(), rs.as_ref()).await {
+                        Ok(Some(_)) => pods.push(pod),
+                        Ok(None) => {}
                         Err(err) => {
                             claim_error.get_or_insert(err);
                         }
@@ -373,63 +386,6 @@ impl Controller {
             return Ok(Outcome::RequeueAfter(Duration::from_secs(min_ready as u64)));
         }
         Ok(Outcome::Done)
-    }
-
-    /// Adds the ReplicaSet as the pod's controller, after checking with a live read that
-    /// the ReplicaSet is still the one we saw and not being deleted (upstream's `canAdopt`).
-    async fn adopt(&self, rs: &ReplicaSet, pod: &Pod) -> Result<bool, kube::Error> {
-        let ns = rs.namespace().unwrap_or_default();
-        let fresh = Api::<ReplicaSet>::namespaced(self.client.clone(), &ns)
-            .get_opt(&rs.name_any())
-            .await?;
-        let Some(fresh) = fresh else { return Ok(false) };
-        if fresh.metadata.uid != rs.metadata.uid || fresh.metadata.deletion_timestamp.is_some() {
-            return Ok(false);
-        }
-        let patch = json!({
-            "metadata": {
-                "ownerReferences": [controller_ref(rs)],
-                "uid": pod.metadata.uid,
-            }
-        });
-        let api = Api::<Pod>::namespaced(self.client.clone(), &ns);
-        match api
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            // Gone, or changed under us: the next event decides again.
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => {
-                Ok(false)
-            }
-            Err(err) => Err(err),
-        }
-    }
-
-    /// Removes the ReplicaSet's reference from a pod that no longer matches its selector.
-    async fn release(&self, pod: &Pod, owner_uid: &str) -> Result<(), kube::Error> {
-        let patch = json!({
-            "metadata": {
-                "ownerReferences": [{"$patch": "delete", "uid": owner_uid}],
-                "uid": pod.metadata.uid,
-            }
-        });
-        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-        match api
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
-            .await
-        {
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 => Ok(()),
-            other => other.map(|_| ()),
-        }
     }
 
     async fn manage_replicas(

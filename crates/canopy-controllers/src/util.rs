@@ -8,7 +8,8 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Resource,
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
     core::{Selector, SelectorExt},
 };
 
@@ -44,10 +45,14 @@ pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReferenc
     }
 }
 
-/// Not finished (`Succeeded`/`Failed`) and not being deleted: upstream's `IsPodActive`.
+/// Finished: phase `Succeeded` or `Failed`.
+pub fn pod_terminal(pod: &Pod) -> bool {
+    matches!(pod_phase(pod), "Succeeded" | "Failed")
+}
+
+/// Not finished and not being deleted: upstream's `IsPodActive`.
 pub fn pod_active(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !matches!(phase, Some("Succeeded" | "Failed")) && pod.metadata.deletion_timestamp.is_none()
+    !pod_terminal(pod) && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// The time the pod's `Ready` condition last turned true, if it is true.
@@ -91,4 +96,69 @@ pub fn pod_assigned(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
         .is_some_and(|n| !n.is_empty())
+}
+
+// Claiming: upstream's `ControllerRefManager`, shared by every controller that owns objects
+// through a controller reference.
+
+/// Whether `owner` may adopt orphans: a live read (not the cache) shows it is still the
+/// object we saw, with the same uid, and not being deleted. A sync asks once, before its
+/// first adoption.
+pub async fn can_adopt<O>(api: &Api<O>, owner: &O) -> Result<bool, kube::Error>
+where
+    O: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(fresh) = api.get_opt(&owner.name_any()).await? else {
+        return Ok(false);
+    };
+    Ok(fresh.meta().uid == owner.meta().uid && fresh.meta().deletion_timestamp.is_none())
+}
+
+/// Makes `owner` the controller of `child` with upstream's strategic merge patch, guarded by
+/// the child's uid. `None` when the child is gone, was changed meanwhile or already has
+/// another controller: the next event decides again.
+pub async fn adopt<K, O>(api: &Api<K>, child: &K, owner: &O) -> Result<Option<K>, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    O: Resource<DynamicType = ()>,
+{
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": [controller_ref(owner)],
+        "uid": child.meta().uid,
+    }});
+    match api
+        .patch(
+            &child.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await
+    {
+        Ok(adopted) => Ok(Some(adopted)),
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Removes the reference to the owner with `owner_uid` from `child`, which the owner's
+/// selector no longer matches. A child that is gone needs nothing.
+pub async fn release<K>(api: &Api<K>, child: &K, owner_uid: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": [{"$patch": "delete", "uid": owner_uid}],
+        "uid": child.meta().uid,
+    }});
+    match api
+        .patch(
+            &child.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 422) => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
