@@ -31,6 +31,7 @@ use kube::{
 };
 
 use crate::{
+    events::Recorder,
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::WorkQueue,
@@ -59,6 +60,7 @@ struct Controller {
     replica_sets: Informer<ReplicaSet>,
     pods: Informer<Pod>,
     queue: WorkQueue<ObjectKey>,
+    events: Recorder,
 }
 
 /// Registers the controller's handlers and returns its workers.
@@ -69,6 +71,7 @@ pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
         replica_sets: ctx.informers.replica_sets.clone(),
         pods: ctx.informers.pods.clone(),
         queue: ctx.queue("deployment"),
+        events: ctx.events.recorder("deployment-controller"),
     };
     {
         let queue = controller.queue.clone();
@@ -316,12 +319,12 @@ impl Controller {
             .replace(&name(&copy), &PostParams::default(), &copy)
             .await?;
         if size_changes {
-            tracing::info!(
-                deployment = %ObjectKey::of(d),
-                replica_set = %name(&updated),
-                "Scaled {operation} replica set {} to {new_scale} from {old_scale}",
+            let message = format!(
+                "Scaled {operation} replica set {} from {old_scale} to {new_scale}",
                 name(&updated)
             );
+            tracing::info!(deployment = %ObjectKey::of(d), replica_set = %name(&updated), "{message}");
+            self.events.normal(d, "ScalingReplicaSet", message);
         }
         Ok((size_changes, updated))
     }
@@ -400,6 +403,11 @@ impl Controller {
             // Upstream refuses to select every pod of the namespace; it only records that
             // it saw this generation.
             tracing::warn!(deployment = %key, "deployment has an empty selector; selecting all pods is not allowed");
+            self.events.warning(
+                &d,
+                "SelectingAll",
+                "This deployment is selecting all pods. A non-empty selector is required.",
+            );
             let generation = d.metadata.generation.unwrap_or(0);
             let status = d.status.get_or_insert_with(Default::default);
             if status.observed_generation.unwrap_or(0) < generation {
@@ -573,6 +581,8 @@ impl Controller {
             Err(err) => {
                 let message = format!("Failed to create new replica set {rs_name:?}: {err}");
                 tracing::warn!(deployment = %ObjectKey::of(d), "{message}");
+                self.events
+                    .warning(d, reason::FAILED_RS_CREATE, message.clone());
                 if progress_deadline(d).is_some() {
                     let condition = new_condition(
                         PROGRESSING,
@@ -589,7 +599,9 @@ impl Controller {
             }
         };
         if !already_exists && count > 0 {
-            tracing::info!(deployment = %ObjectKey::of(d), "Scaled up replica set {rs_name} to {count}");
+            let message = format!("Scaled up replica set {rs_name} from 0 to {count}");
+            tracing::info!(deployment = %ObjectKey::of(d), "{message}");
+            self.events.normal(d, "ScalingReplicaSet", message);
         }
         rs_list.push(created.clone());
         let mut changed = set_deployment_revision(d, &new_revision.to_string());

@@ -27,6 +27,7 @@ use kube::{
 use parking_lot::Mutex;
 
 use crate::{
+    events::Recorder,
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
@@ -659,6 +660,7 @@ struct Controller {
     /// Per Endpoints, the resource version this controller last replaced: a cache still
     /// showing it is behind our own write (upstream's `staleEndpointsTracker`).
     replaced: Mutex<HashMap<ObjectKey, String>>,
+    events: Recorder,
 }
 
 /// Registers the controller's handlers and returns its workers: a service is synced when it
@@ -686,6 +688,7 @@ pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
         ctx: ctx.clone(),
         triggers: TriggerTimeTracker::default(),
         replaced: Mutex::new(HashMap::new()),
+        events: ctx.events.recorder("endpoint-controller"),
     });
     Box::pin(async move {
         let informers = &controller.ctx.informers;
@@ -752,12 +755,30 @@ impl Controller {
             None => match api.create(&PostParams::default(), &endpoints).await {
                 Ok(_) => tracing::debug!(endpoints = %key, "endpoints created"),
                 Err(err) if namespace_terminating(&err) => {}
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    self.events.warning(
+                        &endpoints,
+                        "FailedToCreateEndpoint",
+                        format!("Failed to create endpoint for service {key}: {err}"),
+                    );
+                    return Err(err.into());
+                }
             },
             Some(current) => {
-                let written = api
+                let written = match api
                     .replace(&key.name, &PostParams::default(), &endpoints)
-                    .await?;
+                    .await
+                {
+                    Ok(written) => written,
+                    Err(err) => {
+                        self.events.warning(
+                            &endpoints,
+                            "FailedToUpdateEndpoint",
+                            format!("Failed to update endpoint {key}: {err}"),
+                        );
+                        return Err(err.into());
+                    }
+                };
                 tracing::debug!(endpoints = %key, "endpoints updated");
                 if written.metadata.resource_version != current.metadata.resource_version
                     && let Some(rv) = current.metadata.resource_version.clone()

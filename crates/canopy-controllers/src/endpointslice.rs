@@ -36,6 +36,7 @@ use crate::{
         pod_reference, publish_not_ready, queue_services_of_pods, selected_pods, service_ip_set,
         should_pod_be_in_endpoints,
     },
+    events::Recorder,
     informer::{Change, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
@@ -651,6 +652,7 @@ struct Controller {
     ctx: Arc<Context>,
     triggers: TriggerTimeTracker,
     tracker: SliceTracker,
+    events: Recorder,
 }
 
 /// Registers the controller's handlers and returns its workers: a service is synced when it
@@ -663,6 +665,7 @@ pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
         ctx: ctx.clone(),
         triggers: TriggerTimeTracker::default(),
         tracker: SliceTracker::default(),
+        events: ctx.events.recorder("endpoint-slice-controller"),
     });
     {
         let queue = queue.clone();
@@ -770,37 +773,49 @@ impl Controller {
                 None => annotations.remove(LAST_CHANGE_TRIGGER_TIME),
             };
         };
-        // No new slices for a service being deleted: the garbage collector is removing them.
-        if service.metadata.deletion_timestamp.is_none() {
-            for mut slice in plan.create {
+        let written: Result<(), Error> = async {
+            // No new slices for a service being deleted: the garbage collector is removing them.
+            if service.metadata.deletion_timestamp.is_none() {
+                for mut slice in plan.create {
+                    annotate(&mut slice);
+                    match api.create(&PostParams::default(), &slice).await {
+                        Ok(created) => self.tracker.written(&key, &created, None),
+                        Err(err) if namespace_terminating(&err) => return Ok(()),
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            }
+            for mut slice in plan.update {
                 annotate(&mut slice);
-                match api.create(&PostParams::default(), &slice).await {
-                    Ok(created) => self.tracker.written(&key, &created, None),
-                    Err(err) if namespace_terminating(&err) => return Ok(Outcome::Done),
+                let replaced = slice.resource_version();
+                let written = api
+                    .replace(&slice.name_any(), &PostParams::default(), &slice)
+                    .await?;
+                self.tracker.written(&key, &written, replaced);
+            }
+            for slice in plan.delete {
+                match api
+                    .delete(&slice.name_any(), &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => self.tracker.deleted(&key, slice.uid()),
+                    Err(err) if not_found(&err) => {}
                     Err(err) => return Err(err.into()),
                 }
             }
-        }
-        for mut slice in plan.update {
-            annotate(&mut slice);
-            let replaced = slice.resource_version();
-            let written = api
-                .replace(&slice.name_any(), &PostParams::default(), &slice)
-                .await?;
-            self.tracker.written(&key, &written, replaced);
-        }
-        for slice in plan.delete {
-            match api
-                .delete(&slice.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => self.tracker.deleted(&key, slice.uid()),
-                Err(err) if not_found(&err) => {}
-                Err(err) => return Err(err.into()),
+            if !missing.is_empty() {
+                return Err(Error::NodesNotFound(missing));
             }
+            Ok(())
         }
-        if !missing.is_empty() {
-            return Err(Error::NodesNotFound(missing));
+        .await;
+        if let Err(err) = written {
+            self.events.warning(
+                service.as_ref(),
+                "FailedToUpdateEndpointSlices",
+                format!("Error updating Endpoint Slices for Service {key}: {err}"),
+            );
+            return Err(err);
         }
         Ok(Outcome::Done)
     }

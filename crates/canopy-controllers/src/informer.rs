@@ -24,7 +24,7 @@ use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::queue::Lane;
+use crate::{pace::Pacer, queue::Lane};
 
 /// A namespaced (or cluster-scoped, with no namespace) object's name: the key of caches and
 /// work queues.
@@ -173,6 +173,8 @@ struct Shared<K> {
     resync: watch::Sender<u64>,
     /// Resyncs delivered to the handlers so far.
     resyncs_done: std::sync::atomic::AtomicU64,
+    /// The share of the time a resync's delivery may take (see [`crate::pace`]).
+    resync_share: f64,
 }
 
 /// A watch of one resource shared by every controller that needs it: its cache, indexes and
@@ -198,6 +200,11 @@ where
 {
     /// An informer called `name` in logs; nothing is watched until [`Informer::run`].
     pub fn new(name: &str) -> Self {
+        Self::with_resync_share(name, 1.0)
+    }
+
+    /// As [`Informer::new`], delivering resyncs in at most `share` of the time, in (0, 1].
+    pub fn with_resync_share(name: &str, share: f64) -> Self {
         let mut indexes = HashMap::new();
         let by_namespace: IndexFn<K> =
             Arc::new(|obj: &K| obj.meta().namespace.clone().into_iter().collect());
@@ -220,6 +227,7 @@ where
                 wanted: watch::channel(false).0,
                 resync: watch::channel(0).0,
                 resyncs_done: std::sync::atomic::AtomicU64::new(0),
+                resync_share: share,
             }),
         }
     }
@@ -345,15 +353,18 @@ where
             timer
         });
         // A resync is delivered in chunks between watch events, so that new objects keep
-        // flowing to the controllers while every cached object is being reported.
-        let mut pending: VecDeque<ObjectKey> = VecDeque::new();
+        // flowing to the controllers while every cached object is being reported, and paced,
+        // so that it leaves the CPU to them.
+        let mut pending: VecDeque<Arc<K>> = VecDeque::new();
+        let mut pacer = Pacer::new(self.shared.resync_share);
         // Watch events go first, but a chunk of a resync still goes after every so many, so
         // that a busy watch cannot postpone a resync for ever.
         let mut events_since_chunk = 0usize;
         loop {
-            if !pending.is_empty() && events_since_chunk >= 64 {
+            let paused_until = pacer.paused_until();
+            if !pending.is_empty() && paused_until.is_none() && events_since_chunk >= 64 {
                 events_since_chunk = 0;
-                self.sync_some(&mut pending);
+                self.sync_some(&mut pending, &mut pacer);
                 tokio::task::yield_now().await;
                 continue;
             }
@@ -365,17 +376,24 @@ where
                     None => std::future::pending().await,
                 }
             };
+            let pause = async {
+                match paused_until {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
                 event = events.next() => event,
-                _ = periodic => { pending = self.keys(); continue; }
-                _ = resyncs.changed() => { pending = self.keys(); continue; }
-                _ = std::future::ready(()), if !pending.is_empty() => {
+                _ = periodic => { pending = self.snapshot(); continue; }
+                _ = resyncs.changed() => { pending = self.snapshot(); continue; }
+                _ = std::future::ready(()), if !pending.is_empty() && paused_until.is_none() => {
                     events_since_chunk = 0;
-                    self.sync_some(&mut pending);
+                    self.sync_some(&mut pending, &mut pacer);
                     tokio::task::yield_now().await;
                     continue;
                 }
+                _ = pause, if !pending.is_empty() => continue,
             };
             let Some(event) = event else { break };
             events_since_chunk += 1;
@@ -438,20 +456,25 @@ where
         }
     }
 
-    fn keys(&self) -> VecDeque<ObjectKey> {
-        let keys: VecDeque<ObjectKey> = self.shared.cache.read().objects.keys().cloned().collect();
-        tracing::debug!(informer = %self.shared.name, objects = keys.len(), "resync");
-        keys
+    /// The objects a resync reports. Pointers only: a copy of every key would be an
+    /// allocation burst of its own, at once, on the thread that new objects need.
+    fn snapshot(&self) -> VecDeque<Arc<K>> {
+        let objects: VecDeque<Arc<K>> =
+            self.shared.cache.read().objects.values().cloned().collect();
+        tracing::debug!(informer = %self.shared.name, objects = objects.len(), "resync");
+        objects
     }
 
     /// Reports the next chunk of a resync, each object as cached now.
-    fn sync_some(&self, pending: &mut VecDeque<ObjectKey>) {
+    fn sync_some(&self, pending: &mut VecDeque<Arc<K>>, pacer: &mut Pacer) {
         const CHUNK: usize = 256;
-        for key in pending.drain(..CHUNK.min(pending.len())) {
-            if let Some(obj) = self.get(&key) {
+        let started = std::time::Instant::now();
+        for snapshot in pending.drain(..CHUNK.min(pending.len())) {
+            if let Some(obj) = self.get(&ObjectKey::of(snapshot.as_ref())) {
                 self.notify(&Change::Sync(obj));
             }
         }
+        pacer.worked(started.elapsed());
         if pending.is_empty() {
             self.shared
                 .resyncs_done

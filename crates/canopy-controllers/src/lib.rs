@@ -5,11 +5,13 @@
 pub mod deployment;
 pub mod endpoints;
 pub mod endpointslice;
+pub mod events;
 pub mod garbagecollector;
 pub mod informer;
 pub mod manager;
 pub mod namespace;
 pub mod nodelifecycle;
+pub mod pace;
 pub mod queue;
 pub mod replicaset;
 pub mod serviceaccount;

@@ -16,6 +16,7 @@ use k8s_openapi::api::{
 use kube::{Api, Client, runtime::watcher};
 
 use crate::{
+    events::EventSink,
     informer::Informer,
     queue::{QueueConfig, QueueMetrics, WorkQueue},
 };
@@ -106,18 +107,20 @@ pub struct Informers {
 }
 
 impl Informers {
-    fn new() -> Self {
+    /// Informers whose resyncs take at most `resync_share` of the time.
+    fn new(resync_share: f64) -> Self {
+        let share = resync_share;
         Self {
-            pods: Informer::new("pods"),
-            replica_sets: Informer::new("replicasets"),
-            deployments: Informer::new("deployments"),
-            services: Informer::new("services"),
-            endpoints: Informer::new("endpoints"),
-            endpoint_slices: Informer::new("endpointslices"),
-            namespaces: Informer::new("namespaces"),
-            nodes: Informer::new("nodes"),
-            node_leases: Informer::new("leases"),
-            service_accounts: Informer::new("serviceaccounts"),
+            pods: Informer::with_resync_share("pods", share),
+            replica_sets: Informer::with_resync_share("replicasets", share),
+            deployments: Informer::with_resync_share("deployments", share),
+            services: Informer::with_resync_share("services", share),
+            endpoints: Informer::with_resync_share("endpoints", share),
+            endpoint_slices: Informer::with_resync_share("endpointslices", share),
+            namespaces: Informer::with_resync_share("namespaces", share),
+            nodes: Informer::with_resync_share("nodes", share),
+            node_leases: Informer::with_resync_share("leases", share),
+            service_accounts: Informer::with_resync_share("serviceaccounts", share),
         }
     }
 
@@ -188,6 +191,8 @@ pub struct Context {
     pub config: ManagerConfig,
     /// The work queues' metrics.
     pub metrics: QueueMetrics,
+    /// Where the controllers' Events go.
+    pub events: EventSink,
 }
 
 impl Context {
@@ -195,9 +200,14 @@ impl Context {
     pub fn new(client: Client, config: ManagerConfig, metrics: QueueMetrics) -> Arc<Self> {
         Arc::new(Self {
             client,
-            informers: Informers::new(),
+            informers: Informers::new(if config.queue.fifo {
+                1.0
+            } else {
+                config.queue.sync_share
+            }),
             config,
             metrics,
+            events: EventSink::default(),
         })
     }
 
@@ -251,6 +261,10 @@ pub async fn run(ctx: Arc<Context>) {
     let mut watches = tokio::task::JoinSet::new();
     for informer in informers {
         watches.spawn(informer);
+    }
+    {
+        let (events, client) = (ctx.events.clone(), ctx.client.clone());
+        watches.spawn(async move { events.run(client).await });
     }
     futures::future::join(watches.join_all(), futures::future::join_all(controllers)).await;
 }

@@ -33,6 +33,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use crate::{
+    events::Recorder,
     informer::{Change, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
@@ -390,6 +391,8 @@ struct Controller {
     /// Pods (by uid) bound to each node since it was last looked at.
     newly_bound: Mutex<HashMap<String, HashSet<String>>>,
     disrupted: Mutex<bool>,
+    events: Recorder,
+    eviction_events: Recorder,
 }
 
 /// Registers the controller's handlers and returns its workers.
@@ -401,6 +404,8 @@ pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
         evictions: Mutex::new(HashMap::new()),
         newly_bound: Mutex::new(HashMap::new()),
         disrupted: Mutex::new(false),
+        events: ctx.events.recorder("node-controller"),
+        eviction_events: ctx.events.recorder("taint-eviction-controller"),
     });
     let informers = &ctx.informers;
     informers.pods.add_index(POD_NODE_INDEX, |pod: &Pod| {
@@ -494,6 +499,13 @@ impl Controller {
             .get(&ObjectKey::new(NODE_LEASE_NAMESPACE, name));
         let (health, grace) = {
             let mut map = self.health.lock();
+            if !map.contains_key(name) {
+                self.events.normal(
+                    cached.as_ref(),
+                    "RegisteredNode",
+                    format!("Node {name} event: Registered Node {name} in Controller"),
+                );
+            }
             let (health, grace) = observe_health(
                 map.get(name),
                 &cached,
@@ -513,11 +525,19 @@ impl Controller {
                     node = name,
                     "node stopped posting its status; marking it Unknown"
                 );
+                let was_ready = ready_status(&node) == Some("True");
                 node.status.get_or_insert_default().conditions = Some(conditions);
                 let api: Api<Node> = Api::all(self.client().clone());
                 node = api
                     .replace_status(name, &PostParams::default(), &node)
                     .await?;
+                if was_ready {
+                    self.events.normal(
+                        &node,
+                        "NodeNotReady",
+                        format!("Node {name} status is now: NodeNotReady"),
+                    );
+                }
                 let mut map = self.health.lock();
                 if let Some(h) = map.get_mut(name) {
                     let ready = condition(&node, "Ready").map(|c| {
@@ -712,7 +732,11 @@ impl Controller {
             .replace_status(&name, &PostParams::default(), &pod)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.events
+                    .warning(&pod, "NodeNotReady", "Node is not ready");
+                Ok(())
+            }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(err) => Err(err.into()),
         }
@@ -762,6 +786,11 @@ impl Controller {
             }),
             ..Default::default()
         };
+        self.eviction_events.normal(
+            pod,
+            "TaintManagerEviction",
+            format!("Marking for deletion Pod {namespace}/{name}"),
+        );
         match api.delete(&name, &params).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),

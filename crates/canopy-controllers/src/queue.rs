@@ -15,6 +15,10 @@
 //!   larger of a per-key exponential backoff and an overall token bucket, as client-go's
 //!   `DefaultControllerRateLimiter` (5 ms doubling to 1000 s; 10 per second, bursts of 100).
 //!   [`WorkQueue::forget`] resets a key's backoff after a success.
+//! - **Paced resyncs**: strict priority decides which key goes first, but a resync of every
+//!   object would still take the CPU that new work arriving meanwhile needs. The SYNC lane
+//!   keeps workers busy for at most [`QueueConfig::sync_share`] of the time (see
+//!   [`crate::pace`]): a resync takes longer, new work stays real-time.
 //! - **Shutdown**: [`WorkQueue::shut_down`] abandons queued keys at once;
 //!   [`WorkQueue::shut_down_with_drain`] refuses new keys, lets workers finish what is queued
 //!   and in flight, and returns when they have.
@@ -37,6 +41,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{sync::Notify, time::Instant};
+
+use crate::pace::Pacer;
 
 /// Why a key was queued, which is also its priority: lower lanes are served first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,6 +91,9 @@ pub struct QueueConfig {
     pub retry_qps: f64,
     /// Retries let through at once before `retry_qps` applies.
     pub retry_burst: u32,
+    /// The share of time workers may spend on keys from the SYNC lane, in (0, 1]; 1 does
+    /// not pace resyncs. Lanes only: the FIFO is upstream's, unpaced.
+    pub sync_share: f64,
 }
 
 impl Default for QueueConfig {
@@ -95,6 +104,7 @@ impl Default for QueueConfig {
             max_delay: Duration::from_secs(1000),
             retry_qps: 10.0,
             retry_burst: 100,
+            sync_share: 0.25,
         }
     }
 }
@@ -228,6 +238,8 @@ struct State<K> {
     lanes: [VecDeque<(K, u64)>; 4],
     queued: HashMap<K, Queued>,
     processing: HashSet<K>,
+    /// Paces the SYNC lane.
+    sync_pacer: Pacer,
     /// Keys added while being processed: queued again, in this lane, when done.
     dirty: HashMap<K, Lane>,
     /// Keys waiting for a delay, earliest first; `waiting` holds each key's entry.
@@ -279,6 +291,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                     lanes: Default::default(),
                     queued: HashMap::new(),
                     processing: HashSet::new(),
+                    sync_pacer: Pacer::new(if config.fifo { 1.0 } else { config.sync_share }),
                     dirty: HashMap::new(),
                     delayed: BTreeMap::new(),
                     waiting: HashMap::new(),
@@ -309,8 +322,17 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             return;
         }
         if self.enqueue(&mut state, key, lane) {
+            // A resync queues thousands of keys in a burst: during a pause, a worker woken
+            // for each would only go back to sleep. The one woken for the lane's first key
+            // waits for the end of the pause.
+            let waits_for_pause = lane == Lane::Sync
+                && !self.shared.config.fifo
+                && state.lanes[Lane::Sync as usize].len() > 1
+                && state.sync_pacer.paused_until().is_some();
             drop(state);
-            self.shared.ready.notify_one();
+            if !waits_for_pause {
+                self.shared.ready.notify_one();
+            }
         }
     }
 
@@ -412,7 +434,15 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if state.draining {
                     return None;
                 }
-                state.delayed.keys().next().map(|(at, _)| *at)
+                let pause_ends = state
+                    .sync_pacer
+                    .paused_until()
+                    .filter(|_| !state.lanes[Lane::Sync as usize].is_empty());
+                let due = state.delayed.keys().next().map(|(at, _)| *at);
+                match (due, pause_ends) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             match next_delay {
                 Some(at) => {
@@ -446,9 +476,13 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         }
     }
 
-    /// Records how long a worker spent on a key from `lane`.
+    /// Records how long a worker spent on a key from `lane`; SYNC work earns the lane its
+    /// pauses.
     pub fn observe_work(&self, lane: Lane, took: Duration) {
         self.shared.series.work_duration[lane as usize].observe(took.as_secs_f64());
+        if lane == Lane::Sync {
+            self.shared.state.lock().sync_pacer.worked(took);
+        }
     }
 
     /// Stops at once: queued and delayed keys are dropped, `get` returns `None`. Workers
@@ -558,13 +592,18 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     }
 
     fn pop(&self, state: &mut State<K>) -> Option<(K, Lane)> {
+        // Draining takes every key that is queued, paced or not.
+        let sync_paused = !state.draining && state.sync_pacer.paused_until().is_some();
         let State {
             lanes,
             queued,
             processing,
             ..
         } = state;
-        for lane in lanes.iter_mut() {
+        for (slot, lane) in lanes.iter_mut().enumerate() {
+            if slot == Lane::Sync as usize && sync_paused {
+                break;
+            }
             while let Some((key, seq)) = lane.pop_front() {
                 let live = queued.get(&key).is_some_and(|q| q.seq == seq);
                 if !live {

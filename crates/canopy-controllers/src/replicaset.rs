@@ -29,6 +29,7 @@ use kube::{
 use parking_lot::Mutex;
 
 use crate::{
+    events::Recorder,
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
@@ -140,6 +141,7 @@ struct Controller {
     pods: Informer<Pod>,
     queue: WorkQueue<ObjectKey>,
     expectations: Expectations,
+    events: Recorder,
 }
 
 /// Registers the controller's handlers and returns its workers.
@@ -152,6 +154,7 @@ pub fn start(ctx: &Arc<Context>) -> BoxFuture<'static, ()> {
         pods: informers.pods.clone(),
         queue: ctx.queue("replicaset"),
         expectations: Expectations::default(),
+        events: ctx.events.recorder("replicaset-controller"),
     });
     {
         let c = controller.clone();
@@ -409,7 +412,23 @@ impl Controller {
             let (created, failure) = slow_start(missing, |_| {
                 let api = api.clone();
                 let pod = template.clone();
-                async move { api.create(&PostParams::default(), &pod).await.map(|_| ()) }
+                let events = self.events.clone();
+                async move {
+                    match api.create(&PostParams::default(), &pod).await {
+                        Ok(pod) => {
+                            events.normal(
+                                rs,
+                                "SuccessfulCreate",
+                                format!("Created pod: {}", pod.name_any()),
+                            );
+                            Ok(())
+                        }
+                        Err(err) => {
+                            events.warning(rs, "FailedCreate", format!("Error creating: {err}"));
+                            Err(err)
+                        }
+                    }
+                }
             })
             .await;
             if let Some((failed, first)) = failure {
@@ -458,7 +477,11 @@ impl Controller {
             let mut first = None;
             for (pod, result) in results {
                 match result {
-                    Ok(_) => {}
+                    Ok(_) => self.events.normal(
+                        rs,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {}", pod.name_any()),
+                    ),
                     Err(kube::Error::Api(s)) if s.code == 404 => {
                         if let Some(uid) = pod.metadata.uid.as_deref() {
                             self.expectations.deletion_observed(key, uid);
@@ -468,6 +491,8 @@ impl Controller {
                         if let Some(uid) = pod.metadata.uid.as_deref() {
                             self.expectations.deletion_observed(key, uid);
                         }
+                        self.events
+                            .warning(rs, "FailedDelete", format!("Error deleting: {err}"));
                         failed += 1;
                         first.get_or_insert(err);
                     }

@@ -21,6 +21,8 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
+use canopy_controllers::events::{EventSink, Recorder};
+
 use crate::{
     metrics::SchedulerMetrics,
     node_info::{NodeInfo, pod_key},
@@ -81,6 +83,7 @@ struct Shared {
     /// crowd out other clients of the API server's mutating requests.
     writes: Semaphore,
     metrics: SchedulerMetrics,
+    events: Recorder,
 }
 
 fn tenant_of<K: kube::Resource>(obj: &K) -> String {
@@ -366,30 +369,7 @@ impl Shared {
             tracing::debug!(pod = %name, error = %err, "could not mark a pod unschedulable");
             return;
         }
-        let event = json!({
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": format!("{name}."), "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": "v1", "kind": "Pod", "name": name, "namespace": namespace,
-                "uid": pod.metadata.uid,
-            },
-            "reason": "FailedScheduling",
-            "message": message,
-            "type": "Warning",
-            "source": {"component": self.config.scheduler_name},
-            "reportingComponent": self.config.scheduler_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        });
-        let events: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.client.clone(), &namespace);
-        if let Ok(event) = serde_json::from_value(event)
-            && let Err(err) = events.create(&PostParams::default(), &event).await
-        {
-            tracing::debug!(pod = %name, error = %err, "could not record a scheduling event");
-        }
+        self.events.warning(pod, "FailedScheduling", message);
     }
 }
 
@@ -397,6 +377,9 @@ impl Shared {
 pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetrics) {
     let (ready, mut tenants) = mpsc::unbounded_channel::<String>();
     let workers = Arc::new(Semaphore::new(config.workers.max(1)));
+    let event_sink = EventSink::default();
+    let events = event_sink.recorder(config.scheduler_name.clone());
+    let event_client = client.clone();
     let config_writes = config.max_inflight_writes.max(1);
     let shared = Arc::new(Shared {
         client: client.clone(),
@@ -406,6 +389,7 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetr
         queued: Default::default(),
         ready,
         writes: Semaphore::new(config_writes),
+        events,
         metrics,
     });
     shared.metrics.watch_queues(shared.partitions.clone());
@@ -491,5 +475,5 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetr
             });
         }
     };
-    tokio::join!(nodes, pods, dispatch);
+    tokio::join!(nodes, pods, dispatch, event_sink.run(event_client));
 }

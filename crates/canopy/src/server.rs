@@ -149,6 +149,11 @@ pub struct ControllerManagerArgs {
     /// ADD > UPDATE > DELETE > SYNC. For comparison only.
     #[arg(long)]
     pub fifo_work_queues: bool,
+    /// The share of its workers' time a controller may spend on a resync, in (0, 1]. A
+    /// resync is background work: paced, it leaves the CPU to objects created meanwhile
+    /// (and to the API server on the same machine). 1 does not pace.
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
+    pub resync_share: f64,
     /// How long a node's Lease may go unrenewed before the node is marked Unknown.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     pub node_monitor_grace_period: Duration,
@@ -165,6 +170,7 @@ impl ControllerManagerArgs {
         canopy_controllers::manager::ManagerConfig {
             queue: canopy_controllers::queue::QueueConfig {
                 fifo: self.fifo_work_queues,
+                sync_share: self.resync_share,
                 ..Default::default()
             },
             resync_period: (!self.resync_period.is_zero()).then_some(self.resync_period),
@@ -187,6 +193,16 @@ impl ControllerManagerArgs {
             }
         }
         Ok(())
+    }
+}
+
+/// A share of time: a number above 0 and at most 1.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err(format!(
+            "{text:?} is not a share above 0 and at most 1, such as 0.25"
+        )),
     }
 }
 

@@ -14,12 +14,15 @@ use std::{
     time::Duration,
 };
 
-use common::{Backend, Cluster, eventually};
+use common::{Backend, Cluster, eventually, wait_for};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
-    core::v1::Pod,
+    core::v1::{Event, Pod},
 };
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{
+    ResourceExt,
+    api::{Api, ListParams, Patch, PatchParams},
+};
 use serde_json::json;
 
 /// A simulated kubelet for one namespace: every pod that is not Ready yet (and whose image
@@ -536,6 +539,39 @@ async fn recreate_replaces_all_pods_at_once() {
         annotation(old, "deployment.kubernetes.io/revision").as_deref(),
         Some("1")
     );
+    let new = rss
+        .iter()
+        .find(|rs| rs_image(rs) == "registry.local/db:2")
+        .unwrap();
+
+    // The scaling is told by the Deployment's Events, as upstream words them.
+    let expected = [
+        format!("Scaled up replica set {} from 0 to 3", old.name_any()),
+        format!("Scaled down replica set {} from 3 to 0", old.name_any()),
+        format!("Scaled up replica set {} from 0 to 3", new.name_any()),
+    ];
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    wait_for("the ScalingReplicaSet events", async || {
+        let messages: Vec<String> = events
+            .list(&ListParams::default().fields(
+                "involvedObject.kind=Deployment,involvedObject.name=db,reason=ScalingReplicaSet",
+            ))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.source.as_ref().and_then(|s| s.component.as_deref())
+                    == Some("deployment-controller")
+            })
+            .filter_map(|e| e.message)
+            .collect();
+        expected.iter().all(|m| messages.contains(m)).then_some(())
+    })
+    .await;
+    let c = cluster.clone();
+    let described = blocking(move || c.kubectl_ok(&["-n", NS, "describe", "deployment/db"])).await;
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
     kubelet.store(true, Ordering::Relaxed);
 }
 

@@ -17,12 +17,12 @@ use common::{Backend, Cluster, wait_until};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Node, Pod},
+        core::v1::{ConfigMap, Event, Node, Pod},
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
     jiff::Timestamp,
 };
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use serde_json::json;
 
 async fn config_map(
@@ -477,6 +477,56 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
         "a pod tolerating the taint forever stays"
     );
     assert!(!evicted(&pods, "elsewhere").await);
+
+    // What happened is told by Events, as upstream's node and taint-eviction controllers
+    // record them: on the node (cluster-scoped: namespace default) and on the pods.
+    let reasons = async |namespace: &str, name: &str| -> Vec<(String, String, String)> {
+        let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+        let selector = format!("involvedObject.name={name}");
+        api.list(&ListParams::default().fields(&selector))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.reason.unwrap_or_default(),
+                    e.source.and_then(|s| s.component).unwrap_or_default(),
+                    e.message.unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let node_events = reasons("default", "lost").await;
+    for expected in [
+        (
+            "RegisteredNode",
+            "Node lost event: Registered Node lost in Controller",
+        ),
+        ("NodeNotReady", "Node lost status is now: NodeNotReady"),
+    ] {
+        assert!(
+            node_events
+                .iter()
+                .any(|(r, c, m)| (r.as_str(), m.as_str()) == expected && c == "node-controller"),
+            "{expected:?} in {node_events:?}"
+        );
+    }
+    let pod_events = reasons("default", "short").await;
+    assert!(
+        pod_events
+            .iter()
+            .any(|(r, c, _)| r == "NodeNotReady" && c == "node-controller"),
+        "{pod_events:?}"
+    );
+    assert!(
+        pod_events
+            .iter()
+            .any(|(r, c, m)| r == "TaintManagerEviction"
+                && c == "taint-eviction-controller"
+                && m == "Marking for deletion Pod default/short"),
+        "{pod_events:?}"
+    );
 
     // The kubelet is back: Ready again, taints removed.
     post_ready(&nodes, "lost").await;

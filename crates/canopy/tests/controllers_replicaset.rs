@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Backend, Cluster, wait_for};
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
-    core::v1::{Namespace, Pod},
+    core::v1::{Event, Namespace, Pod},
 };
 use kube::{
     ResourceExt,
@@ -159,6 +159,47 @@ async fn replica_set_keeps_its_pods_and_reports_them() {
         (owned.len() == 3 && owned.iter().all(|p| p.name_any() != ready[0])).then_some(())
     })
     .await;
+
+    // Every creation and deletion was recorded as an Event of the ReplicaSet, as upstream's
+    // controller records them, and kubectl describe shows them.
+    let events: Api<Event> = Api::namespaced(client.clone(), "shop");
+    let selector = format!("involvedObject.uid={uid}");
+    let recorded = wait_for(
+        "6 SuccessfulCreate and 2 SuccessfulDelete events",
+        async || {
+            let list = events
+                .list(&ListParams::default().fields(&selector))
+                .await
+                .unwrap()
+                .items;
+            let count = |reason: &str| {
+                list.iter()
+                    .filter(|e| e.reason.as_deref() == Some(reason))
+                    .count()
+            };
+            (count("SuccessfulCreate") == 6 && count("SuccessfulDelete") == 2).then_some(list)
+        },
+    )
+    .await;
+    for event in &recorded {
+        assert_eq!(event.type_.as_deref(), Some("Normal"));
+        assert_eq!(
+            event.source.as_ref().and_then(|s| s.component.as_deref()),
+            Some("replicaset-controller")
+        );
+        assert_eq!(event.involved_object.kind.as_deref(), Some("ReplicaSet"));
+        assert_eq!(event.count, Some(1));
+        let message = event.message.as_deref().unwrap_or_default();
+        assert!(
+            message.starts_with("Created pod: web-") || message.starts_with("Deleted pod: web-"),
+            "{message}"
+        );
+    }
+    let described = cluster.kubectl_ok(&["-n", "shop", "describe", "replicaset/web"]);
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("replicaset-controller"),
+        "{described}"
+    );
 }
 
 #[tokio::test]

@@ -46,6 +46,76 @@ fn lanes_are_served_strictly_by_priority() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn resync_work_is_paced_to_its_share_and_new_work_is_not() {
+    let q = WorkQueue::new(
+        "test",
+        QueueConfig {
+            sync_share: 0.25,
+            ..QueueConfig::default()
+        },
+        &QueueMetrics::unregistered(),
+    );
+    for i in 0..4 {
+        q.add(format!("s{i}"), Lane::Sync);
+    }
+    // 1 ms of resync work earns 3 ms of pause: nothing yet below the 5 ms quantum.
+    let (key, lane) = next(&q).unwrap();
+    q.observe_work(lane, Duration::from_millis(1));
+    q.done(&key);
+    let (key, lane) = next(&q).unwrap();
+    assert_eq!(key, "s1");
+    // 2 ms more makes 9 ms of pause, taken at once.
+    q.observe_work(lane, Duration::from_millis(2));
+    q.done(&key);
+    assert_eq!(next(&q), None, "the SYNC lane pauses");
+    q.add(k("new"), Lane::Add);
+    assert_eq!(
+        next(&q),
+        Some((k("new"), Lane::Add)),
+        "new work does not wait"
+    );
+    q.done(&k("new"));
+    let started = Instant::now();
+    let (key, _) = q.get().await.unwrap();
+    assert_eq!(key, "s2");
+    assert_eq!(started.elapsed(), Duration::from_millis(9));
+    q.done(&key);
+    // Draining does not wait for pauses.
+    q.observe_work(Lane::Sync, Duration::from_millis(10));
+    let drain = {
+        let q = q.clone();
+        tokio::spawn(async move { q.shut_down_with_drain().await })
+    };
+    tokio::task::yield_now().await;
+    let (key, _) = next(&q).expect("draining hands out the paused key");
+    assert_eq!(key, "s3");
+    q.done(&key);
+    drain.await.unwrap();
+}
+
+#[test]
+fn a_fifo_or_a_full_share_does_not_pace() {
+    for config in [
+        QueueConfig {
+            fifo: true,
+            ..QueueConfig::default()
+        },
+        QueueConfig {
+            sync_share: 1.0,
+            ..QueueConfig::default()
+        },
+    ] {
+        let q = WorkQueue::new("test", config, &QueueMetrics::unregistered());
+        q.add(k("a"), Lane::Sync);
+        q.add(k("b"), Lane::Sync);
+        let (key, lane) = next(&q).unwrap();
+        q.observe_work(lane, Duration::from_secs(1));
+        q.done(&key);
+        assert_eq!(next(&q).map(|(key, _)| key), Some(k("b")));
+    }
+}
+
 #[test]
 fn fifo_flag_serves_in_arrival_order() {
     let q = queue(true);
@@ -279,14 +349,14 @@ proptest! {
         let q = queue(fifo);
         // Model: queued keys with lane and arrival order, in-flight keys, dirty keys.
         let mut queued: Vec<(String, Lane)> = Vec::new();
-        let mut in_flight: Vec<String> = Vec::new();
+        let mut in_flight: Vec<(String, Lane)> = Vec::new();
         let mut dirty: HashMap<String, Lane> = HashMap::new();
         for op in ops {
             match op {
                 Op::Add(key, lane) => {
                     let key = format!("k{key}");
                     q.add(key.clone(), lane);
-                    if in_flight.contains(&key) {
+                    if in_flight.iter().any(|(k, _)| *k == key) {
                         let d = dirty.entry(key).or_insert(lane);
                         *d = (*d).min(lane);
                     } else if let Some(pos) = queued.iter().position(|(k, _)| *k == key) {
@@ -307,15 +377,15 @@ proptest! {
                     };
                     let got = next(&q);
                     prop_assert_eq!(&got, &expected);
-                    if let Some((key, _)) = got {
-                        prop_assert!(!in_flight.contains(&key), "{} handed out twice", key);
+                    if let Some((key, lane)) = got {
+                        prop_assert!(!in_flight.iter().any(|(k, _)| *k == key), "{} handed out twice", key);
                         queued.retain(|(k, _)| *k != key);
-                        in_flight.push(key);
+                        in_flight.push((key, lane));
                     }
                 }
                 Op::Done(i) => {
                     if in_flight.is_empty() { continue; }
-                    let key = in_flight.remove(i % in_flight.len());
+                    let (key, _) = in_flight.remove(i % in_flight.len());
                     q.done(&key);
                     if let Some(lane) = dirty.remove(&key) {
                         queued.push((key, lane));
@@ -324,7 +394,13 @@ proptest! {
             }
             prop_assert_eq!(q.len(), queued.len());
         }
-        // Everything still queued comes out, each key once.
+        // Once the workers are done, everything still queued comes out, each key once.
+        for (key, _) in in_flight {
+            q.done(&key);
+            if let Some(lane) = dirty.remove(&key) {
+                queued.push((key, lane));
+            }
+        }
         let mut seen = HashSet::new();
         while let Some((key, _)) = next(&q) {
             prop_assert!(seen.insert(key.clone()));

@@ -7,7 +7,8 @@
 //! full resync and read the queue depth. Set-up: namespaces, ReplicaSets and their pods,
 //! created by that controller. Then, for each queue mode: a fresh controller syncs the whole
 //! cluster once (its initial list), new ReplicaSets are created at a steady rate while idle,
-//! then a full resync is triggered and the same number are created during it. Latency is
+//! then a full resync is triggered and the same number are created during it, for
+//! `--rounds` rounds whose samples are pooled. Latency is
 //! from the moment the ReplicaSet's create is sent to the moment a watch sees its last pod.
 
 use std::{
@@ -54,12 +55,19 @@ pub struct ControllersArgs {
     /// New ReplicaSets created in each measured phase (idle, during the resync).
     #[arg(long, default_value_t = 100)]
     new_replica_sets: usize,
+    /// Rounds of an idle phase and a resync phase per queue mode; their samples are pooled.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// New ReplicaSets created per second in each measured phase.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
     /// The ReplicaSet controller's workers.
     #[arg(long, default_value_t = 5)]
     workers: usize,
+    /// The share of the workers' time the resync may take (lanes mode; see
+    /// `canopy controller-manager --resync-share`).
+    #[arg(long, default_value_t = 0.25, value_parser = crate::server::parse_share)]
+    resync_share: f64,
     /// Concurrent HTTPS clients for the set-up.
     #[arg(long, default_value_t = 64)]
     clients: usize,
@@ -206,12 +214,34 @@ async fn queue_idle(metrics: &QueueMetrics) {
     }
 }
 
+/// CPU seconds this process has used (user and system), from /proc/self/stat in clock ticks
+/// of 10 ms.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 struct Figures {
     mode: String,
     idle: (f64, f64),
     resync: (f64, f64),
     after: (f64, f64),
     resync_seconds: f64,
+    resync_cpu: f64,
     during: usize,
 }
 
@@ -225,13 +255,14 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
         bail!("--namespaces must be at least 1");
     }
     println!(
-        "canopy bench controllers: {} ReplicaSets × {} pods in {} namespaces, {} new ReplicaSets per phase at {}/s, {} workers, store {}, machine {}",
+        "canopy bench controllers: {} ReplicaSets × {} pods in {} namespaces, {} new ReplicaSets per phase at {}/s, {} workers (resync share {}), store {}, machine {}",
         args.replica_sets,
         args.replicas,
         args.namespaces,
         args.new_replica_sets,
         args.rate,
         args.workers,
+        args.resync_share,
         args.store,
         machine()
     );
@@ -285,6 +316,7 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
         let config = ManagerConfig {
             queue: QueueConfig {
                 fifo: mode == "fifo",
+                sync_share: args.resync_share,
                 ..QueueConfig::default()
             },
             workers: args.workers,
@@ -317,78 +349,94 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
             phase.elapsed().as_secs_f64()
         );
 
-        println!(
-            "{mode}: creating {} new ReplicaSets, idle",
-            args.new_replica_sets
-        );
-        let keys = create_new(&client, &tracking, &args, &format!("idle{round}")).await?;
-        let mut idle = latencies(&tracking, &keys).await?;
-        queue_idle(&metrics).await;
+        let (mut idle, mut during_only, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut resync_seconds, mut resync_cpus) = (Vec::new(), Vec::new());
+        for r in 0..args.rounds.max(1) {
+            println!(
+                "{mode}: round {}: creating {} new ReplicaSets, idle",
+                r + 1,
+                args.new_replica_sets
+            );
+            let keys = create_new(&client, &tracking, &args, &format!("idle{round}-{r}")).await?;
+            idle.extend(latencies(&tracking, &keys).await?);
+            queue_idle(&metrics).await;
 
-        // A full resync of both informers, with new ReplicaSets arriving during it. It has
-        // ended once both informers have handed every object to the controller and the SYNC
-        // lane is empty.
-        let (rs_before, pods_before) = (
-            ctx.informers.replica_sets.resyncs_done(),
-            ctx.informers.pods.resyncs_done(),
-        );
-        let resync_started = Instant::now();
-        ctx.informers.replica_sets.resync();
-        ctx.informers.pods.resync();
-        let resync_end = {
-            let ctx = ctx.clone();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                loop {
-                    if resync_started.elapsed() > Duration::from_secs(600) {
-                        bail!("the resync did not end within 10 minutes");
+            // A full resync of both informers, with new ReplicaSets arriving during it. It has
+            // ended once both informers have handed every object to the controller and the SYNC
+            // lane is empty.
+            let (rs_before, pods_before) = (
+                ctx.informers.replica_sets.resyncs_done(),
+                ctx.informers.pods.resyncs_done(),
+            );
+            let resync_started = Instant::now();
+            let cpu_before = process_cpu_seconds();
+            ctx.informers.replica_sets.resync();
+            ctx.informers.pods.resync();
+            let resync_end = {
+                let ctx = ctx.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if resync_started.elapsed() > Duration::from_secs(600) {
+                            bail!("the resync did not end within 10 minutes");
+                        }
+                        let delivered = ctx.informers.replica_sets.resyncs_done() > rs_before
+                            && ctx.informers.pods.resyncs_done() > pods_before;
+                        if delivered && metrics.depth("replicaset", Lane::Sync) == 0 {
+                            return Ok((
+                                resync_started.elapsed(),
+                                process_cpu_seconds() - cpu_before,
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    let delivered = ctx.informers.replica_sets.resyncs_done() > rs_before
-                        && ctx.informers.pods.resyncs_done() > pods_before;
-                    if delivered && metrics.depth("replicaset", Lane::Sync) == 0 {
-                        return Ok(resync_started.elapsed());
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            })
-        };
-        println!(
-            "{mode}: full resync triggered; creating {} new ReplicaSets",
-            args.new_replica_sets
-        );
-        let keys = create_new(&client, &tracking, &args, &format!("resync{round}")).await?;
-        let resync_took = resync_end.await??;
-        let mut during_resync = latencies(&tracking, &keys).await?;
-        // Only the ReplicaSets created while the resync ran say what a resync costs them.
-        let mut during_only: Vec<f64> = {
-            let tracking = tracking.lock();
-            keys.iter()
-                .filter_map(|k| tracking.get(k))
-                .filter(|t| t.sent.duration_since(resync_started) < resync_took)
-                .filter_map(|t| t.done.map(|d| d.duration_since(t.sent).as_secs_f64()))
-                .collect()
-        };
+                })
+            };
+            println!(
+                "{mode}: round {}: full resync triggered; creating {} new ReplicaSets",
+                r + 1,
+                args.new_replica_sets
+            );
+            let keys = create_new(&client, &tracking, &args, &format!("resync{round}-{r}")).await?;
+            let (resync_took, resync_cpu) = resync_end.await??;
+            after.extend(latencies(&tracking, &keys).await?);
+            // Only the ReplicaSets created while the resync ran say what a resync costs them.
+            during_only.extend({
+                let tracking = tracking.lock();
+                keys.iter()
+                    .filter_map(|k| tracking.get(k))
+                    .filter(|t| t.sent.duration_since(resync_started) < resync_took)
+                    .filter_map(|t| t.done.map(|d| d.duration_since(t.sent).as_secs_f64()))
+                    .collect::<Vec<_>>()
+            });
+            resync_seconds.push(resync_took.as_secs_f64());
+            resync_cpus.push(resync_cpu);
+            queue_idle(&metrics).await;
+        }
         let during = during_only.len();
+        let phase_total = after.len();
         controller.abort();
         let _ = controller.await;
         let f = Figures {
             mode: mode.clone(),
             idle: percentiles(&mut idle),
             resync: percentiles(&mut during_only),
-            after: percentiles(&mut during_resync),
-            resync_seconds: resync_took.as_secs_f64(),
+            after: percentiles(&mut after),
+            resync_seconds: percentiles(&mut resync_seconds).0,
+            resync_cpu: percentiles(&mut resync_cpus).0,
             during,
         };
         println!(
-            "{mode}: ReplicaSet created → all {} pods: idle p50 {:.0} ms p99 {:.0} ms; the {} created during the {:.2} s resync p50 {:.0} ms p99 {:.0} ms; all {} of that phase p50 {:.0} ms p99 {:.0} ms",
+            "{mode}: ReplicaSet created → all {} pods: idle p50 {:.0} ms p99 {:.0} ms; the {} created during the resyncs (median {:.2} s, {:.2} CPU seconds in this process) p50 {:.0} ms p99 {:.0} ms; all {} of those phases p50 {:.0} ms p99 {:.0} ms",
             args.replicas,
             f.idle.0 * 1e3,
             f.idle.1 * 1e3,
             f.during,
             f.resync_seconds,
+            f.resync_cpu,
             f.resync.0 * 1e3,
             f.resync.1 * 1e3,
-            args.new_replica_sets,
+            phase_total,
             f.after.0 * 1e3,
             f.after.1 * 1e3,
         );
