@@ -576,6 +576,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_paced_resync_pauses_but_watch_events_do_not() {
+        const OBJECTS: usize = 600;
+        let informer = Informer::<ConfigMap>::with_resync_share("test", 0.1);
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let added: Arc<Mutex<Option<usize>>> = Arc::default();
+        {
+            let (syncs, added) = (syncs.clone(), added.clone());
+            informer.add_handler(move |change| match change {
+                Change::Sync(_) => {
+                    // A handler with some work to do, so that chunks earn pauses.
+                    std::thread::sleep(Duration::from_micros(100));
+                    syncs.fetch_add(1, Ordering::SeqCst);
+                }
+                Change::Add(obj) if obj.metadata.name.as_deref() == Some("late") => {
+                    *added.lock() = Some(syncs.load(Ordering::SeqCst));
+                }
+                _ => {}
+            });
+        }
+        let tx = start(&informer);
+        tx.send(Ok(watcher::Event::Init)).unwrap();
+        for i in 0..OBJECTS {
+            tx.send(Ok(watcher::Event::InitApply(cm(&format!("c{i}"), "1"))))
+                .unwrap();
+        }
+        tx.send(Ok(watcher::Event::InitDone)).unwrap();
+        informer.wait_synced().await;
+
+        let started = std::time::Instant::now();
+        informer.resync();
+        settle().await;
+        tx.send(Ok(watcher::Event::Apply(cm("late", "2")))).unwrap();
+        while informer.resyncs_done() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the resync ended"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(syncs.load(Ordering::SeqCst), OBJECTS);
+        let seen_after = added.lock().expect("the new object was reported");
+        assert!(
+            seen_after < OBJECTS,
+            "the new object waited for the whole resync"
+        );
+        // 60 ms of handler work at a tenth of the time.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "the resync was not paced: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn a_resync_asked_for_during_a_stream_of_events_is_not_lost() {
         let informer = Informer::<ConfigMap>::new("test");
         let syncs = Arc::new(AtomicUsize::new(0));
