@@ -31,7 +31,7 @@ use crate::{
     informer::{Change, Informer, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
-    util::{pod_ready, pod_terminal},
+    util::{namespace_terminating, not_found, pod_ready, pod_terminal},
     worker::{Outcome, run_workers},
 };
 
@@ -351,23 +351,6 @@ impl TriggerTimeTracker {
     pub(crate) fn forget(&self, key: &ObjectKey) {
         self.services.lock().remove(key);
     }
-}
-
-/// Whether an API error says the namespace is being deleted (creations there are refused
-/// until it is gone; nothing to retry).
-pub(crate) fn namespace_terminating(err: &kube::Error) -> bool {
-    let kube::Error::Api(status) = err else {
-        return false;
-    };
-    status.code == 403
-        && status
-            .details
-            .as_ref()
-            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
-}
-
-pub(crate) fn not_found(err: &kube::Error) -> bool {
-    matches!(err, kube::Error::Api(status) if status.code == 404)
 }
 
 // ---------------------------------------------------------------------------------------

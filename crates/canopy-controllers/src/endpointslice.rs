@@ -32,15 +32,14 @@ use parking_lot::Mutex;
 use crate::{
     endpoints::{
         HEADLESS_LABEL, LAST_CHANGE_TRIGGER_TIME, TriggerTimeTracker, find_port, hostname_for,
-        is_ipv6, managed_selector, namespace_terminating, not_found, pod_ips, pod_node_name,
-        pod_reference, publish_not_ready, queue_services_of_pods, selected_pods, service_ip_set,
-        should_pod_be_in_endpoints,
+        is_ipv6, managed_selector, pod_ips, pod_node_name, pod_reference, publish_not_ready,
+        queue_services_of_pods, selected_pods, service_ip_set, should_pod_be_in_endpoints,
     },
     events::Recorder,
     informer::{Change, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
-    util::{controller_ref, pod_ready},
+    util::{controller_ref, namespace_terminating, not_found, pod_ready},
     worker::{Outcome, run_workers},
 };
 

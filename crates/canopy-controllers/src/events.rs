@@ -18,7 +18,7 @@
 //! state a controller relies on.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -35,6 +35,8 @@ use kube::{
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::mpsc;
+
+use crate::util::not_found;
 
 /// Events of one kind, reason and object with different messages before they are combined.
 pub const AGGREGATE_THRESHOLD: usize = 10;
@@ -182,10 +184,9 @@ impl Recorder {
 enum Action {
     /// Create this Event; remember its name under `key`.
     Create { key: EventKey, event: Box<Event> },
-    /// Bump an Event written before.
+    /// Bump an Event written before (in the namespace of `event`, which is the object's).
     Bump {
         key: EventKey,
-        namespace: String,
         name: String,
         count: i32,
         last: Time,
@@ -194,27 +195,26 @@ enum Action {
     },
 }
 
-/// Identifies one Event for deduplication: everything but the timestamps and count.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct EventKey {
-    component: Arc<str>,
-    object: (String, String, String, String, String),
-    kind: EventType,
-    reason: String,
-    message: String,
-}
+/// The object an event is about: apiVersion, kind, namespace, name, uid.
+type ObjectId = (String, String, String, String, String);
 
-/// Identifies a group of events that aggregation folds together (the message left out).
+/// Identifies a group of events that aggregation folds together: all but the message.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GroupKey {
     component: Arc<str>,
-    object: (String, String, String, String, String),
+    object: ObjectId,
     kind: EventType,
     reason: String,
 }
 
+/// Identifies one Event for deduplication: everything but the timestamps and count.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EventKey {
+    group: GroupKey,
+    message: String,
+}
+
 struct Written {
-    namespace: String,
     name: String,
     count: i32,
     first: Time,
@@ -222,7 +222,7 @@ struct Written {
 }
 
 struct Group {
-    messages: HashMap<String, ()>,
+    messages: HashSet<String>,
     since: Instant,
 }
 
@@ -237,10 +237,10 @@ struct Bucket {
 struct Correlator {
     written: HashMap<EventKey, Written>,
     groups: HashMap<GroupKey, Group>,
-    buckets: HashMap<(Arc<str>, String), Bucket>,
+    buckets: HashMap<(Arc<str>, ObjectId), Bucket>,
 }
 
-fn object_key(o: &ObjectReference) -> (String, String, String, String, String) {
+fn object_id(o: &ObjectReference) -> ObjectId {
     let s = |v: &Option<String>| v.clone().unwrap_or_default();
     (
         s(&o.api_version),
@@ -253,8 +253,13 @@ fn object_key(o: &ObjectReference) -> (String, String, String, String, String) {
 
 impl Correlator {
     fn correlate(&mut self, recorded: Recorded, now: Instant) -> Option<Action> {
-        let object = object_key(&recorded.object);
-        if !self.allow(&recorded.component, &object, now) {
+        let group = GroupKey {
+            component: recorded.component.clone(),
+            object: object_id(&recorded.object),
+            kind: recorded.kind,
+            reason: recorded.reason.clone(),
+        };
+        if !self.allow(&group, now) {
             tracing::debug!(
                 component = %recorded.component,
                 reason = %recorded.reason,
@@ -262,12 +267,9 @@ impl Correlator {
             );
             return None;
         }
-        let message = self.aggregate(&recorded, object.clone(), now);
+        let message = self.aggregate(&group, &recorded.message, now);
         let key = EventKey {
-            component: recorded.component.clone(),
-            object,
-            kind: recorded.kind,
-            reason: recorded.reason.clone(),
+            group,
             message: message.clone(),
         };
         let stamp = Time(Timestamp::now());
@@ -277,11 +279,10 @@ impl Correlator {
             .clone()
             .filter(|ns| !ns.is_empty())
             .unwrap_or_else(|| "default".to_string());
-        let first = self
+        let (first, count) = self
             .written
             .get(&key)
-            .map_or_else(|| stamp.clone(), |w| w.first.clone());
-        let count = self.written.get(&key).map_or(1, |w| w.count + 1);
+            .map_or((stamp.clone(), 1), |w| (w.first.clone(), w.count + 1));
         let event = Box::new(Event {
             metadata: ObjectMeta {
                 name: Some(format!(
@@ -289,7 +290,7 @@ impl Correlator {
                     recorded.object.name.as_deref().unwrap_or_default(),
                     stamp.0.as_nanosecond()
                 )),
-                namespace: Some(namespace.clone()),
+                namespace: Some(namespace),
                 ..Default::default()
             },
             involved_object: recorded.object,
@@ -311,7 +312,6 @@ impl Correlator {
                 written.used = now;
                 Action::Bump {
                     key,
-                    namespace: written.namespace.clone(),
                     name: written.name.clone(),
                     count,
                     last: stamp,
@@ -323,14 +323,8 @@ impl Correlator {
     }
 
     /// The spam filter's token bucket for the source and object.
-    fn allow(
-        &mut self,
-        component: &Arc<str>,
-        object: &(String, String, String, String, String),
-        now: Instant,
-    ) -> bool {
-        let id = format!("{}/{}/{}/{}", object.1, object.2, object.3, object.4);
-        let id = (component.clone(), id);
+    fn allow(&mut self, group: &GroupKey, now: Instant) -> bool {
+        let id = (group.component.clone(), group.object.clone());
         if self.buckets.len() >= CACHE_SIZE && !self.buckets.contains_key(&id) {
             // Full buckets say nothing: forgetting them loses no limit.
             let refill = SPAM_REFILL.as_secs_f64();
@@ -355,35 +349,24 @@ impl Correlator {
 
     /// The message to record: the event's own, or the combined one once its group has seen
     /// more than [`AGGREGATE_THRESHOLD`] different messages within the window.
-    fn aggregate(
-        &mut self,
-        recorded: &Recorded,
-        object: (String, String, String, String, String),
-        now: Instant,
-    ) -> String {
-        let key = GroupKey {
-            component: recorded.component.clone(),
-            object,
-            kind: recorded.kind,
-            reason: recorded.reason.clone(),
-        };
-        if self.groups.len() >= CACHE_SIZE && !self.groups.contains_key(&key) {
+    fn aggregate(&mut self, key: &GroupKey, message: &str, now: Instant) -> String {
+        if self.groups.len() >= CACHE_SIZE && !self.groups.contains_key(key) {
             self.groups
                 .retain(|_, g| now.duration_since(g.since) <= AGGREGATE_WINDOW);
         }
-        let group = self.groups.entry(key).or_insert(Group {
-            messages: HashMap::new(),
+        let group = self.groups.entry(key.clone()).or_insert(Group {
+            messages: HashSet::new(),
             since: now,
         });
         if now.duration_since(group.since) > AGGREGATE_WINDOW {
             group.messages.clear();
             group.since = now;
         }
-        group.messages.insert(recorded.message.clone(), ());
+        group.messages.insert(message.to_string());
         if group.messages.len() > AGGREGATE_THRESHOLD {
-            format!("(combined from similar events): {}", recorded.message)
+            format!("(combined from similar events): {message}")
         } else {
-            recorded.message.clone()
+            message.to_string()
         }
     }
 
@@ -398,7 +381,6 @@ impl Correlator {
         self.written.insert(
             key,
             Written {
-                namespace: event.metadata.namespace.clone().unwrap_or_default(),
                 name: event.metadata.name.clone().unwrap_or_default(),
                 count: event.count.unwrap_or(1),
                 first: event
@@ -417,29 +399,25 @@ async fn write(client: &Client, correlator: &mut Correlator, action: Action) {
         Action::Create { key, event } => (key, event, None),
         Action::Bump {
             key,
-            namespace,
             name,
             count,
             last,
             event,
-        } => (key, event, Some((namespace, name, count, last))),
+        } => (key, event, Some((name, count, last))),
     };
     let namespace = event.metadata.namespace.clone().unwrap_or_default();
     let api: Api<Event> = Api::namespaced(client.clone(), &namespace);
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
         let result = match &bump {
-            Some((ns, name, count, last)) => {
-                let api: Api<Event> = Api::namespaced(client.clone(), ns);
+            Some((name, count, last)) => {
                 let patch = json!({"count": count, "lastTimestamp": last});
                 match api
                     .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                 {
                     // The earlier Event expired or was deleted: write it anew.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
-                        api.create(&PostParams::default(), &event).await
-                    }
+                    Err(err) if not_found(&err) => api.create(&PostParams::default(), &event).await,
                     other => other,
                 }
             }

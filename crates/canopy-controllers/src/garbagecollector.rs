@@ -38,6 +38,7 @@ use crate::{
     informer::{Change, Informer},
     manager::Context,
     queue::{Lane, WorkQueue},
+    util::not_found,
     worker::{Outcome, run_workers},
 };
 
@@ -1181,24 +1182,11 @@ impl Gc {
         } else {
             serde_json::to_value(&refs).unwrap_or_default()
         };
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": latest.resource_version,
-                "ownerReferences": value,
-            }
+        let metadata = json!({
+            "resourceVersion": latest.resource_version,
+            "ownerReferences": value,
         });
-        match api
-            .patch_metadata(
-                &identity.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(patched) => Ok(Some(patched.metadata)),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
-            Err(err) => Err(err.into()),
-        }
+        merge_metadata(&api, &identity.name, metadata).await
     }
 
     /// Deletes an object, on the version read unless only unrelated fields changed since
@@ -1245,7 +1233,7 @@ impl Gc {
         };
         match result {
             Ok(_) => Ok(Processed::Done),
-            Err(kube::Error::Api(status)) if status.code == 404 => {
+            Err(err) if not_found(&err) => {
                 self.enqueue_virtual_delete(identity);
                 Ok(Processed::VirtualDeleteQueued)
             }
@@ -1269,24 +1257,12 @@ impl Gc {
             return Ok(());
         }
         let rest: Vec<&String> = finalizers.iter().filter(|f| *f != finalizer).collect();
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": live.metadata.resource_version,
-                "finalizers": rest,
-            }
+        let metadata = json!({
+            "resourceVersion": live.metadata.resource_version,
+            "finalizers": rest,
         });
-        match api
-            .patch_metadata(
-                &identity.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(err) => Err(err.into()),
-        }
+        merge_metadata(&api, &identity.name, metadata).await?;
+        Ok(())
     }
 
     /// An owner deleted with the `orphan` finalizer: its dependents lose their reference to
@@ -1335,6 +1311,24 @@ enum Processed {
     Done,
     VirtualDeleteQueued,
     Invalid,
+}
+
+/// Merge-patches an object's metadata (with its resourceVersion in `metadata`, so that a
+/// concurrent change is a conflict the worker retries); `None` when the object is gone.
+async fn merge_metadata(
+    api: &Api<DynamicObject>,
+    name: &str,
+    metadata: serde_json::Value,
+) -> Result<Option<ObjectMeta>, Error> {
+    let patch = json!({ "metadata": metadata });
+    match api
+        .patch_metadata(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(patched) => Ok(Some(patched.metadata)),
+        Err(err) if not_found(&err) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
 }
 
 #[cfg(test)]

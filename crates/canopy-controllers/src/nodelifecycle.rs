@@ -37,6 +37,7 @@ use crate::{
     informer::{Change, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
+    util::not_found,
     worker::{Outcome, run_workers},
 };
 
@@ -737,7 +738,7 @@ impl Controller {
                     .warning(&pod, "NodeNotReady", "Node is not ready");
                 Ok(())
             }
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(err) if not_found(&err) => Ok(()),
             Err(err) => Err(err.into()),
         }
     }
@@ -775,7 +776,7 @@ impl Controller {
                 .await
             {
                 Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+                Err(err) if not_found(&err) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
         }

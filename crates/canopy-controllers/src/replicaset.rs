@@ -34,8 +34,8 @@ use crate::{
     manager::Context,
     queue::{Lane, WorkQueue},
     util::{
-        self, controller_of, controller_ref, pod_active, pod_assigned, pod_available, pod_phase,
-        pod_ready, pod_ready_since, selector, selects,
+        self, controller_of, controller_ref, not_found, pod_active, pod_assigned, pod_available,
+        pod_phase, pod_ready, pod_ready_since, selector, selects,
     },
     worker::{Outcome, run_workers},
 };
@@ -482,7 +482,7 @@ impl Controller {
                         "SuccessfulDelete",
                         format!("Deleted pod: {}", pod.name_any()),
                     ),
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                    Err(err) if not_found(&err) => {
                         if let Some(uid) = pod.metadata.uid.as_deref() {
                             self.expectations.deletion_observed(key, uid);
                         }

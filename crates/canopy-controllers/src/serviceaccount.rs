@@ -11,10 +11,10 @@ use k8s_openapi::{
 use kube::{Api, api::PostParams};
 
 use crate::{
-    endpoints::namespace_terminating,
     informer::{Change, ObjectKey},
     manager::Context,
     queue::{Lane, WorkQueue},
+    util::namespace_terminating,
     worker::{Outcome, run_workers},
 };
 

@@ -162,3 +162,21 @@ where
         other => other.map(|_| ()),
     }
 }
+
+/// Whether an API error says the namespace is being deleted (creations there are refused
+/// until it is gone; nothing to retry).
+pub fn namespace_terminating(err: &kube::Error) -> bool {
+    let kube::Error::Api(status) = err else {
+        return false;
+    };
+    status.code == 403
+        && status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
+/// Whether an API error says the object does not exist (any longer).
+pub fn not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}

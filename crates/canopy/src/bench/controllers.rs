@@ -37,7 +37,7 @@ use canopy::procs::ServerProcess;
 
 use super::{
     client::{Target, in_parallel, request},
-    machine, percentiles,
+    cpu_seconds, machine, percentiles,
 };
 
 /// Flags of `canopy bench controllers`.
@@ -214,27 +214,6 @@ async fn queue_idle(metrics: &QueueMetrics) {
     }
 }
 
-/// CPU seconds this process has used (user and system), from /proc/self/stat in clock ticks
-/// of 10 ms.
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return f64::NAN;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 struct Figures {
     mode: String,
     idle: (f64, f64),
@@ -369,7 +348,7 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
                 ctx.informers.pods.resyncs_done(),
             );
             let resync_started = Instant::now();
-            let cpu_before = process_cpu_seconds();
+            let cpu_before = cpu_seconds(std::process::id()).unwrap_or(f64::NAN);
             ctx.informers.replica_sets.resync();
             ctx.informers.pods.resync();
             let resync_end = {
@@ -385,7 +364,7 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
                         if delivered && metrics.depth("replicaset", Lane::Sync) == 0 {
                             return Ok((
                                 resync_started.elapsed(),
-                                process_cpu_seconds() - cpu_before,
+                                cpu_seconds(std::process::id()).unwrap_or(f64::NAN) - cpu_before,
                             ));
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;

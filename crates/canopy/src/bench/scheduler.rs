@@ -19,7 +19,7 @@ use canopy::procs::ServerProcess;
 
 use super::{
     client::{Target, in_parallel, ok, request, send},
-    machine, percentiles,
+    cpu_seconds, machine, percentiles,
 };
 
 /// Flags of `canopy bench scheduler`.
@@ -141,15 +141,6 @@ impl LeaseRenewals {
         );
         Ok(())
     }
-}
-
-/// CPU time (user + system) a process has used so far, from /proc. The clock tick is
-/// 100 Hz on every Linux architecture Canopy targets (USER_HZ).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
 }
 
 /// Sum and count of a histogram's samples with the given label, from a text exposition.
