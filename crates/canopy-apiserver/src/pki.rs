@@ -60,7 +60,7 @@ impl Pki {
         }
         let key = KeyPair::generate().context("generating CA key")?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = name("canopy-ca", None);
+        params.distinguished_name = name("canopy-ca", &[]);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -129,13 +129,15 @@ impl Pki {
             Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).context("parsing CA certificate")?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        // rcgen keeps one value per attribute type: a certificate names at most one group.
-        if organizations.len() > 1 {
+        // rcgen keeps one value per attribute type; a second O goes under O's raw OID (a
+        // distinct key to rcgen, the same attribute to every reader), so a certificate
+        // names at most two groups: enough for a node and its tenant.
+        if organizations.len() > 2 {
             anyhow::bail!(
-                "a client certificate can carry at most one group, got {organizations:?}"
+                "a client certificate can carry at most two groups, got {organizations:?}"
             );
         }
-        params.distinguished_name = name(common_name, organizations.first().copied());
+        params.distinguished_name = name(common_name, organizations);
         params.subject_alt_names = sans
             .iter()
             .map(|s| match s.parse::<IpAddr>() {
@@ -178,11 +180,17 @@ impl Pki {
     }
 }
 
-fn name(common_name: &str, organization: Option<&str>) -> DistinguishedName {
+/// The OID of the organizationName attribute (X.520).
+const ORGANIZATION_OID: [u64; 4] = [2, 5, 4, 10];
+
+fn name(common_name: &str, organizations: &[&str]) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
-    if let Some(org) = organization {
-        dn.push(DnType::OrganizationName, org);
+    if let Some(first) = organizations.first() {
+        dn.push(DnType::OrganizationName, *first);
+    }
+    if let Some(second) = organizations.get(1) {
+        dn.push(DnType::CustomDnType(ORGANIZATION_OID.to_vec()), *second);
     }
     dn
 }
@@ -285,5 +293,19 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_certificate_names_up_to_two_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let pair = pki
+            .issue_client("system:node:n1", &["system:nodes", "canopy:tenant:acme"])
+            .unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pair.cert_pem.as_bytes()).unwrap();
+        let (user, groups) = identity_of(&pem.contents).unwrap();
+        assert_eq!(user, "system:node:n1");
+        assert_eq!(groups, vec!["system:nodes", "canopy:tenant:acme"]);
+        assert!(pki.issue_client("u", &["a", "b", "c"]).is_err());
     }
 }

@@ -104,7 +104,7 @@ impl Default for QueueConfig {
             max_delay: Duration::from_secs(1000),
             retry_qps: 10.0,
             retry_burst: 100,
-            sync_share: 0.25,
+            sync_share: 0.1,
         }
     }
 }

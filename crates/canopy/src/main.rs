@@ -1,6 +1,7 @@
 //! `canopy`: the one binary of Canopy. `canopy server` runs the whole control plane in one
 //! process; the other subcommands run single components and tools.
 
+mod agent;
 mod bench;
 mod component_http;
 mod leader;
@@ -54,6 +55,18 @@ enum Command {
     /// Run the controller manager alone against an API server (`canopy server` runs one
     /// itself unless given --disable-controllers).
     ControllerManager(ControllerManagerCmd),
+    /// Run the node agent (Canopy's kubelet): register this machine as a Node and run the
+    /// pods bound to it in OCI containers.
+    Agent(agent::AgentArgs),
+    /// Manage the node agent's local image store.
+    #[command(subcommand)]
+    Image(agent::ImageCommand),
+    /// The monitor of one container, started by the agent (not for direct use).
+    #[command(hide = true)]
+    Shim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Measure Canopy's performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -133,6 +146,11 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The shim is a small synchronous monitor: no logging set-up, no async runtime.
+    if let Command::Shim { args } = &cli.command {
+        let args = canopy_runtime::ShimArgs::parse(args)?;
+        return canopy_runtime::run_shim(&args);
+    }
     init_logging(cli.log_format, &cli.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -174,6 +192,9 @@ fn main() -> Result<()> {
                 )
                 .await
             }
+            Command::Agent(args) => agent::run(args).await,
+            Command::Image(cmd) => agent::image(cmd),
+            Command::Shim { .. } => Ok(()),
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Kubeconfig(args) => issue_kubeconfig(args),
             Command::Login(args) => login::login(args).await,

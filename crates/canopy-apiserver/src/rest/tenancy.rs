@@ -80,7 +80,19 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
         // controller) say so, never the node itself.
         let given = meta::label(obj, TENANT_LABEL);
         let before = old.and_then(|o| meta::label(o, TENANT_LABEL));
-        if given != before && !call.access.is_admin() {
+        // A node agent may label its own Node once, with the tenant its credential names
+        // (the cloud controller issues a tenant VM's credential with group
+        // `canopy:tenant:<tenant>`); it can never move to another tenant.
+        let credential_names = |tenant: &str| {
+            matches!(call.access.principal, crate::authz::Principal::Node(_))
+                && call
+                    .user
+                    .groups
+                    .iter()
+                    .any(|g| canopy_api::tenant::tenant_of_group(g) == Some(tenant))
+        };
+        let labelled_by_its_agent = before.is_none() && given.is_some_and(credential_names);
+        if given != before && !call.access.is_admin() && !labelled_by_its_agent {
             return Err(crate::authz::denied(
                 call.user,
                 call.req,

@@ -66,7 +66,7 @@ pub struct ControllersArgs {
     workers: usize,
     /// The share of the workers' time the resync may take (lanes mode; see
     /// `canopy controller-manager --resync-share`).
-    #[arg(long, default_value_t = 0.25, value_parser = crate::server::parse_share)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::server::parse_share)]
     resync_share: f64,
     /// Concurrent HTTPS clients for the set-up.
     #[arg(long, default_value_t = 64)]

@@ -4,6 +4,7 @@ mod api;
 mod auth;
 mod client;
 mod controllers;
+mod pods;
 mod scheduler;
 
 /// Benchmarks.
@@ -19,6 +20,9 @@ pub enum BenchCommand {
     /// a full resync of 100,000 pods in 10,000 ReplicaSets, with priority lanes and with one
     /// FIFO.
     Controllers(controllers::ControllersArgs),
+    /// The node agent on a warm node (root, runc): pod create → Running latency, pods started
+    /// per second, and create/delete cycles checked for leaks.
+    Pods(pods::PodsArgs),
     /// The scheduler: pods bound per second and create→bound latency with simulated nodes
     /// spread over tenants.
     Scheduler(scheduler::SchedulerArgs),
@@ -30,6 +34,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Auth(args) => auth::run(args).await,
         BenchCommand::Scheduler(args) => scheduler::run(args).await,
         BenchCommand::Controllers(args) => controllers::run(args).await,
+        BenchCommand::Pods(args) => pods::run(args).await,
     }
 }
 

@@ -1,0 +1,243 @@
+//! `canopy agent` (the node agent), `canopy image` (its image store) and the hidden
+//! `canopy shim` (the per-container monitor the agent starts).
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context, Result};
+use canopy_agent::node::{Capacity, NodeConfig};
+
+/// `canopy agent`: what the node is and where its state lives.
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Kubeconfig of the node's identity: user `system:node:<node-name>` in group
+    /// `system:nodes` (`canopy kubeconfig --user system:node:<name> --group system:nodes`).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// The Node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The tenant whose VM this is: the Node gets label `canopy.io/tenant=<tenant>`, and
+    /// only that tenant's pods are placed on it. The node's credential must name the same
+    /// tenant (group `canopy:tenant:<tenant>`), or be an administrator's.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Further Node labels, `key=value,key=value`.
+    #[arg(long, value_delimiter = ',')]
+    node_labels: Vec<String>,
+    /// The node's address (InternalIP), also the pods' hostIP.
+    #[arg(long)]
+    node_ip: Option<String>,
+    /// Persistent state: images, containers' writable layers, pods' volumes.
+    #[arg(long, default_value = "/var/lib/canopy/agent")]
+    root_dir: PathBuf,
+    /// Runtime state cleared by a reboot: bundles, pinned namespaces, the OCI runtime's
+    /// state.
+    #[arg(long, default_value = "/run/canopy/agent")]
+    state_dir: PathBuf,
+    /// Containers' logs (upstream's /var/log/pods layout).
+    #[arg(long, default_value = "/var/log/pods")]
+    log_dir: PathBuf,
+    /// The OCI runtime binary: Debian's `runc`, or `crun`, or a path.
+    #[arg(long, default_value = "runc")]
+    container_runtime: PathBuf,
+    /// cgroup under which each pod gets `pod<uid>/<container>`.
+    #[arg(long, default_value = "canopy")]
+    cgroup_parent: String,
+    /// CPU the node offers (e.g. `2` or `1500m`); default: the CPUs of the machine or of
+    /// the agent's cgroup.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Memory the node offers (e.g. `4Gi`); default: the machine's or the agent's cgroup's.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Pods the node takes at most.
+    #[arg(long, default_value_t = 110)]
+    max_pods: u64,
+    /// Nameservers written into pods' resolv.conf, comma-separated (default: the host's).
+    #[arg(long, value_delimiter = ',')]
+    cluster_dns: Vec<String>,
+    /// Image GC starts when the disk of --root-dir is fuller than this percentage.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(1..=100))]
+    image_gc_high_threshold: u8,
+    /// Image GC frees unused images until the disk is below this percentage.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+}
+
+fn quantity(text: &str, what: &str) -> Result<canopy_api::quantity::Quantity> {
+    canopy_api::quantity::Quantity::parse(text)
+        .map_err(|e| anyhow::anyhow!("--{what} {text:?}: {e}"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The host's resolver, which pods use until cluster DNS exists (upstream's dnsPolicy
+/// `Default`).
+fn host_dns() -> canopy_runtime::DnsConfig {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut dns = canopy_runtime::DnsConfig::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => dns.nameservers.extend(words.next().map(str::to_string)),
+            Some("search" | "domain") => dns.searches = words.map(str::to_string).collect(),
+            Some("options") => dns.options.extend(words.map(str::to_string)),
+            _ => {}
+        }
+    }
+    dns
+}
+
+impl AgentArgs {
+    fn config(self) -> Result<canopy_agent::AgentConfig> {
+        if self.image_gc_low_threshold >= self.image_gc_high_threshold {
+            anyhow::bail!(
+                "--image-gc-low-threshold ({}) must be below --image-gc-high-threshold ({})",
+                self.image_gc_low_threshold,
+                self.image_gc_high_threshold
+            );
+        }
+        let mut labels = BTreeMap::new();
+        for pair in &self.node_labels {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--node-labels: {pair:?} is not key=value"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        std::fs::create_dir_all(&self.root_dir)
+            .with_context(|| format!("creating {}", self.root_dir.display()))?;
+        let mut capacity = Capacity::detect(&self.root_dir);
+        if let Some(cpu) = &self.cpu {
+            capacity.cpu_millis = quantity(cpu, "cpu")?.milli().max(0) as u64;
+        }
+        if let Some(memory) = &self.memory {
+            capacity.memory_bytes = quantity(memory, "memory")?.value().max(0) as u64;
+        }
+        capacity.pods = self.max_pods;
+        let dns = if self.cluster_dns.is_empty() {
+            host_dns()
+        } else {
+            canopy_runtime::DnsConfig {
+                nameservers: self.cluster_dns.clone(),
+                ..host_dns()
+            }
+        };
+        let shim_binary = std::env::current_exe().context("locating the canopy executable")?;
+        Ok(canopy_agent::AgentConfig {
+            node: NodeConfig {
+                name: self.node_name.unwrap_or_else(host_name),
+                tenant: self.tenant,
+                labels,
+                internal_ip: self.node_ip,
+                capacity,
+                daemon_port: None,
+            },
+            root_dir: self.root_dir,
+            state_dir: self.state_dir,
+            log_dir: self.log_dir,
+            runtime_binary: self.container_runtime,
+            shim_binary,
+            cgroup_parent: self.cgroup_parent,
+            dns,
+            image_gc_high_percent: self.image_gc_high_threshold,
+            image_gc_low_percent: self.image_gc_low_threshold,
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT; its pods' containers keep running.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let kubeconfig = args.kubeconfig.clone();
+    let config = args.config()?;
+    let client = crate::server::client_from(&kubeconfig).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        crate::server::shutdown_signal().await;
+        token.cancel();
+    });
+    canopy_agent::run(client, config, shutdown).await
+}
+
+/// `canopy image`: the node's local image store.
+#[derive(clap::Subcommand)]
+pub enum ImageCommand {
+    /// Import images from an OCI image-layout archive or a `docker save` archive.
+    Import {
+        /// The archive (a .tar file).
+        archive: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List the images in the store.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove an image (by name or ID).
+    Remove {
+        reference: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// The agent's --root-dir (the store is its `images` directory).
+    #[arg(long, default_value = "/var/lib/canopy/agent")]
+    root_dir: PathBuf,
+}
+
+impl StoreArgs {
+    fn open(&self) -> Result<canopy_image::ImageStore> {
+        let dir = self.root_dir.join("images");
+        canopy_image::ImageStore::open(&dir)
+            .with_context(|| format!("opening the image store in {}", dir.display()))
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    &hex[..hex.len().min(12)]
+}
+
+pub fn image(command: ImageCommand) -> Result<()> {
+    match command {
+        ImageCommand::Import { archive, store } => {
+            let store = store.open()?;
+            eprintln!("importing {} ...", archive.display());
+            let images = store
+                .import_archive(&archive)
+                .with_context(|| format!("importing {}", archive.display()))?;
+            for image in images {
+                println!(
+                    "imported {} {}",
+                    short_id(&image.id),
+                    image.names.join(", ")
+                );
+            }
+        }
+        ImageCommand::List { store } => {
+            let store = store.open()?;
+            println!("{:<14} {:>10}  NAMES", "IMAGE ID", "SIZE");
+            for image in store.list()? {
+                println!(
+                    "{:<14} {:>9.1}M  {}",
+                    short_id(&image.id),
+                    image.size as f64 / (1 << 20) as f64,
+                    image.names.join(", ")
+                );
+            }
+        }
+        ImageCommand::Remove { reference, store } => {
+            store.open()?.remove(&reference)?;
+            println!("removed {reference}");
+        }
+    }
+    Ok(())
+}

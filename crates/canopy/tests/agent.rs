@@ -1,0 +1,710 @@
+//! The node agent against a real `canopy server`: it registers its Node and Lease with a
+//! node-scoped identity, runs the pods the scheduler binds to it in runc containers from an
+//! imported OCI image, and reports upstream's statuses (exit codes, reasons, restarts,
+//! crash-loop back-off, OOM kills, init containers); a deleted pod is stopped gracefully and
+//! leaves nothing behind; a restarted agent adopts running containers.
+//!
+//! Needs root, `runc` and Debian's `busybox-static` (`.ci/run` installs them).
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{Child, Cluster, canopy_exe, client_for, wait_for, wait_until};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node, Pod},
+};
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+const IMAGE: &str = "canopy.test/busybox:1.35";
+
+fn require_root_tools() {
+    assert!(
+        nix_is_root(),
+        "the agent tests run containers and must run as root (CI does)"
+    );
+    for tool in ["runc", "ip"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(found, "{tool} is required (.ci/run installs it)");
+    }
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is required: install Debian's busybox-static (.ci/run does)"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A node agent process with its own directories.
+struct Agent {
+    process: Option<Child>,
+    args: Vec<String>,
+    root: PathBuf,
+    state: PathBuf,
+    logs: PathBuf,
+    log_file: PathBuf,
+    cgroup_parent: String,
+}
+
+impl Agent {
+    fn start(cluster: &Cluster, node: &str, tenant: &str) -> Agent {
+        let base = cluster.data_dir().join(format!("agent-{node}"));
+        let (root, state, logs) = (base.join("root"), base.join("state"), base.join("logs"));
+        std::fs::create_dir_all(&base).unwrap();
+        let kubeconfig = node_kubeconfig(cluster, node, Some(tenant));
+        // The image every test pod runs, built from the host's busybox.
+        let archive = base.join("busybox.tar");
+        canopy_image::testing::busybox_oci_archive(&archive, IMAGE).unwrap();
+        let out = Command::new(canopy_exe())
+            .args(["image", "import"])
+            .arg(&archive)
+            .arg("--root-dir")
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "canopy image import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cgroup_parent = format!("canopy-test-{node}-{}", std::process::id());
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            node.into(),
+            "--tenant".into(),
+            tenant.into(),
+            "--node-ip".into(),
+            "127.0.0.1".into(),
+            "--cpu".into(),
+            "4".into(),
+            "--memory".into(),
+            "8Gi".into(),
+            "--root-dir".into(),
+            root.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--log-dir".into(),
+            logs.display().to_string(),
+            "--cgroup-parent".into(),
+            cgroup_parent.clone(),
+        ];
+        let mut agent = Agent {
+            process: None,
+            args,
+            root,
+            state,
+            logs,
+            log_file: base.join("agent.log"),
+            cgroup_parent,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .unwrap();
+        let child = Command::new(canopy_exe())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.process = Some(Child(child));
+    }
+
+    fn kill(&mut self) {
+        self.process = None;
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.process = None;
+        // Containers outlive the agent by design: tear them down for the next test.
+        cleanup_runtime(&self.state, &self.root, &self.cgroup_parent);
+    }
+}
+
+/// Stops every container and sandbox an agent left (tests only: a real node keeps them).
+fn cleanup_runtime(state: &Path, root: &Path, cgroup_parent: &str) {
+    let runtime = canopy_runtime::Runtime::new(canopy_runtime::RuntimeConfig {
+        runtime_binary: "runc".into(),
+        shim_binary: canopy_exe(),
+        root_dir: root.join("containers"),
+        state_dir: state.to_path_buf(),
+        cgroup_parent: cgroup_parent.into(),
+    });
+    let Ok(runtime) = runtime else { return };
+    // Dropped inside the test's async runtime: clean up from a thread of our own.
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            for sandbox in runtime.list_sandboxes().await.unwrap_or_default() {
+                let _ = runtime.remove_sandbox(&sandbox.pod_uid).await;
+            }
+        });
+    })
+    .join();
+    // The (now empty) parent cgroup of the test's pods, in every hierarchy.
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(hierarchy.path().join(cgroup_parent));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_parent));
+}
+
+fn node_kubeconfig(cluster: &Cluster, node: &str, tenant: Option<&str>) -> PathBuf {
+    let path = cluster
+        .data_dir()
+        .join(format!("{node}-{}.kubeconfig", tenant.unwrap_or("none")));
+    let mut cmd = Command::new(canopy_exe());
+    cmd.args(["kubeconfig", "--user", &format!("system:node:{node}")])
+        .args(["--group", "system:nodes"])
+        .args(["--server", &cluster.server.url])
+        .arg("--data-dir")
+        .arg(cluster.data_dir())
+        .arg("--output")
+        .arg(&path);
+    if let Some(tenant) = tenant {
+        cmd.args(["--group", &format!("canopy:tenant:{tenant}")]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+async fn tenant_namespace(admin: &kube::Client, name: &str, tenant: &str) -> Api<Pod> {
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"canopy.io/tenant": tenant}}}),
+    )
+    .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    Api::namespaced(admin.clone(), name)
+}
+
+fn pod(name: &str, restart: &str, script: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", script]}]
+        }
+    }))
+    .unwrap()
+}
+
+async fn phase(pods: &Api<Pod>, name: &str) -> Option<String> {
+    pods.get(name).await.ok()?.status?.phase
+}
+
+async fn wait_phase(pods: &Api<Pod>, name: &str, want: &str) -> Pod {
+    wait_until(
+        &format!("pod {name} to be {want}"),
+        Duration::from_secs(40),
+        async || {
+            let pod = pods.get(name).await.ok()?;
+            (pod.status.as_ref()?.phase.as_deref() == Some(want)).then_some(pod)
+        },
+    )
+    .await
+}
+
+fn main_status(pod: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first().cloned())
+        .unwrap_or_else(|| panic!("no container status in {:?}", pod.status))
+}
+
+/// The log file of a pod's container run (upstream's /var/log/pods layout, CRI format).
+fn container_log(agent: &Agent, pod: &Pod, container: &str, attempt: u32) -> String {
+    let dir = format!(
+        "{}_{}_{}",
+        pod.metadata.namespace.as_deref().unwrap(),
+        pod.metadata.name.as_deref().unwrap(),
+        pod.metadata.uid.as_deref().unwrap()
+    );
+    std::fs::read_to_string(
+        agent
+            .logs
+            .join(dir)
+            .join(container)
+            .join(format!("{attempt}.log")),
+    )
+    .unwrap_or_default()
+}
+
+async fn ready_node(admin: &kube::Client, agent: &Agent, name: &str) -> Node {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    wait_until(
+        &format!("the agent's Node to be Ready; agent log:\n{}", agent.log()),
+        Duration::from_secs(30),
+        async || {
+            let node = nodes.get(name).await.ok()?;
+            let ready = node
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(node)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_registers_and_runs_pods() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-1", "acme");
+
+    // Registration: labels, capacity, Ready, info, a Lease owned by the Node.
+    let node = ready_node(&admin, &agent, "node-1").await;
+    let labels = node.metadata.labels.clone().unwrap();
+    assert_eq!(labels["canopy.io/tenant"], "acme", "{}", agent.log());
+    assert_eq!(labels["kubernetes.io/hostname"], "node-1");
+    let status = node.status.clone().unwrap();
+    assert_eq!(status.allocatable.as_ref().unwrap()["cpu"].0, "4");
+    assert_eq!(
+        status.allocatable.as_ref().unwrap()["memory"].0,
+        "8388608Ki"
+    );
+    let info = status.node_info.unwrap();
+    assert!(
+        info.container_runtime_version.starts_with("runc://"),
+        "{info:?}"
+    );
+    assert!(info.kubelet_version.contains("canopy"));
+    assert!(
+        status.images.unwrap_or_default().iter().any(|i| i
+            .names
+            .iter()
+            .flatten()
+            .any(|n| n.contains("canopy.test/busybox"))),
+        "the imported image is reported"
+    );
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
+    let lease = wait_for("the node Lease", async || leases.get("node-1").await.ok()).await;
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("node-1"));
+    assert_eq!(spec.lease_duration_seconds, Some(40));
+    assert_eq!(
+        lease.metadata.owner_references.unwrap()[0].uid,
+        node.metadata.uid.clone().unwrap()
+    );
+
+    let pods = tenant_namespace(&admin, "shop", "acme").await;
+
+    // A Deployment's pods run.
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                "terminationGracePeriodSeconds": 2,
+                "containers": [{"name": "web", "image": IMAGE,
+                    "command": ["sh", "-c", "echo serving; exec sleep 3600"],
+                    "resources": {"requests": {"cpu": "100m", "memory": "32Mi"},
+                                  "limits": {"memory": "64Mi"}}}]}}}
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    wait_until(
+        "the Deployment to have 2 available replicas",
+        Duration::from_secs(60),
+        async || {
+            let d = deployments.get("web").await.ok()?;
+            (d.status?.available_replicas == Some(2)).then_some(())
+        },
+    )
+    .await;
+    let web = pods
+        .list(&kube::api::ListParams::default().labels("app=web"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(web.len(), 2);
+    for p in &web {
+        let s = p.status.as_ref().unwrap();
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(s.host_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(s.qos_class.as_deref(), Some("Burstable"));
+        let c = main_status(p);
+        assert!(c.ready && c.started == Some(true));
+        assert_eq!(c.restart_count, 0);
+        assert!(c.container_id.as_deref().unwrap().starts_with("canopy://"));
+        assert!(c.image_id.starts_with("sha256:"), "{c:?}");
+        assert!(c.state.unwrap().running.is_some());
+        let ready = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready.status, "True");
+        assert!(container_log(&agent, p, "web", 0).contains(" stdout F serving"));
+    }
+
+    // Exit codes and reasons.
+    pods.create(
+        &PostParams::default(),
+        &pod("fails", "Never", "echo hello; echo oops >&2; exit 3"),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &pod("completes", "Never", "exit 0"))
+        .await
+        .unwrap();
+    let failed = wait_phase(&pods, "fails", "Failed").await;
+    let terminated = main_status(&failed).state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 3);
+    assert_eq!(terminated.reason.as_deref(), Some("Error"));
+    let log = container_log(&agent, &failed, "main", 0);
+    assert!(log.contains(" stdout F hello"), "{log}");
+    assert!(log.contains(" stderr F oops"), "{log}");
+    let done = wait_phase(&pods, "completes", "Succeeded").await;
+    let terminated = main_status(&done).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (terminated.exit_code, terminated.reason.as_deref()),
+        (0, Some("Completed"))
+    );
+
+    // A crashing container is restarted, then backs off.
+    pods.create(&PostParams::default(), &pod("crashes", "Always", "exit 1"))
+        .await
+        .unwrap();
+    let looping = wait_until("CrashLoopBackOff", Duration::from_secs(40), async || {
+        let p = pods.get("crashes").await.ok()?;
+        let c = p.status?.container_statuses?.into_iter().next()?;
+        let waiting = c.state.clone()?.waiting?;
+        (waiting.reason.as_deref() == Some("CrashLoopBackOff")).then_some(c)
+    })
+    .await;
+    assert!(looping.restart_count >= 1, "{looping:?}");
+    let last = looping.last_state.unwrap().terminated.unwrap();
+    assert_eq!(last.exit_code, 1);
+    assert!(
+        looping
+            .state
+            .unwrap()
+            .waiting
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("back-off 10s restarting failed container=main"),
+    );
+    assert_eq!(phase(&pods, "crashes").await.as_deref(), Some("Running"));
+
+    // The memory limit is enforced and reported.
+    let oom: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "hog"},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": IMAGE,
+            "command": ["sh", "-c", "tail /dev/zero"],
+            "resources": {"limits": {"memory": "24Mi"}}}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &oom).await.unwrap();
+    let hog = wait_phase(&pods, "hog", "Failed").await;
+    let terminated = main_status(&hog).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        terminated.reason.as_deref(),
+        Some("OOMKilled"),
+        "{terminated:?}"
+    );
+    assert_eq!(terminated.exit_code, 137);
+
+    // Init containers run first, in order, sharing an emptyDir; env and the downward API.
+    let init: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "init", "labels": {"team": "blue"}},
+        "spec": {"restartPolicy": "Never",
+            "volumes": [{"name": "work", "emptyDir": {}}],
+            "initContainers": [
+                {"name": "one", "image": IMAGE, "command": ["sh", "-c", "echo one >> /work/trail"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+                {"name": "two", "image": IMAGE, "command": ["sh", "-c", "echo two >> /work/trail"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
+            "containers": [{"name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "cat /work/trail; echo $(POD) $TEAM $GREETING; hostname; pwd; id -u"],
+                "workingDir": "/tmp",
+                "securityContext": {"runAsUser": 65534},
+                "env": [
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}}},
+                    {"name": "GREETING", "value": "hi-$(POD)"}],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &init).await.unwrap();
+    let init = wait_phase(&pods, "init", "Succeeded").await;
+    let inits = init
+        .status
+        .as_ref()
+        .unwrap()
+        .init_container_statuses
+        .clone()
+        .unwrap();
+    assert_eq!(inits.len(), 2);
+    assert!(inits.iter().all(|s| {
+        s.state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code
+            == 0
+    }));
+    let log = container_log(&agent, &init, "main", 0);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect();
+    assert_eq!(
+        lines,
+        ["one", "two", "init blue hi-init", "init", "/tmp", "65534"],
+        "{log}"
+    );
+
+    // Probes: readiness by exec flips the Ready condition both ways; a tcpSocket probe
+    // reaches the pod's port; a failing httpGet liveness probe restarts the container.
+    let probed: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "probed"},
+        "spec": {"containers": [
+            {"name": "flips", "image": IMAGE,
+             "command": ["sh", "-c", "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; exec sleep 3600"],
+             "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]},
+                                "periodSeconds": 1, "failureThreshold": 1}},
+            {"name": "web", "image": IMAGE,
+             "command": ["sh", "-c", "mkdir -p /www; echo ok > /www/healthz; httpd -f -p 8080 -h /www & sleep 4; rm /www/healthz; exec sleep 3600"],
+             "ports": [{"name": "http", "containerPort": 8080}],
+             "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+             "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                               "periodSeconds": 1, "failureThreshold": 2}}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &probed).await.unwrap();
+    let ready_of = |pod: &Pod, name: &str| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == name))
+            .map(|c| c.ready)
+    };
+    let early = wait_phase(&pods, "probed", "Running").await;
+    assert_eq!(
+        ready_of(&early, "flips"),
+        Some(false),
+        "not ready before its probe passes"
+    );
+    wait_until("readiness to pass", Duration::from_secs(20), async || {
+        let p = pods.get("probed").await.ok()?;
+        (ready_of(&p, "flips") == Some(true) && ready_of(&p, "web") == Some(true)).then_some(())
+    })
+    .await;
+    wait_until(
+        "readiness to fail again",
+        Duration::from_secs(20),
+        async || {
+            let p = pods.get("probed").await.ok()?;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")?
+                .status
+                .clone();
+            (ready_of(&p, "flips") == Some(false) && ready == "False").then_some(())
+        },
+    )
+    .await;
+    wait_until(
+        "the liveness probe to restart the web container",
+        Duration::from_secs(30),
+        async || {
+            let p = pods.get("probed").await.ok()?;
+            let web = p
+                .status?
+                .container_statuses?
+                .into_iter()
+                .find(|c| c.name == "web")?;
+            (web.restart_count >= 1).then_some(())
+        },
+    )
+    .await;
+
+    // Graceful deletion: SIGTERM, the grace period, then the pod is gone with its sandbox.
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "graceful",
+            "Always",
+            "trap 'echo got TERM; exit 0' TERM; while true; do sleep 0.1; done",
+        ),
+    )
+    .await
+    .unwrap();
+    let graceful = wait_phase(&pods, "graceful", "Running").await;
+    let uid = graceful.metadata.uid.clone().unwrap();
+    let netns = PathBuf::from(format!("/run/netns/canopy-{uid}"));
+    assert!(netns.exists(), "the sandbox's network namespace is pinned");
+    pods.delete("graceful", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until(
+        "the deleted pod to be gone",
+        Duration::from_secs(20),
+        async || pods.get_opt("graceful").await.ok()?.is_none().then_some(()),
+    )
+    .await;
+    assert!(!netns.exists(), "the sandbox is removed");
+    assert!(
+        !agent.root.join("pods").join(&uid).exists(),
+        "the pod's volumes are removed"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&uid), "no mount of the pod is left");
+
+    // A restarted agent adopts running containers instead of restarting them.
+    let before = pods
+        .get(&web[0].metadata.name.clone().unwrap())
+        .await
+        .unwrap();
+    let id_before = main_status(&before).container_id;
+    let mut agent = agent;
+    agent.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.spawn();
+    // The new agent writes the status again only if something changed; give it time to
+    // sync and check that nothing restarted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = pods
+        .get(&web[0].metadata.name.clone().unwrap())
+        .await
+        .unwrap();
+    let status = main_status(&after);
+    assert_eq!(status.container_id, id_before, "{}", agent.log());
+    assert_eq!(status.restart_count, 0);
+    assert!(status.state.unwrap().running.is_some());
+    // And it still controls them: scaling down stops one.
+    let scale = json!({"spec": {"replicas": 1}});
+    deployments
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&scale),
+        )
+        .await
+        .unwrap();
+    wait_until("scale down to 1 pod", Duration::from_secs(30), async || {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        (list.items.len() == 1).then_some(())
+    })
+    .await;
+}
+
+/// A node's credential names its tenant; it can register its Node for that tenant only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_labels_itself_only_with_its_credentials_tenant() {
+    let cluster = Cluster::start(common::Backend::Embedded);
+    let node_for = |name: &str, tenant: Option<&str>| node_kubeconfig(&cluster, name, tenant);
+    let create = async |kubeconfig: PathBuf, name: &str, tenant: &str| {
+        let client = client_for(&kubeconfig).await;
+        let node: Node = serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"canopy.io/tenant": tenant}}}),
+        )
+        .unwrap();
+        Api::<Node>::all(client)
+            .create(&PostParams::default(), &node)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                kube::Error::Api(s) => s.code,
+                other => panic!("{other}"),
+            })
+    };
+    assert_eq!(
+        create(node_for("n1", Some("acme")), "n1", "acme").await,
+        Ok(())
+    );
+    assert_eq!(
+        create(node_for("n2", Some("acme")), "n2", "globex").await,
+        Err(403),
+        "another tenant than the credential's"
+    );
+    assert_eq!(
+        create(node_for("n3", None), "n3", "acme").await,
+        Err(403),
+        "a credential that names no tenant"
+    );
+    // Once labelled, not even its own credential's tenant list moves it.
+    let client = client_for(&node_for("n1", Some("globex"))).await;
+    let patch = json!({"metadata": {"labels": {"canopy.io/tenant": "globex"}}});
+    let err = Api::<Node>::all(client)
+        .patch(
+            "n1",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 403));
+}
