@@ -8,6 +8,7 @@
 //! worker ([`pods`]), which compares the pod with the runtime's containers, acts, and writes
 //! the pod's status. The Node's status and Lease are written by their own loops ([`node`]).
 
+pub mod api;
 pub mod node;
 pub mod pods;
 pub mod probe;
@@ -45,10 +46,32 @@ pub struct AgentConfig {
     pub image_gc_high_percent: u8,
     /// ...and frees images until usage is below this one (upstream's 85 and 80).
     pub image_gc_low_percent: u8,
+    /// Where the agent's HTTPS API listens (logs for the API server).
+    pub listen: std::net::SocketAddr,
+    /// The cluster CA (DER), whose administrators may call the agent's API.
+    pub client_ca: Vec<Vec<u8>>,
 }
 
 /// Runs the agent until `shutdown`. Pods' containers keep running after it returns.
-pub async fn run(client: Client, config: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    client: Client,
+    mut config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // The API endpoint first: the Node advertises its port and certificate.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the agent API to {}", config.listen))?;
+    let serving = api::ensure_serving_cert(
+        &config.root_dir.join("pki"),
+        &config.node.name,
+        &config.node.internal_ip.iter().cloned().collect::<Vec<_>>(),
+    )?;
+    config.node.daemon_port = Some(listener.local_addr()?.port());
+    config.node.annotations.insert(
+        canopy_api::AGENT_SERVING_CERT_ANNOTATION.to_string(),
+        serving.sha256.clone(),
+    );
     let images = Arc::new(
         ImageStore::open(config.root_dir.join("images")).context("opening the image store")?,
     );
@@ -91,10 +114,18 @@ pub async fn run(client: Client, config: AgentConfig, shutdown: CancellationToke
         shutdown.clone(),
     ));
     let gc = tokio::spawn(image_gc_loop(ctx.clone(), config.clone(), shutdown.clone()));
+    let api = {
+        let (ctx, shutdown, client_ca) = (ctx.clone(), shutdown.clone(), config.client_ca.clone());
+        tokio::spawn(async move {
+            if let Err(error) = api::serve(ctx, listener, &serving, &client_ca, shutdown).await {
+                tracing::error!(error = format!("{error:#}"), "the agent API stopped");
+            }
+        })
+    };
     tracing::info!(node = %config.node.name, "agent running");
     pods::run(ctx, shutdown.clone()).await;
     shutdown.cancel();
-    let _ = tokio::join!(lease, status, gc);
+    let _ = tokio::join!(lease, status, gc, api);
     tracing::info!(node = %config.node.name, "agent stopped; containers keep running");
     Ok(())
 }

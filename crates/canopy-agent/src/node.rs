@@ -55,8 +55,10 @@ pub struct NodeConfig {
     pub internal_ip: Option<String>,
     /// Capacity: cpu in millicores, memory in bytes, pods, ephemeral storage in bytes.
     pub capacity: Capacity,
-    /// Address and port of the agent's HTTPS endpoint (logs, exec), if it serves one.
+    /// Port of the agent's HTTPS endpoint (logs), if it serves one.
     pub daemon_port: Option<u16>,
+    /// Annotations the agent keeps on its Node (its serving certificate's pin).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A node's resources.
@@ -240,12 +242,18 @@ pub async fn register(client: &Client, config: &NodeConfig) -> Result<String> {
             .into_iter()
             .filter(|(k, v)| have.get(k) != Some(v))
             .collect();
-        if !missing.is_empty() {
+        let have = existing.metadata.annotations.clone().unwrap_or_default();
+        let stale: BTreeMap<_, _> = config
+            .annotations
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .collect();
+        if !missing.is_empty() || !stale.is_empty() {
             nodes
                 .patch(
                     &config.name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"labels": missing}})),
+                    &Patch::Merge(json!({"metadata": {"labels": missing, "annotations": stale}})),
                 )
                 .await
                 .with_context(|| format!("updating the labels of Node {}", config.name))?;
@@ -257,6 +265,7 @@ pub async fn register(client: &Client, config: &NodeConfig) -> Result<String> {
         metadata: ObjectMeta {
             name: Some(config.name.clone()),
             labels: Some(labels),
+            annotations: Some(config.annotations.clone()),
             ..Default::default()
         },
         spec: Some(NodeSpec::default()),
@@ -507,6 +516,7 @@ mod tests {
                 ephemeral_storage_bytes: 10 << 30,
             },
             daemon_port: Some(10250),
+            annotations: BTreeMap::new(),
         }
     }
 

@@ -111,6 +111,20 @@ impl Context {
         })
     }
 
+    /// The pod bound here with this namespace and name.
+    pub fn pod_named(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        let workers = self.workers.lock();
+        workers.values().find_map(|w| match &*w.pod.borrow() {
+            Update::Present(pod)
+                if pod.metadata.namespace.as_deref() == Some(namespace)
+                    && pod.metadata.name.as_deref() == Some(name) =>
+            {
+                Some(pod.clone())
+            }
+            _ => None,
+        })
+    }
+
     /// The image IDs that pods of this node use, which image GC must keep.
     pub fn images_in_use(&self) -> HashSet<String> {
         let workers = self.workers.lock();

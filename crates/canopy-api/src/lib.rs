@@ -28,3 +28,8 @@ pub use status::{ApiError, ApiResult, Cause, Target};
 pub const KUBERNETES_MAJOR: &str = "1";
 /// See [`KUBERNETES_MAJOR`].
 pub const KUBERNETES_MINOR: &str = "33";
+
+/// The Node annotation where a node agent publishes the hex SHA-256 of its serving
+/// certificate (DER): the API server pins it when it calls the agent. Only the node itself
+/// (or an administrator) can write its Node.
+pub const AGENT_SERVING_CERT_ANNOTATION: &str = "canopy.io/agent-serving-cert-sha256";

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod keystone;
 pub mod kubeconfig;
 pub mod metrics;
+pub mod nodeproxy;
 pub mod openapi;
 pub mod pki;
 pub mod request;

@@ -159,6 +159,7 @@ impl ApiServer {
             options: config.rest.clone(),
             shutdown: CancellationToken::new(),
             quota_locks: Default::default(),
+            nodes: Some(Arc::new(node_client(&pki)?)),
         });
         let tokens = match &config.token_auth_file {
             Some(path) => {
@@ -318,6 +319,17 @@ impl ApiServer {
         }
         Ok(())
     }
+}
+
+/// The API server's client certificate towards node agents: a cluster administrator, the
+/// identity agents require.
+fn node_client(pki: &Pki) -> Result<crate::nodeproxy::NodeClient> {
+    let pair = pki.ensure_client(
+        "apiserver-node-client",
+        "canopy:apiserver-node-client",
+        &["system:masters"],
+    )?;
+    crate::nodeproxy::NodeClient::from_pem(&pair.cert_pem, &pair.key_pem)
 }
 
 fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor> {

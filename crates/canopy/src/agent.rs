@@ -62,6 +62,13 @@ pub struct AgentArgs {
     /// Image GC frees unused images until the disk is below this percentage.
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
     image_gc_low_threshold: u8,
+    /// Address of the agent's HTTPS API (container logs for the API server); default: the
+    /// --node-ip, else every address.
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
+    /// Port of the agent's HTTPS API (upstream's kubelet port; 0 picks a free one).
+    #[arg(long, default_value_t = 10250)]
+    port: u16,
 }
 
 fn quantity(text: &str, what: &str) -> Result<canopy_api::quantity::Quantity> {
@@ -93,7 +100,7 @@ fn host_dns() -> canopy_runtime::DnsConfig {
 }
 
 impl AgentArgs {
-    fn config(self) -> Result<canopy_agent::AgentConfig> {
+    fn config(self, client_ca: Vec<Vec<u8>>) -> Result<canopy_agent::AgentConfig> {
         if self.image_gc_low_threshold >= self.image_gc_high_threshold {
             anyhow::bail!(
                 "--image-gc-low-threshold ({}) must be below --image-gc-high-threshold ({})",
@@ -127,6 +134,13 @@ impl AgentArgs {
             }
         };
         let shim_binary = std::env::current_exe().context("locating the canopy executable")?;
+        let address = match (self.address, &self.node_ip) {
+            (Some(address), _) => address,
+            (None, Some(ip)) => ip
+                .parse()
+                .with_context(|| format!("--node-ip {ip:?} is not an IP address"))?,
+            (None, None) => std::net::IpAddr::from([0, 0, 0, 0]),
+        };
         Ok(canopy_agent::AgentConfig {
             node: NodeConfig {
                 name: self.node_name.unwrap_or_else(host_name),
@@ -135,6 +149,7 @@ impl AgentArgs {
                 internal_ip: self.node_ip,
                 capacity,
                 daemon_port: None,
+                annotations: BTreeMap::new(),
             },
             root_dir: self.root_dir,
             state_dir: self.state_dir,
@@ -145,15 +160,29 @@ impl AgentArgs {
             dns,
             image_gc_high_percent: self.image_gc_high_threshold,
             image_gc_low_percent: self.image_gc_low_threshold,
+            listen: std::net::SocketAddr::new(address, self.port),
+            client_ca,
         })
     }
 }
 
 /// Runs the agent until SIGTERM or SIGINT; its pods' containers keep running.
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let kubeconfig = args.kubeconfig.clone();
-    let config = args.config()?;
-    let client = crate::server::client_from(&kubeconfig).await?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .context("loading the kubeconfig")?;
+    // Callers of the agent's API must hold certificates of the cluster's CA.
+    let client_ca = kube_config.root_cert.clone().unwrap_or_default();
+    if client_ca.is_empty() {
+        anyhow::bail!(
+            "{} names no certificate authority: the agent needs the cluster CA to know the API server's calls",
+            args.kubeconfig.display()
+        );
+    }
+    let config = args.config(client_ca)?;
+    let client = kube::Client::try_from(kube_config).context("building the API client")?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {

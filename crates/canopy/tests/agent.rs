@@ -110,6 +110,9 @@ impl Agent {
             logs.display().to_string(),
             "--cgroup-parent".into(),
             cgroup_parent.clone(),
+            // Tests run agents side by side.
+            "--port".into(),
+            "0".into(),
         ];
         let mut agent = Agent {
             process: None,
@@ -284,22 +287,25 @@ fn container_log(agent: &Agent, pod: &Pod, container: &str, attempt: u32) -> Str
 
 async fn ready_node(admin: &kube::Client, agent: &Agent, name: &str) -> Node {
     let nodes: Api<Node> = Api::all(admin.clone());
-    wait_until(
-        &format!("the agent's Node to be Ready; agent log:\n{}", agent.log()),
-        Duration::from_secs(30),
-        async || {
-            let node = nodes.get(name).await.ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(node) = nodes.get(name).await {
             let ready = node
                 .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(node)
-        },
-    )
-    .await
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                return node;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent's Node is not Ready after 30 s; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,7 +529,7 @@ async fn agent_registers_and_runs_pods() {
     // reaches the pod's port; a failing httpGet liveness probe restarts the container.
     let probed: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probed"},
-        "spec": {"containers": [
+        "spec": {"terminationGracePeriodSeconds": 2, "containers": [
             {"name": "flips", "image": IMAGE,
              "command": ["sh", "-c", "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; exec sleep 3600"],
              "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]},
@@ -659,6 +665,174 @@ async fn agent_registers_and_runs_pods() {
         (list.items.len() == 1).then_some(())
     })
     .await;
+}
+
+/// `kubectl logs` through the API server: the agent streams the CRI log files, with
+/// --tail, --timestamps, --previous and -f; tenants read only their own pods' logs, and
+/// nobody but the API server may call the agent directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_through_the_api_server() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-logs", "acme");
+    let node = ready_node(&admin, &agent, "node-logs").await;
+    let pods = tenant_namespace(&admin, "shop", "acme").await;
+    tenant_namespace(&admin, "rival", "globex").await;
+
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "talker",
+            "Always",
+            "for i in 1 2 3 4 5; do echo line $i; done; sleep 0.5; echo oops >&2; exec sleep 3600",
+        ),
+    )
+    .await
+    .unwrap();
+    wait_phase(&pods, "talker", "Running").await;
+    let logs = |args: &[&str]| {
+        let mut all = vec!["-n", "shop", "logs"];
+        all.extend_from_slice(args);
+        cluster.kubectl_ok(&all)
+    };
+    let all = wait_until("the talker's output", Duration::from_secs(10), async || {
+        let out = logs(&["talker"]);
+        out.contains("oops").then_some(out)
+    })
+    .await;
+    assert_eq!(all, "line 1\nline 2\nline 3\nline 4\nline 5\noops\n");
+    assert_eq!(logs(&["talker", "--tail=2"]), "line 5\noops\n");
+    assert_eq!(logs(&["talker", "--limit-bytes=9"]), "line 1\nli");
+    let stamped = logs(&["talker", "--timestamps", "--tail=1"]);
+    let (time, rest) = stamped.split_once(' ').unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(time).is_ok(),
+        "{stamped}"
+    );
+    assert_eq!(rest, "oops\n");
+
+    // The previous run of a restarted container.
+    pods.create(
+        &PostParams::default(),
+        &pod("crasher", "Always", "echo run $$; exit 1"),
+    )
+    .await
+    .unwrap();
+    wait_until("a restart", Duration::from_secs(30), async || {
+        let p = pods.get("crasher").await.ok()?;
+        (p.status?.container_statuses?.first()?.restart_count >= 1).then_some(())
+    })
+    .await;
+    assert!(logs(&["crasher", "--previous"]).starts_with("run "));
+    let no_previous = cluster.kubectl(&["-n", "shop", "logs", "talker", "--previous"]);
+    assert!(!no_previous.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_previous.stderr).contains("previous terminated container"),
+        "{}",
+        String::from_utf8_lossy(&no_previous.stderr)
+    );
+
+    // -f follows until the container ends.
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "counter",
+            "Never",
+            "sleep 1; for i in 1 2 3 4 5; do echo tick $i; sleep 0.3; done",
+        ),
+    )
+    .await
+    .unwrap();
+    wait_phase(&pods, "counter", "Running").await;
+    let follow = std::process::Command::new(common::kubectl_bin())
+        .args(["-n", "shop", "logs", "-f", "counter"])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        follow.status.success(),
+        "{}",
+        String::from_utf8_lossy(&follow.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&follow.stdout),
+        "tick 1\ntick 2\ntick 3\ntick 4\ntick 5\n"
+    );
+
+    // Tenants: their own pods' logs only.
+    let alice = cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"));
+    let bob = cluster.user_kubeconfig("bob", Some("canopy:tenant:globex"));
+    let as_user = |kubeconfig: &Path| {
+        std::process::Command::new(common::kubectl_bin())
+            .args(["-n", "shop", "logs", "talker", "--tail=1"])
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .unwrap()
+    };
+    let mine = as_user(&alice);
+    assert_eq!(String::from_utf8_lossy(&mine.stdout), "oops\n");
+    let theirs = as_user(&bob);
+    assert!(!theirs.status.success());
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+
+    // The agent itself answers only cluster administrators: not a node, not a tenant.
+    let port = node
+        .status
+        .unwrap()
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    let url = format!("https://127.0.0.1:{port}/containerLogs/shop/talker/main");
+    for (who, kubeconfig) in [
+        (
+            "a node",
+            node_kubeconfig(&cluster, "node-logs", Some("acme")),
+        ),
+        ("a tenant member", alice.clone()),
+    ] {
+        let client = identity_client(&kubeconfig);
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{who}");
+    }
+    let client = identity_client(cluster.kubeconfig());
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "an administrator");
+    // Without a client certificate there is no handshake at all.
+    let anonymous = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    assert!(anonymous.get(&url).send().await.is_err());
+}
+
+/// An HTTPS client with a kubeconfig's client certificate that accepts any server
+/// certificate (the agent's is self-signed; the API server pins it).
+fn identity_client(kubeconfig: &Path) -> reqwest::Client {
+    use base64::Engine;
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let user = &value["users"][0]["user"];
+    let decode = |field: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(user[field].as_str().unwrap())
+            .unwrap()
+    };
+    let mut pem = decode("client-certificate-data");
+    pem.extend(decode("client-key-data"));
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
 }
 
 /// A node's credential names its tenant; it can register its Node for that tenant only.

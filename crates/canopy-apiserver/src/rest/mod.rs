@@ -67,6 +67,8 @@ pub struct Context {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Serializes quota checks per tenant.
     pub quota_locks: QuotaLocks,
+    /// The API server's credential towards node agents (`pods/log`).
+    pub nodes: Option<Arc<crate::nodeproxy::NodeClient>>,
 }
 
 impl Context {

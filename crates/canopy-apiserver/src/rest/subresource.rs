@@ -278,28 +278,178 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
         .flatten()
         .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
         .collect();
-    if let Some(container) = call.query.get("container").filter(|c| !c.is_empty()) {
+    let container = if let Some(container) = call.query.get("container").filter(|c| !c.is_empty()) {
         if !containers.iter().any(|c| c == container) {
             return Err(ApiError::bad_request(format!(
                 "container {container} is not valid for pod {}",
                 call.name()
             )));
         }
-    } else if containers.len() > 1 {
+        container.to_string()
+    } else if containers.len() == 1 {
+        containers[0].clone()
+    } else {
         return Err(ApiError::bad_request(format!(
             "a container name must be specified for pod {}, choose one of: [{}]",
             call.name(),
             containers.join(" ")
         )));
-    }
-    match meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) {
-        None => Err(ApiError::bad_request(format!(
+    };
+    let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!(
             "pod {} does not have a host assigned",
             call.name()
-        ))),
-        Some(node) => Err(ApiError::unavailable(format!(
-            "logs of pod {} are served by the node agent of node {node:?}, and no node agent is reachable from this API server",
-            call.name()
-        ))),
+        )));
+    };
+    let query = log_query(call)?;
+    let Some(nodes) = call.ctx.nodes.clone() else {
+        return Err(ApiError::unavailable(
+            "this API server does not reach node agents",
+        ));
+    };
+    let node = node_object(call, node_name)
+        .await?
+        .ok_or_else(|| ApiError::unavailable(format!("node {node_name:?} does not exist")))?;
+    let path = format!(
+        "/containerLogs/{}/{}/{}{query}",
+        enc(meta::namespace(&pod)),
+        enc(meta::name(&pod)),
+        enc(&container)
+    );
+    let response = nodes.get(&node, &path).await?;
+    if response.status() != StatusCode::OK {
+        // The agent answers errors with a Status, as the kubelet does.
+        use http_body_util::BodyExt;
+        let code = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(match code {
+            400 => ApiError::bad_request(message),
+            404 => ApiError::not_found(target(def, call.name())),
+            _ => ApiError::unavailable(message),
+        });
     }
+    Ok(stream_logs(response.into_body(), call.ctx.shutdown.clone()))
+}
+
+/// Upstream's log options, checked as upstream checks them and passed on to the agent.
+fn log_query(call: &Call<'_>) -> ApiResult<String> {
+    let mut out = Vec::new();
+    let int = |name: &str, min: i64| -> ApiResult<Option<i64>> {
+        match call.query.get(name) {
+            None => Ok(None),
+            Some(text) => match text.parse::<i64>() {
+                Ok(n) if n >= min => Ok(Some(n)),
+                _ => Err(ApiError::bad_request(format!(
+                    "{name}: Invalid value: {text:?}: must be an integer of at least {min}"
+                ))),
+            },
+        }
+    };
+    let boolean = |name: &str| -> ApiResult<bool> {
+        match call.query.get(name) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("") | Some("true") | Some("1") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "{name}: Invalid value: {other:?}: must be a boolean"
+            ))),
+        }
+    };
+    for flag in ["follow", "previous", "timestamps"] {
+        if boolean(flag)? {
+            out.push(format!("{flag}=true"));
+        }
+    }
+    let since_seconds = int("sinceSeconds", 1)?;
+    let since_time = call.query.get("sinceTime").filter(|t| !t.is_empty());
+    if since_seconds.is_some() && since_time.is_some() {
+        return Err(ApiError::bad_request(
+            "at most one of sinceTime or sinceSeconds may be specified",
+        ));
+    }
+    if let Some(n) = since_seconds {
+        out.push(format!("sinceSeconds={n}"));
+    }
+    if let Some(t) = since_time {
+        if chrono::DateTime::parse_from_rfc3339(t).is_err() {
+            return Err(ApiError::bad_request(format!(
+                "sinceTime: Invalid value: {t:?}: must be an RFC 3339 time"
+            )));
+        }
+        out.push(format!("sinceTime={}", enc(t)));
+    }
+    if let Some(n) = int("tailLines", 0)? {
+        out.push(format!("tailLines={n}"));
+    }
+    if let Some(n) = int("limitBytes", 1)? {
+        out.push(format!("limitBytes={n}"));
+    }
+    Ok(if out.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", out.join("&"))
+    })
+}
+
+fn enc(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// The Node a pod runs on, read as the API server itself (not with the requester's scope:
+/// a tenant may read its pod's logs without reading the node).
+async fn node_object(call: &Call<'_>, name: &str) -> ApiResult<Option<Value>> {
+    let Some(def) = call.ctx.registry.get("", "v1", "nodes") else {
+        return Ok(None);
+    };
+    let key = def.key("", name);
+    if let Some(obj) = call.ctx.cache(def).get(&crate::cache::cache_key(def, &key)) {
+        return Ok(Some(obj.value()));
+    }
+    Ok(call.ctx.read_stored(def, &key).await?.map(|(v, _)| v))
+}
+
+/// The agent's log stream, passed through as upstream's `text/plain` until either side
+/// ends or the server shuts down.
+fn stream_logs(
+    mut body: hyper::body::Incoming,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Response<Body> {
+    use http_body_util::{BodyExt, StreamBody};
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tx.closed() => break,
+                frame = body.frame() => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && tx.send(data).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+    });
+    let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |b| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    response
 }

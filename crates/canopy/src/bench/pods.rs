@@ -58,7 +58,7 @@ struct Seen {
     changed: Notify,
 }
 
-fn follow(pods: Api<Pod>, seen: Arc<Seen>) {
+fn follow(pods: Api<Pod>, seen: Arc<Seen>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut events = watcher(pods, watcher::Config::default()).boxed();
         while let Some(event) = events.next().await {
@@ -85,7 +85,7 @@ fn follow(pods: Api<Pod>, seen: Arc<Seen>) {
                 }
             }
         }
-    });
+    })
 }
 
 impl Seen {
@@ -298,7 +298,7 @@ pub async fn run(args: PodsArgs) -> Result<()> {
         .await?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
     let seen = Arc::new(Seen::default());
-    follow(pods.clone(), seen.clone());
+    let watch = follow(pods.clone(), seen.clone());
     let before = footprint(&base, &cgroup_parent);
 
     // One pod at a time on the warm node.
@@ -398,6 +398,7 @@ pub async fn run(args: PodsArgs) -> Result<()> {
         args.cycles,
         t2.elapsed().as_secs_f64()
     );
+    watch.abort();
     drop(agent);
     cleanup(&exe, &state, &root, &cgroup_parent).await;
     if after != before {
