@@ -1,9 +1,9 @@
 //! The agent's HTTPS endpoint, in the shape of the kubelet's API: `/containerLogs` (what
 //! `kubectl logs` reaches through the API server) and `/healthz`.
 //!
-//! Callers authenticate with a client certificate of the cluster CA and must be cluster
-//! administrators (group `system:masters`): in practice the API server, which authorizes
-//! the user behind each request first. The agent serves with a self-signed certificate
+//! Callers authenticate with a client certificate of the cluster CA and must be the API
+//! server's own identity ([`canopy_api::AGENT_API_CLIENT_USER`]), which authorizes the user
+//! behind each request first: not an administrator's kubeconfig, not a controller. The agent serves with a self-signed certificate
 //! kept under its root directory and publishes its SHA-256 on its Node
 //! ([`canopy_api::AGENT_SERVING_CERT_ANNOTATION`]) for the API server to pin.
 
@@ -110,13 +110,13 @@ fn tls_acceptor(cert: &ServingCert, client_ca: &[Vec<u8>]) -> Result<tokio_rustl
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Whether a verified client certificate is a cluster administrator's.
-fn is_admin(cert: &CertificateDer<'_>) -> bool {
+/// Whether a verified client certificate is the API server's.
+fn is_api_server(cert: &CertificateDer<'_>) -> bool {
     x509_parser::parse_x509_certificate(cert.as_ref())
         .map(|(_, cert)| {
             cert.subject()
-                .iter_organization()
-                .any(|o| o.as_str() == Ok("system:masters"))
+                .iter_common_name()
+                .any(|cn| cn.as_str() == Ok(canopy_api::AGENT_API_CLIENT_USER))
         })
         .unwrap_or(false)
 }
@@ -160,7 +160,7 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .is_some_and(is_admin);
+                .is_some_and(is_api_server);
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
@@ -203,7 +203,7 @@ async fn handle(
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
-            "only cluster administrators (the API server) may use the node agent's API",
+            "only the API server may use the node agent's API",
         );
     }
     if request.method() != http::Method::GET {
@@ -287,7 +287,9 @@ impl LogOptions {
                 let seconds: i64 = seconds
                     .parse()
                     .map_err(|_| format!("sinceSeconds: {seconds:?} is not a number"))?;
-                Some(chrono::Utc::now() - chrono::Duration::seconds(seconds))
+                // Further back than time can go means everything.
+                chrono::TimeDelta::try_seconds(seconds)
+                    .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
             }
             (None, Some(time)) => Some(
                 chrono::DateTime::parse_from_rfc3339(time)
@@ -329,7 +331,7 @@ pub fn parse_entry(line: &str) -> Option<Entry<'_>> {
 }
 
 /// Turns CRI entries into what the user reads, applying the options' time filter and
-/// timestamps. Returns the bytes and whether the last entry was partial.
+/// timestamps.
 pub fn render(lines: &[&str], options: &LogOptions) -> Vec<u8> {
     let mut out = Vec::new();
     let mut continuing = false;
@@ -426,7 +428,7 @@ async fn container_logs(
             tracing::debug!(error = %error, "streaming a log ended");
         }
     });
-    let stream = futures::StreamExt::map(tokio_stream_receiver(rx), |b| {
+    let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |b| {
         Ok::<_, Infallible>(Frame::data(b))
     });
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -435,12 +437,6 @@ async fn container_logs(
         http::HeaderValue::from_static("text/plain"),
     );
     Ok(response)
-}
-
-fn tokio_stream_receiver(
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> impl futures::Stream<Item = Bytes> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 async fn stream_file(
@@ -453,15 +449,15 @@ async fn stream_file(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut file = tokio::fs::File::open(path).await?;
-    let mut text = String::new();
-    file.read_to_string(&mut text).await?;
-    let mut offset = text.len() as u64;
+    // Bytes, not text: a container may write anything, and the monitor splits long lines
+    // at byte boundaries.
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).await?;
     // Only whole lines: a line being written is read on the next pass.
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    let mut pending = text[complete..].to_string();
-    offset -= pending.len() as u64;
-    pending.clear();
-    let lines: Vec<&str> = text[..complete].lines().collect();
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut offset = complete as u64;
+    let text = String::from_utf8_lossy(&bytes[..complete]);
+    let lines: Vec<&str> = text.lines().collect();
     let lines = match options.tail_lines {
         Some(n) => tail(&lines, n),
         None => lines,
@@ -481,18 +477,22 @@ async fn stream_file(
     if !follow {
         return Ok(());
     }
-    let mut buffer = String::new();
+    let mut buffer = Vec::new();
     loop {
         if budget == 0 {
             return Ok(());
         }
         file.seek(SeekFrom::Start(offset)).await?;
         buffer.clear();
-        let read = file.read_to_string(&mut buffer).await?;
+        let read = file.read_to_end(&mut buffer).await?;
         if read > 0 {
-            let complete = buffer.rfind('\n').map_or(0, |i| i + 1);
+            let complete = buffer
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
             offset += complete as u64;
-            let lines: Vec<&str> = buffer[..complete].lines().collect();
+            let text = String::from_utf8_lossy(&buffer[..complete]);
+            let lines: Vec<&str> = text.lines().collect();
             let chunk = send(&mut budget, render(&lines, options));
             if !chunk.is_empty() && tx.send(chunk).await.is_err() {
                 return Ok(());
@@ -512,8 +512,9 @@ async fn stream_file(
             // The monitor writes everything before it records the exit: one last read.
             file.seek(SeekFrom::Start(offset)).await?;
             buffer.clear();
-            file.read_to_string(&mut buffer).await?;
-            let lines: Vec<&str> = buffer.lines().collect();
+            file.read_to_end(&mut buffer).await?;
+            let text = String::from_utf8_lossy(&buffer);
+            let lines: Vec<&str> = text.lines().collect();
             let chunk = send(&mut budget, render(&lines, options));
             if !chunk.is_empty() {
                 let _ = tx.send(chunk).await;

@@ -468,19 +468,6 @@ async fn sync(
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     let start_time = *state.start_time.get_or_insert_with(Timestamp::now);
-    let sandbox = ctx
-        .runtime
-        .create_sandbox(&SandboxSpec {
-            pod_uid: uid.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
-            hostname: spec.hostname.clone().unwrap_or_else(|| name.clone()),
-            dns: ctx.dns.clone(),
-            hosts: Vec::new(),
-        })
-        .await
-        .with_context(|| format!("creating the sandbox of pod {namespace}/{name}"))?;
-
     let restart_policy = spec.restart_policy.as_deref().unwrap_or("Always");
     let init = spec.init_containers.clone().unwrap_or_default();
     let mut wake_after: Option<Duration> = None;
@@ -495,6 +482,18 @@ async fn sync(
     let mut views = container_views_of(&spec.containers, &runs, &ctx.probes);
 
     if !terminal {
+        let sandbox = ctx
+            .runtime
+            .create_sandbox(&SandboxSpec {
+                pod_uid: uid.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                hostname: spec.hostname.clone().unwrap_or_else(|| name.clone()),
+                dns: ctx.dns.clone(),
+                hosts: Vec::new(),
+            })
+            .await
+            .with_context(|| format!("creating the sandbox of pod {namespace}/{name}"))?;
         // Init containers, one at a time, in order.
         let mut init_done = true;
         for (i, container) in init.iter().enumerate() {
@@ -510,7 +509,7 @@ async fn sync(
                     if restart_policy == "Never" {
                         break;
                     }
-                    backoff_next(state, &container.name, run, &pod_ref(pod))
+                    backoff_next(state, &container.name, run)
                 }
                 None => {
                     init_done = false;
@@ -541,7 +540,7 @@ async fn sync(
                         if !restart_needed(restart_policy, run.exit_code().unwrap_or(1)) {
                             continue;
                         }
-                        backoff_next(state, &container.name, run, &pod_ref(pod))
+                        backoff_next(state, &container.name, run)
                     }
                     None => Next::Start(0),
                 };
@@ -585,7 +584,7 @@ async fn sync(
         pod,
         ctx.host_ip.as_deref(),
         None,
-        true,
+        !terminal,
         &init_views,
         &views,
         start_time,
@@ -656,7 +655,7 @@ fn pod_ref(pod: &Pod) -> String {
 }
 
 /// Upstream's crash-loop back-off, counted from when the container exited.
-fn backoff_next(state: &mut WorkerState, name: &str, run: &Run, pod: &str) -> Next {
+fn backoff_next(state: &mut WorkerState, name: &str, run: &Run) -> Next {
     let RunState::Exited {
         finished_at,
         started_at,
@@ -676,7 +675,6 @@ fn backoff_next(state: &mut WorkerState, name: &str, run: &Run, pod: &str) -> Ne
         let since = Timestamp::now().duration_since(*finished_at);
         let delay_signed = SignedDuration::try_from(*delay).unwrap_or(SignedDuration::MAX);
         if since < delay_signed {
-            let _ = pod;
             return Next::Wait;
         }
     }
@@ -899,20 +897,20 @@ fn mounts(ctx: &Context, pod: &Pod, container: &Container) -> Result<Vec<BindMou
                 volume.name
             )));
         };
-        let host_path = match mount.sub_path.as_deref() {
-            Some(sub) if !sub.is_empty() => {
-                if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
-                    return Err(ConfigError(format!(
-                        "subPath {sub:?} must be a relative path inside the volume"
-                    )));
-                }
-                let path = host_path.join(sub);
-                std::fs::create_dir_all(&path)
-                    .map_err(|e| ConfigError(format!("creating subPath {sub:?}: {e}")))?;
-                path
-            }
-            _ => host_path,
-        };
+        // A subPath is resolved on the host, through whatever the pod's containers left in
+        // the volume (a symlink to / would hand the host to the pod); until it is resolved
+        // safely (openat beneath the volume, mounting the opened descriptor), it is refused.
+        if mount.sub_path.as_deref().is_some_and(|p| !p.is_empty())
+            || mount
+                .sub_path_expr
+                .as_deref()
+                .is_some_and(|p| !p.is_empty())
+        {
+            return Err(ConfigError(format!(
+                "volume mount {:?}: subPath and subPathExpr are not supported by this agent yet",
+                mount.name
+            )));
+        }
         out.push(BindMount {
             host_path,
             container_path: mount.mount_path.clone(),
@@ -927,13 +925,16 @@ fn prepare_empty_dir(
     medium: Option<&str>,
     size_limit: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 ) -> Result<(), ConfigError> {
-    let exists = dir.exists();
     std::fs::create_dir_all(dir)
         .map_err(|e| ConfigError(format!("creating emptyDir {}: {e}", dir.display())))?;
     // World-writable as upstream's emptyDir, so that non-root containers can use it.
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
-    if medium == Some("Memory") && !exists {
+    let on_tmpfs = nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    // Checked on the mount itself, not the directory: after a reboot the directory is still
+    // on disk and the tmpfs is gone.
+    if medium == Some("Memory") && !on_tmpfs {
         let size = size_limit
             .and_then(|q| canopy_api::quantity::Quantity::parse(&q.0).ok())
             .map(|q| format!(",size={}", q.value()))
@@ -958,6 +959,11 @@ async fn start(
     attempt: u32,
     state: &mut WorkerState,
 ) -> Result<(), StartFailure> {
+    if container.restart_policy.as_deref() == Some("Always") {
+        return Err(StartFailure::config(ConfigError(
+            "init containers with restartPolicy Always (sidecars) are not supported by this agent yet".into(),
+        )));
+    }
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Err(StartFailure::config(ConfigError(
             "hostNetwork pods are not supported by this agent".into(),
@@ -1244,25 +1250,22 @@ mod tests {
         let mut state = WorkerState::default();
         let run = exited_run(0, Duration::from_millis(10), Duration::from_secs(1));
         assert!(matches!(
-            backoff_next(&mut state, "c", &run, "p"),
+            backoff_next(&mut state, "c", &run),
             Next::Start(1)
         ));
         state.backoff.insert("c".into(), BACKOFF_INITIAL);
         let run = exited_run(1, Duration::from_secs(1), Duration::from_secs(1));
-        assert!(matches!(
-            backoff_next(&mut state, "c", &run, "p"),
-            Next::Wait
-        ));
+        assert!(matches!(backoff_next(&mut state, "c", &run), Next::Wait));
         let run = exited_run(1, Duration::from_secs(11), Duration::from_secs(1));
         assert!(matches!(
-            backoff_next(&mut state, "c", &run, "p"),
+            backoff_next(&mut state, "c", &run),
             Next::Start(2)
         ));
         // A long run forgives the back-off.
         state.backoff.insert("c".into(), BACKOFF_MAX);
         let run = exited_run(5, Duration::from_secs(1), Duration::from_secs(700));
         assert!(matches!(
-            backoff_next(&mut state, "c", &run, "p"),
+            backoff_next(&mut state, "c", &run),
             Next::Start(6)
         ));
         assert!(!state.backoff.contains_key("c"));

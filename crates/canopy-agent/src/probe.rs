@@ -293,8 +293,10 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
                 .await
                 .map_err(|e| e.to_string())?;
             let status = response.status();
-            // Upstream reads at most 10 KiB of the body; it is not needed for the verdict.
-            let _ = response.into_body().collect().await;
+            // Upstream reads at most 10 KiB of the body; the verdict needs none of it.
+            let _ = http_body_util::Limited::new(response.into_body(), 10 << 10)
+                .collect()
+                .await;
             Ok::<_, String>(status)
         };
         let status = tokio::time::timeout(timeout, exchange)

@@ -33,3 +33,7 @@ pub const KUBERNETES_MINOR: &str = "33";
 /// certificate (DER): the API server pins it when it calls the agent. Only the node itself
 /// (or an administrator) can write its Node.
 pub const AGENT_SERVING_CERT_ANNOTATION: &str = "canopy.io/agent-serving-cert-sha256";
+
+/// The user (certificate CN) of the API server towards node agents: the only caller an agent
+/// serves, as upstream's kubelet serves its apiserver's kubelet-client identity.
+pub const AGENT_API_CLIENT_USER: &str = "canopy:apiserver-node-client";

@@ -88,6 +88,7 @@ impl NodeClient {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
                 sha256: pin,
+                node: name.clone(),
                 provider: self.provider.clone(),
             }))
             .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
@@ -121,9 +122,10 @@ impl NodeClient {
             .header(http::header::HOST, target.as_str())
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        sender
-            .send_request(request)
+        // A node is its tenant's machine: it must not hold the API server's requests open.
+        tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
             .await
+            .map_err(|_| unavailable(format!("the agent of node {name:?} did not answer in time")))?
             .map_err(|e| unavailable(format!("the agent of node {name:?}: {e}")))
     }
 }
@@ -139,12 +141,27 @@ fn decode_hex(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Accepts exactly the certificate whose SHA-256 the node published; the handshake's
-/// signatures are still verified with it.
+/// Accepts exactly the certificate whose SHA-256 the node published, and only if it names
+/// that node: a node cannot send the API server to another node's agent by publishing that
+/// agent's address and certificate. The handshake's signatures are still verified with it.
 #[derive(Debug)]
 struct Pinned {
     sha256: [u8; 32],
+    node: String,
     provider: Arc<CryptoProvider>,
+}
+
+/// Whether a certificate's subject alternative names include `node`.
+fn names_node(der: &[u8], node: &str) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(sans)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    sans.value.general_names.iter().any(
+        |name| matches!(name, x509_parser::extensions::GeneralName::DNSName(dns) if *dns == node),
+    )
 }
 
 impl ServerCertVerifier for Pinned {
@@ -157,7 +174,7 @@ impl ServerCertVerifier for Pinned {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let digest: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if digest == self.sha256 {
+        if digest == self.sha256 && names_node(end_entity.as_ref(), &self.node) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(

@@ -321,12 +321,11 @@ impl ApiServer {
     }
 }
 
-/// The API server's client certificate towards node agents: a cluster administrator, the
-/// identity agents require.
+/// The API server's client certificate towards node agents, the one identity they serve.
 fn node_client(pki: &Pki) -> Result<crate::nodeproxy::NodeClient> {
     let pair = pki.ensure_client(
         "apiserver-node-client",
-        "canopy:apiserver-node-client",
+        canopy_api::AGENT_API_CLIENT_USER,
         &["system:masters"],
     )?;
     crate::nodeproxy::NodeClient::from_pem(&pair.cert_pem, &pair.key_pem)

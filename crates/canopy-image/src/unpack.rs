@@ -111,6 +111,25 @@ pub(crate) fn unpack_layer(blob: &Path, dest: &Path, layer: &str) -> Result<Unpa
     Ok(Unpacked { diff_id, size })
 }
 
+/// Where a link entry points; a link without a target is a broken layer.
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    layer: &str,
+    kind: &str,
+    raw_path: &Path,
+) -> Result<PathBuf, ImageError> {
+    entry
+        .link_name()
+        .map_err(|e| bad(layer, format!("link name: {e}")))?
+        .map(|target| target.into_owned())
+        .ok_or_else(|| {
+            bad(
+                layer,
+                format!("{kind} {} without target", raw_path.display()),
+            )
+        })
+}
+
 fn bad(layer: &str, reason: impl Into<String>) -> ImageError {
     ImageError::BadLayer {
         layer: layer.to_string(),
@@ -287,16 +306,7 @@ impl Unpacker<'_> {
                 self.apply_metadata(entry, path, false)?;
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| bad(layer, format!("link name: {e}")))?
-                    .ok_or_else(|| {
-                        bad(
-                            layer,
-                            format!("symlink {} without target", raw_path.display()),
-                        )
-                    })?
-                    .into_owned();
+                let target = link_target(entry, layer, "symlink", &raw_path)?;
                 clear(&path, false)?;
                 // The target is stored verbatim: it is only ever resolved inside the container's
                 // root, never by us.
@@ -304,16 +314,7 @@ impl Unpacker<'_> {
                 self.apply_metadata(entry, path, false)?;
             }
             EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| bad(layer, format!("link name: {e}")))?
-                    .ok_or_else(|| {
-                        bad(
-                            layer,
-                            format!("hard link {} without target", raw_path.display()),
-                        )
-                    })?
-                    .into_owned();
+                let target = link_target(entry, layer, "hard link", &raw_path)?;
                 let Some(target_rel) = clean_path(layer, &target)? else {
                     return Err(unsafe_layer(
                         layer,

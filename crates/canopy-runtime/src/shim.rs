@@ -152,6 +152,20 @@ fn runc(args: &ShimArgs, extra: &[&str]) -> Result<std::process::Output> {
         .with_context(|| format!("running {}", args.runtime_binary.display()))
 }
 
+/// runc with its state root and a JSON log file, whose last error explains a failure
+/// better than runc's stderr.
+fn runc_logged(args: &ShimArgs, log: &std::path::Path) -> Command {
+    let mut command = Command::new(&args.runtime_binary);
+    command
+        .arg("--root")
+        .arg(&args.runtime_root)
+        .arg("--log")
+        .arg(log)
+        .arg("--log-format")
+        .arg("json");
+    command
+}
+
 struct Started {
     pid: i32,
     started_at: DateTime<Utc>,
@@ -173,13 +187,7 @@ fn runc_log_error(path: &Path) -> Option<String> {
 fn start(args: &ShimArgs) -> Result<Started> {
     let runc_log = args.bundle.join("runc.log");
     let pid_file = args.bundle.join(PID_FILE);
-    let mut child = Command::new(&args.runtime_binary)
-        .arg("--root")
-        .arg(&args.runtime_root)
-        .arg("--log")
-        .arg(&runc_log)
-        .arg("--log-format")
-        .arg("json")
+    let mut child = runc_logged(args, &runc_log)
         .arg("create")
         .arg("--bundle")
         .arg(&args.bundle)
@@ -208,13 +216,7 @@ fn start(args: &ShimArgs) -> Result<Started> {
     spawn_copier(stdout, "stdout", log.clone(), tx.clone());
     spawn_copier(stderr, "stderr", log, tx);
 
-    let out = Command::new(&args.runtime_binary)
-        .arg("--root")
-        .arg(&args.runtime_root)
-        .arg("--log")
-        .arg(&runc_log)
-        .arg("--log-format")
-        .arg("json")
+    let out = runc_logged(args, &runc_log)
         .arg("start")
         .arg(&args.id)
         .stdin(Stdio::null())

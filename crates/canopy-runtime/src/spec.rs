@@ -114,8 +114,37 @@ struct GroupEntry {
     members: Vec<String>,
 }
 
+/// A file of the image read from the host, as the image sees it only if nothing on the way
+/// is a symlink (which the host would resolve against its own root) and it is a regular
+/// file (a FIFO would block, /dev/zero would never end); at most 1 MiB. Anything else reads
+/// as empty: the user is then looked up as if the image had no such file.
+fn read_image_file(rootfs: &Path, relative: &str) -> String {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let mut path = rootfs.to_path_buf();
+    for part in relative.split('/') {
+        path.push(part);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if !meta.file_type().is_symlink() => {}
+            _ => return String::new(),
+        }
+    }
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&path)
+    else {
+        return String::new();
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(1 << 20).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 fn read_passwd(rootfs: &Path) -> Vec<PasswdEntry> {
-    let text = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let text = read_image_file(rootfs, "etc/passwd");
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -132,7 +161,7 @@ fn read_passwd(rootfs: &Path) -> Vec<PasswdEntry> {
 }
 
 fn read_group(rootfs: &Path) -> Vec<GroupEntry> {
-    let text = fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let text = read_image_file(rootfs, "etc/group");
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -413,6 +442,28 @@ pub fn build_spec(spec: &ContainerSpec, inp: &SpecInputs<'_>) -> Result<Spec, Ru
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_files_are_never_read_through_host_symlinks_or_fifos() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        fs::create_dir(&etc).unwrap();
+        fs::write(etc.join("group"), "root:x:0:\n").unwrap();
+        assert_eq!(read_image_file(root.path(), "etc/group"), "root:x:0:\n");
+        // A symlink resolves against the host's root when the agent reads it.
+        std::os::unix::fs::symlink("/etc/passwd", etc.join("passwd")).unwrap();
+        assert_eq!(read_image_file(root.path(), "etc/passwd"), "");
+        // A FIFO would block the reader forever.
+        fs::remove_file(etc.join("passwd")).unwrap();
+        nix::unistd::mkfifo(&etc.join("passwd"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(read_image_file(root.path(), "etc/passwd"), "");
+        // So does a symlinked directory on the way.
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("group"), "secret:x:1:\n").unwrap();
+        fs::remove_dir_all(&etc).unwrap();
+        std::os::unix::fs::symlink(other.path(), &etc).unwrap();
+        assert_eq!(read_image_file(root.path(), "etc/group"), "");
+    }
 
     #[test]
     fn shares() {

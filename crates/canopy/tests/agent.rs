@@ -594,6 +594,36 @@ async fn agent_registers_and_runs_pods() {
     )
     .await;
 
+    // What the agent cannot do safely yet is refused with upstream's reason, not run: a
+    // subPath is resolved on the host through what the pod wrote into its volume.
+    let sub_path: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "subpath"},
+        "spec": {"volumes": [{"name": "v", "emptyDir": {}}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["true"],
+                "volumeMounts": [{"name": "v", "mountPath": "/data", "subPath": "evil"}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &sub_path)
+        .await
+        .unwrap();
+    let refused = wait_until(
+        "CreateContainerConfigError",
+        Duration::from_secs(20),
+        async || {
+            let p = pods.get("subpath").await.ok()?;
+            let waiting = p
+                .status?
+                .container_statuses?
+                .first()?
+                .state
+                .clone()?
+                .waiting?;
+            (waiting.reason.as_deref() == Some("CreateContainerConfigError")).then_some(waiting)
+        },
+    )
+    .await;
+    assert!(refused.message.unwrap().contains("subPath"));
+
     // Graceful deletion: SIGTERM, the grace period, then the pod is gone with its sandbox.
     pods.create(
         &PostParams::default(),
@@ -780,7 +810,8 @@ async fn kubectl_logs_through_the_api_server() {
         String::from_utf8_lossy(&theirs.stderr)
     );
 
-    // The agent itself answers only cluster administrators: not a node, not a tenant.
+    // The agent itself answers only the API server: not a node, not a tenant, not even a
+    // cluster administrator's kubeconfig.
     let port = node
         .status
         .unwrap()
@@ -796,14 +827,21 @@ async fn kubectl_logs_through_the_api_server() {
             node_kubeconfig(&cluster, "node-logs", Some("acme")),
         ),
         ("a tenant member", alice.clone()),
+        ("an administrator", cluster.kubeconfig().to_path_buf()),
     ] {
-        let client = identity_client(&kubeconfig);
+        let client = identity_client(&pem_of_kubeconfig(&kubeconfig));
         let response = client.get(&url).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 403, "{who}");
     }
-    let client = identity_client(cluster.kubeconfig());
-    let response = client.get(&url).send().await.unwrap();
-    assert_eq!(response.status().as_u16(), 200, "an administrator");
+    let pki = cluster.data_dir().join("pki");
+    let mut api_server = std::fs::read(pki.join("apiserver-node-client.crt")).unwrap();
+    api_server.extend(std::fs::read(pki.join("apiserver-node-client.key")).unwrap());
+    let response = identity_client(&api_server).get(&url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "the API server's identity");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "line 1\nline 2\nline 3\nline 4\nline 5\noops\n"
+    );
     // Without a client certificate there is no handshake at all.
     let anonymous = reqwest::Client::builder()
         .use_rustls_tls()
@@ -813,9 +851,8 @@ async fn kubectl_logs_through_the_api_server() {
     assert!(anonymous.get(&url).send().await.is_err());
 }
 
-/// An HTTPS client with a kubeconfig's client certificate that accepts any server
-/// certificate (the agent's is self-signed; the API server pins it).
-fn identity_client(kubeconfig: &Path) -> reqwest::Client {
+/// A kubeconfig's client certificate and key, as one PEM.
+fn pem_of_kubeconfig(kubeconfig: &Path) -> Vec<u8> {
     use base64::Engine;
     let text = std::fs::read_to_string(kubeconfig).unwrap();
     let value: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
@@ -827,10 +864,16 @@ fn identity_client(kubeconfig: &Path) -> reqwest::Client {
     };
     let mut pem = decode("client-certificate-data");
     pem.extend(decode("client-key-data"));
+    pem
+}
+
+/// An HTTPS client with a client certificate that accepts any server certificate (the
+/// agent's is self-signed; the API server pins it).
+fn identity_client(pem: &[u8]) -> reqwest::Client {
     reqwest::Client::builder()
         .use_rustls_tls()
         .danger_accept_invalid_certs(true)
-        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .identity(reqwest::Identity::from_pem(pem).unwrap())
         .build()
         .unwrap()
 }

@@ -272,28 +272,45 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
     let (pod, _) = current(call, def, &call.key())
         .await?
         .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
-    let containers: Vec<String> = ["spec.containers", "spec.initContainers"]
-        .iter()
-        .filter_map(|p| meta::path(&pod, p).and_then(Value::as_array))
-        .flatten()
-        .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
-        .collect();
-    let container = if let Some(container) = call.query.get("container").filter(|c| !c.is_empty()) {
-        if !containers.iter().any(|c| c == container) {
-            return Err(ApiError::bad_request(format!(
-                "container {container} is not valid for pod {}",
-                call.name()
-            )));
+    let names = |path: &str| -> Vec<String> {
+        meta::path(&pod, path)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    };
+    let (containers, init_containers) = (names("spec.containers"), names("spec.initContainers"));
+    let container = match call.query.get("container").filter(|c| !c.is_empty()) {
+        Some(container) => {
+            if !containers
+                .iter()
+                .chain(&init_containers)
+                .any(|c| c == container)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "container {container} is not valid for pod {}",
+                    call.name()
+                )));
+            }
+            container.to_string()
         }
-        container.to_string()
-    } else if containers.len() == 1 {
-        containers[0].clone()
-    } else {
-        return Err(ApiError::bad_request(format!(
-            "a container name must be specified for pod {}, choose one of: [{}]",
-            call.name(),
-            containers.join(" ")
-        )));
+        // As upstream: the default is the pod's only container, init containers aside.
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            let mut message = format!(
+                "a container name must be specified for pod {}, choose one of: [{}]",
+                call.name(),
+                containers.join(" ")
+            );
+            if !init_containers.is_empty() {
+                message.push_str(&format!(
+                    " or one of the init containers: [{}]",
+                    init_containers.join(" ")
+                ));
+            }
+            return Err(ApiError::bad_request(message));
+        }
     };
     let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request(format!(
@@ -321,8 +338,8 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
         // The agent answers errors with a Status, as the kubelet does.
         use http_body_util::BodyExt;
         let code = response.status().as_u16();
-        let bytes = response
-            .into_body()
+        // The node is its tenant's: what it says is bounded.
+        let bytes = http_body_util::Limited::new(response.into_body(), 64 << 10)
             .collect()
             .await
             .map(|b| b.to_bytes())
