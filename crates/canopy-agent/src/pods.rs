@@ -273,6 +273,31 @@ async fn remove_orphans(ctx: &Arc<Context>, known: &HashMap<String, Arc<Pod>>) {
         }
         remove_pod_dirs(ctx, &sandbox.pod_uid, None);
     }
+    // After a reboot the sandboxes (runtime state, on tmpfs) are gone while volumes and logs
+    // (on disk) stay: sweep those of pods no longer bound here too.
+    let known: HashSet<String> = known.keys().cloned().collect();
+    let (pods_dir, log_dir) = (ctx.pods_dir.clone(), ctx.log_dir.clone());
+    let _ = tokio::task::spawn_blocking(move || sweep_dirs(&pods_dir, &log_dir, &known)).await;
+}
+
+fn sweep_dirs(pods_dir: &std::path::Path, log_dir: &std::path::Path, known: &HashSet<String>) {
+    for entry in std::fs::read_dir(pods_dir).into_iter().flatten().flatten() {
+        let uid = entry.file_name().to_string_lossy().into_owned();
+        if !known.contains(&uid) {
+            tracing::info!(pod_uid = %uid, "removing the volumes of a pod no longer bound here");
+            unmount_volumes(&entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    for entry in std::fs::read_dir(log_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // `<namespace>_<name>_<uid>`: names and namespaces hold no `_`, uids none either.
+        if let Some((_, uid)) = name.rsplit_once('_')
+            && !known.contains(uid)
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn remove_pod_dirs(ctx: &Context, uid: &str, pod: Option<&Pod>) {

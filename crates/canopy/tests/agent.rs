@@ -195,6 +195,29 @@ fn cleanup_runtime(state: &Path, root: &Path, cgroup_parent: &str) {
     let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_parent));
 }
 
+/// Removes one pod's sandbox behind the agent's back.
+fn remove_sandbox(agent: &Agent, uid: &str) {
+    let runtime = canopy_runtime::Runtime::new(canopy_runtime::RuntimeConfig {
+        runtime_binary: "runc".into(),
+        shim_binary: canopy_exe(),
+        root_dir: agent.root.join("containers"),
+        state_dir: agent.state.clone(),
+        cgroup_parent: agent.cgroup_parent.clone(),
+    })
+    .unwrap();
+    let uid = uid.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(runtime.remove_sandbox(&uid))
+            .unwrap()
+    })
+    .join()
+    .unwrap();
+}
+
 fn node_kubeconfig(cluster: &Cluster, node: &str, tenant: Option<&str>) -> PathBuf {
     let path = cluster
         .data_dir()
@@ -656,7 +679,18 @@ async fn agent_registers_and_runs_pods() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&uid), "no mount of the pod is left");
 
-    // A restarted agent adopts running containers instead of restarting them.
+    // A restarted agent adopts running containers instead of restarting them, and cleans up
+    // after a pod deleted while it was down.
+    let left: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "left-behind"},
+        "spec": {"volumes": [{"name": "v", "emptyDir": {}}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", "echo hi; exec sleep 3600"],
+                "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &left).await.unwrap();
+    let left = wait_phase(&pods, "left-behind", "Running").await;
+    let left_uid = left.metadata.uid.clone().unwrap();
     let before = pods
         .get(&web[0].metadata.name.clone().unwrap())
         .await
@@ -664,8 +698,37 @@ async fn agent_registers_and_runs_pods() {
     let id_before = main_status(&before).container_id;
     let mut agent = agent;
     agent.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    pods.delete("left-behind", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_until("the forced deletion", Duration::from_secs(10), async || {
+        pods.get_opt("left-behind")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // As a reboot would (runtime state lives on tmpfs), the sandbox goes and the pod's
+    // volumes and logs on disk stay.
+    remove_sandbox(&agent, &left_uid);
+    assert!(!PathBuf::from(format!("/run/netns/canopy-{left_uid}")).exists());
+    assert!(agent.root.join("pods").join(&left_uid).exists());
     agent.spawn();
+    wait_until(
+        "the orphan's sandbox, volumes and logs to go",
+        Duration::from_secs(20),
+        async || {
+            let gone = !PathBuf::from(format!("/run/netns/canopy-{left_uid}")).exists()
+                && !agent.root.join("pods").join(&left_uid).exists()
+                && !std::fs::read_dir(&agent.logs)
+                    .unwrap()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(&left_uid));
+            gone.then_some(())
+        },
+    )
+    .await;
     // The new agent writes the status again only if something changed; give it time to
     // sync and check that nothing restarted.
     tokio::time::sleep(Duration::from_secs(3)).await;
