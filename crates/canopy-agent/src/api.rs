@@ -221,7 +221,11 @@ async fn handle(
     let parts: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
-        .map(percent_decode)
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .collect();
     match parts
         .iter()
@@ -248,13 +252,6 @@ async fn handle(
             format!("no handler for {path}"),
         ),
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
 }
 
 /// Upstream's PodLogOptions, as the API server passes them on.

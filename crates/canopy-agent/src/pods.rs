@@ -127,25 +127,44 @@ impl Context {
 
     /// The image IDs that pods of this node use, which image GC must keep.
     pub fn images_in_use(&self) -> HashSet<String> {
-        let workers = self.workers.lock();
-        workers
-            .values()
-            .filter_map(|w| match &*w.pod.borrow() {
-                Update::Present(pod) => Some(pod.clone()),
-                Update::Gone(_) => None,
-            })
-            .flat_map(|pod| {
-                pod.spec
+        let names: HashSet<String> = {
+            let workers = self.workers.lock();
+            workers
+                .values()
+                .filter_map(|w| match &*w.pod.borrow() {
+                    Update::Present(pod) => Some(pod.clone()),
+                    Update::Gone(_) => None,
+                })
+                .flat_map(|pod| {
+                    pod.spec
+                        .iter()
+                        .flat_map(|s| {
+                            s.containers
+                                .iter()
+                                .chain(s.init_containers.iter().flatten())
+                        })
+                        .filter_map(|c| {
+                            c.image
+                                .as_deref()
+                                .and_then(|i| canopy_image::normalize(i).ok())
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        // One read of the store's index for all pods, outside the workers' lock.
+        self.images
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|image| {
+                image
+                    .names
                     .iter()
-                    .flat_map(|s| {
-                        s.containers
-                            .iter()
-                            .chain(s.init_containers.iter().flatten())
-                    })
-                    .filter_map(|c| c.image.clone())
-                    .collect::<Vec<_>>()
+                    .chain(&image.repo_digests)
+                    .any(|name| names.contains(name))
             })
-            .filter_map(|name| self.images.get(&name).ok().flatten().map(|i| i.id))
+            .map(|image| image.id)
             .collect()
     }
 
@@ -345,8 +364,6 @@ struct WorkerState {
     backoff: HashMap<String, Duration>,
     /// Image pull failures per image, with their back-off.
     pull_backoff: HashMap<String, (Timestamp, Duration, String)>,
-    /// Why a container could not be started, shown while it waits.
-    start_errors: HashMap<String, (String, String)>,
     /// The status last written, not to write it again unchanged.
     written: Option<serde_json::Value>,
     start_time: Option<Timestamp>,
@@ -576,8 +593,11 @@ async fn sync(
                 }
             }
         }
-        // Started containers show as running at once.
+        // Started containers show as running at once, with the probes of running ones
+        // started before the views read their results.
         let runs = group_runs(ctx.runtime.list_containers(&uid).await?);
+        remove_old_runs(ctx, &runs).await;
+        watch_probes(ctx, pod, &sandbox, &runs, wake);
         let waiting: HashMap<String, (String, String)> = init_views
             .iter()
             .chain(views.iter())
@@ -592,17 +612,6 @@ async fn sync(
                 view.waiting = Some(w.clone());
             }
         }
-        remove_old_runs(ctx, &runs).await;
-        watch_probes(ctx, pod, &sandbox, &runs, wake);
-        // Results may have come in since the views were built.
-        views = container_views_of(&spec.containers, &runs, &ctx.probes)
-            .into_iter()
-            .zip(views)
-            .map(|(fresh, old)| ContainerView {
-                waiting: old.waiting,
-                ..fresh
-            })
-            .collect();
     }
 
     let status = status::pod_status(
@@ -751,7 +760,6 @@ async fn act(
                         .map_or(BACKOFF_INITIAL, |d| (*d * 2).min(BACKOFF_MAX));
                     state.backoff.insert(container.name.clone(), delay);
                 }
-                state.start_errors.remove(&container.name);
                 Ok(())
             }
             Err(StartFailure {
@@ -805,27 +813,23 @@ async fn ensure_image(
         message: format!("Failed to apply default image tag {reference:?}: {e}"),
         retry: Duration::from_secs(10),
     })?;
-    let latest = !reference.contains('@')
-        && (normalized.ends_with(":latest")
-            || !reference.rsplit('/').next().unwrap_or("").contains(':'));
+    // Normalizing tags an untagged reference `latest`; a digest reference has no tag.
+    let latest = normalized.ends_with(":latest");
     let policy = container
         .image_pull_policy
         .clone()
         .unwrap_or_else(|| if latest { "Always" } else { "IfNotPresent" }.into());
     let images = ctx.images.clone();
     let lookup = normalized.clone();
+    let lookup_failed = |message: String| StartFailure {
+        reason: "ErrImagePull".into(),
+        message,
+        retry: Duration::from_secs(1),
+    };
     let present = tokio::task::spawn_blocking(move || images.get(&lookup))
         .await
-        .map_err(|e| StartFailure {
-            reason: "ErrImagePull".into(),
-            message: e.to_string(),
-            retry: Duration::from_secs(1),
-        })?
-        .map_err(|e| StartFailure {
-            reason: "ErrImagePull".into(),
-            message: e.to_string(),
-            retry: Duration::from_secs(1),
-        })?;
+        .map_err(|e| lookup_failed(e.to_string()))?
+        .map_err(|e| lookup_failed(e.to_string()))?;
     match (policy.as_str(), present) {
         ("Never", Some(image)) | ("IfNotPresent", Some(image)) => Ok(image),
         ("Never", None) => Err(StartFailure {
@@ -858,12 +862,12 @@ async fn ensure_image(
                     state.pull_backoff.remove(&normalized);
                     Ok(image)
                 }
-                // A registry that cannot be reached does not stop a present image.
-                Err(error) if present.is_some() => {
-                    tracing::warn!(image = %reference, error = %error, "pulling failed; using the local image");
-                    present.ok_or_else(|| unreachable_image(&reference))
-                }
                 Err(error) => {
+                    // A registry that cannot be reached does not stop a present image.
+                    if let Some(image) = present {
+                        tracing::warn!(image = %reference, error = %error, "pulling failed; using the local image");
+                        return Ok(image);
+                    }
                     let delay = state
                         .pull_backoff
                         .get(&normalized)
@@ -880,14 +884,6 @@ async fn ensure_image(
                 }
             }
         }
-    }
-}
-
-fn unreachable_image(reference: &str) -> StartFailure {
-    StartFailure {
-        reason: "ErrImagePull".into(),
-        message: format!("image {reference:?} vanished"),
-        retry: Duration::from_secs(1),
     }
 }
 

@@ -140,6 +140,12 @@ impl Env {
         (state, log)
     }
 
+    /// Removes the sandbox and checks that nothing of it is left.
+    async fn teardown(&self, sb: &Sandbox) {
+        self.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        self.assert_clean(&sb.pod_uid);
+    }
+
     /// Everything of the pod is gone: mounts, cgroups, netns file, processes.
     fn assert_clean(&self, pod_uid: &str) {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -275,8 +281,7 @@ async fn output_logs_and_exit_codes() {
         listed[0].name
     );
 
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
     // Idempotent.
     env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
 }
@@ -304,8 +309,7 @@ async fn start_failure_is_reported() {
             .unwrap()
             .is_empty()
     );
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,8 +396,7 @@ async fn stop_with_grace_and_kill() {
         );
     }
 
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,8 +418,7 @@ async fn oom_kill_is_reported() {
         ),
         "{state:?}"
     );
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,8 +489,7 @@ async fn sandbox_shares_namespaces_and_files() {
         "{server:?}"
     );
 
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,8 +566,7 @@ async fn user_env_cwd_and_exec() {
         String::from_utf8_lossy(&ps.stdout)
     );
 
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,8 +614,7 @@ async fn create_remove_cycles_leak_nothing() {
             .start_container(&sb, &env.spec(&sb, "c", script))
             .await
             .unwrap();
-        env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-        env.assert_clean(&sb.pod_uid);
+        env.teardown(&sb).await;
     }
     assert!(env.rt.list_sandboxes().await.unwrap().is_empty());
 }
@@ -685,8 +684,7 @@ async fn dead_shim_reports_unknown_exit() {
         ),
         "{state:?}"
     );
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }
 
 #[test]
@@ -712,6 +710,5 @@ async fn log_rotation_is_followed() {
     let new = std::fs::read_to_string(&spec.log_path).unwrap();
     assert!(!log_lines(&new).is_empty());
     assert!(!log_lines(&std::fs::read_to_string(&rotated).unwrap()).is_empty());
-    env.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
-    env.assert_clean(&sb.pod_uid);
+    env.teardown(&sb).await;
 }

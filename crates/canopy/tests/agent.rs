@@ -27,32 +27,15 @@ const IMAGE: &str = "canopy.test/busybox:1.35";
 
 fn require_root_tools() {
     assert!(
-        nix_is_root(),
+        nix::unistd::Uid::effective().is_root(),
         "the agent tests run containers and must run as root (CI does)"
     );
-    for tool in ["runc", "ip"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(found, "{tool} is required (.ci/run installs it)");
-    }
+    common::require("runc", "install Debian's runc (.ci/run does)");
+    common::require("ip", "install Debian's iproute2 (.ci/run does)");
     assert!(
         Path::new("/bin/busybox").exists(),
         "/bin/busybox is required: install Debian's busybox-static (.ci/run does)"
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// A node agent process with its own directories.
@@ -155,91 +138,80 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.process = None;
         // Containers outlive the agent by design: tear them down for the next test.
-        cleanup_runtime(&self.state, &self.root, &self.cgroup_parent);
+        self.remove_everything();
     }
 }
 
-/// Stops every container and sandbox an agent left (tests only: a real node keeps them).
-fn cleanup_runtime(state: &Path, root: &Path, cgroup_parent: &str) {
-    let runtime = canopy_runtime::Runtime::new(canopy_runtime::RuntimeConfig {
-        runtime_binary: "runc".into(),
-        shim_binary: canopy_exe(),
-        root_dir: root.join("containers"),
-        state_dir: state.to_path_buf(),
-        cgroup_parent: cgroup_parent.into(),
-    });
-    let Ok(runtime) = runtime else { return };
-    // Dropped inside the test's async runtime: clean up from a thread of our own.
-    let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            for sandbox in runtime.list_sandboxes().await.unwrap_or_default() {
-                let _ = runtime.remove_sandbox(&sandbox.pod_uid).await;
-            }
-        });
-    })
-    .join();
-    // The (now empty) parent cgroup of the test's pods, in every hierarchy.
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = std::fs::remove_dir(hierarchy.path().join(cgroup_parent));
-    }
-    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_parent));
-}
-
-/// Removes one pod's sandbox behind the agent's back.
-fn remove_sandbox(agent: &Agent, uid: &str) {
-    let runtime = canopy_runtime::Runtime::new(canopy_runtime::RuntimeConfig {
-        runtime_binary: "runc".into(),
-        shim_binary: canopy_exe(),
-        root_dir: agent.root.join("containers"),
-        state_dir: agent.state.clone(),
-        cgroup_parent: agent.cgroup_parent.clone(),
-    })
-    .unwrap();
-    let uid = uid.to_string();
+/// Runs a future to completion on a thread of its own: the agent's runtime is driven from
+/// tests' async contexts and from `Drop`, where blocking the test's runtime is not allowed.
+/// `None` when the thread could not run it; never panics, as `Drop` may run while a failed
+/// test unwinds.
+fn on_own_thread<T: Send + 'static>(
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap()
-            .block_on(runtime.remove_sandbox(&uid))
-            .unwrap()
+            .ok()
+            .map(|rt| rt.block_on(future))
     })
     .join()
-    .unwrap();
+    .ok()
+    .flatten()
+}
+
+impl Agent {
+    /// The agent's container runtime, opened beside it.
+    fn runtime(&self) -> Result<canopy_runtime::Runtime, canopy_runtime::RuntimeError> {
+        canopy_runtime::Runtime::new(canopy_runtime::RuntimeConfig {
+            runtime_binary: "runc".into(),
+            shim_binary: canopy_exe(),
+            root_dir: self.root.join("containers"),
+            state_dir: self.state.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+        })
+    }
+
+    /// Stops every container and sandbox the agent left (tests only: a real node keeps
+    /// them), and the empty parent cgroup of its pods.
+    fn remove_everything(&self) {
+        // Runs in Drop, maybe while a failed test unwinds: nothing here may panic.
+        if let Ok(runtime) = self.runtime() {
+            on_own_thread(async move {
+                for sandbox in runtime.list_sandboxes().await.unwrap_or_default() {
+                    let _ = runtime.remove_sandbox(&sandbox.pod_uid).await;
+                }
+            });
+        }
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(hierarchy.path().join(&self.cgroup_parent));
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.cgroup_parent));
+    }
+
+    /// Removes one pod's sandbox behind the agent's back.
+    fn remove_sandbox(&self, uid: &str) {
+        let (runtime, uid) = (self.runtime().unwrap(), uid.to_string());
+        on_own_thread(async move { runtime.remove_sandbox(&uid).await })
+            .unwrap()
+            .unwrap();
+    }
 }
 
 fn node_kubeconfig(cluster: &Cluster, node: &str, tenant: Option<&str>) -> PathBuf {
-    let path = cluster
-        .data_dir()
-        .join(format!("{node}-{}.kubeconfig", tenant.unwrap_or("none")));
-    let mut cmd = Command::new(canopy_exe());
-    cmd.args(["kubeconfig", "--user", &format!("system:node:{node}")])
-        .args(["--group", "system:nodes"])
-        .args(["--server", &cluster.server.url])
-        .arg("--data-dir")
-        .arg(cluster.data_dir())
-        .arg("--output")
-        .arg(&path);
-    if let Some(tenant) = tenant {
-        cmd.args(["--group", &format!("canopy:tenant:{tenant}")]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+    let tenant_group = tenant.map(|t| format!("canopy:tenant:{t}"));
+    let mut groups = vec!["system:nodes"];
+    groups.extend(tenant_group.as_deref());
+    cluster.kubeconfig_file(
+        &format!("system:node:{node}"),
+        &groups,
+        &format!("{node}-{}.kubeconfig", tenant.unwrap_or("none")),
+    )
 }
 
 async fn tenant_namespace(admin: &kube::Client, name: &str, tenant: &str) -> Api<Pod> {
@@ -711,7 +683,7 @@ async fn agent_registers_and_runs_pods() {
     .await;
     // As a reboot would (runtime state lives on tmpfs), the sandbox goes and the pod's
     // volumes and logs on disk stay.
-    remove_sandbox(&agent, &left_uid);
+    agent.remove_sandbox(&left_uid);
     assert!(!PathBuf::from(format!("/run/netns/canopy-{left_uid}")).exists());
     assert!(agent.root.join("pods").join(&left_uid).exists());
     agent.spawn();

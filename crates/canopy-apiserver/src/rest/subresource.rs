@@ -416,8 +416,14 @@ fn log_query(call: &Call<'_>) -> ApiResult<String> {
     })
 }
 
+/// Percent-encodes a path segment or query value: everything but unreserved characters.
 fn enc(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
 }
 
 /// The Node a pod runs on, read as the API server itself (not with the requester's scope:

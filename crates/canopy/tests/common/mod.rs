@@ -39,7 +39,7 @@ pub fn kubectl_bin() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
 }
 
-fn require(tool: &str, hint: &str) {
+pub fn require(tool: &str, hint: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -187,14 +187,21 @@ impl Cluster {
 
     /// A kubeconfig for another user (client certificate signed by the cluster CA).
     pub fn user_kubeconfig(&self, user: &str, group: Option<&str>) -> PathBuf {
-        let path = self.dir.path().join(format!("{user}.kubeconfig"));
+        let groups: Vec<&str> = group.into_iter().collect();
+        self.kubeconfig_file(user, &groups, &format!("{user}.kubeconfig"))
+    }
+
+    /// A kubeconfig for a user in several groups (a client certificate holds up to two),
+    /// written to `file` in the data directory.
+    pub fn kubeconfig_file(&self, user: &str, groups: &[&str], file: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
         let mut cmd = Command::new(canopy_exe());
         cmd.args(["kubeconfig", "--user", user, "--server", &self.server.url])
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--output")
             .arg(&path);
-        if let Some(group) = group {
+        for group in groups {
             cmd.args(["--group", group]);
         }
         let out = cmd.output().expect("canopy kubeconfig");
