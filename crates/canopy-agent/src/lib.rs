@@ -14,6 +14,7 @@ pub mod pods;
 pub mod probe;
 pub mod spec;
 pub mod status;
+pub mod volumes;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -43,7 +43,16 @@ use crate::{
     probe,
     spec::{self, ConfigError, NodeAllocatable},
     status::{self, ContainerView, Run, RunState},
+    volumes::{self, Prepared, Sources},
 };
+
+/// How often a pod's ConfigMap, Secret and downward API volumes are refreshed when nothing
+/// else wakes its worker (upstream: the kubelet's one-minute sync).
+const VOLUME_REFRESH: Duration = Duration::from_secs(60);
+
+/// What a pod's containers are configured from: the objects it references and its volumes
+/// on the node, or why they could not be had.
+type PodConfig = Result<(Sources, Prepared), ConfigError>;
 
 /// Upstream's crash-loop back-off: 10 s, doubling, at most 5 minutes; forgotten once a
 /// container ran for twice the maximum.
@@ -304,7 +313,7 @@ fn sweep_dirs(pods_dir: &std::path::Path, log_dir: &std::path::Path, known: &Has
         let uid = entry.file_name().to_string_lossy().into_owned();
         if !known.contains(&uid) {
             tracing::info!(pod_uid = %uid, "removing the volumes of a pod no longer bound here");
-            unmount_volumes(&entry.path());
+            volumes::unmount_all(&entry.path());
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -321,7 +330,7 @@ fn sweep_dirs(pods_dir: &std::path::Path, log_dir: &std::path::Path, known: &Has
 
 fn remove_pod_dirs(ctx: &Context, uid: &str, pod: Option<&Pod>) {
     let volumes = ctx.pods_dir.join(uid);
-    unmount_volumes(&volumes);
+    volumes::unmount_all(&volumes);
     let _ = std::fs::remove_dir_all(&volumes);
     if let Some(pod) = pod {
         let _ = std::fs::remove_dir_all(ctx.log_dir.join(log_dir_name(pod)));
@@ -334,16 +343,6 @@ fn remove_pod_dirs(ctx: &Context, uid: &str, pod: Option<&Pod>) {
             {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
-        }
-    }
-}
-
-/// Memory-backed emptyDirs are tmpfs mounts: unmount them before removing the directory.
-fn unmount_volumes(pod_dir: &std::path::Path) {
-    let empty_dirs = pod_dir.join("volumes").join("kubernetes.io~empty-dir");
-    if let Ok(entries) = std::fs::read_dir(empty_dirs) {
-        for entry in entries.flatten() {
-            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -536,6 +535,13 @@ async fn sync(
             })
             .await
             .with_context(|| format!("creating the sandbox of pod {namespace}/{name}"))?;
+        let config = pod_config(ctx, pod, &uid).await;
+        if let Err(error) = &config {
+            tracing::warn!(pod = %pod_ref(pod), error = %error, "the pod's volumes or configuration cannot be set up");
+        }
+        if volumes::has_live_content(pod) {
+            soonest(VOLUME_REFRESH);
+        }
         // Init containers, one at a time, in order.
         let mut init_done = true;
         for (i, container) in init.iter().enumerate() {
@@ -562,6 +568,7 @@ async fn sync(
                 ctx,
                 pod,
                 &sandbox,
+                &config,
                 container,
                 next,
                 state,
@@ -586,8 +593,17 @@ async fn sync(
                     }
                     None => Next::Start(0),
                 };
-                if let Err(wait) =
-                    act(ctx, pod, &sandbox, container, next, state, &mut views[i]).await
+                if let Err(wait) = act(
+                    ctx,
+                    pod,
+                    &sandbox,
+                    &config,
+                    container,
+                    next,
+                    state,
+                    &mut views[i],
+                )
+                .await
                 {
                     soonest(wait);
                 }
@@ -716,10 +732,12 @@ fn backoff_next(state: &mut WorkerState, name: &str, run: &Run) -> Next {
 }
 
 /// Starts a container (or records why it waits). `Err(wait)` asks for another sync then.
+#[allow(clippy::too_many_arguments)]
 async fn act(
     ctx: &Arc<Context>,
     pod: &Pod,
     sandbox: &canopy_runtime::Sandbox,
+    config: &PodConfig,
     container: &Container,
     next: Next,
     state: &mut WorkerState,
@@ -751,26 +769,28 @@ async fn act(
                 .unwrap_or_default();
             Err(delay.saturating_sub(elapsed).max(Duration::from_millis(50)))
         }
-        Next::Start(attempt) => match start(ctx, pod, sandbox, container, attempt, state).await {
-            Ok(()) => {
-                if attempt > 0 {
-                    let delay = state
-                        .backoff
-                        .get(&container.name)
-                        .map_or(BACKOFF_INITIAL, |d| (*d * 2).min(BACKOFF_MAX));
-                    state.backoff.insert(container.name.clone(), delay);
+        Next::Start(attempt) => {
+            match start(ctx, pod, sandbox, config, container, attempt, state).await {
+                Ok(()) => {
+                    if attempt > 0 {
+                        let delay = state
+                            .backoff
+                            .get(&container.name)
+                            .map_or(BACKOFF_INITIAL, |d| (*d * 2).min(BACKOFF_MAX));
+                        state.backoff.insert(container.name.clone(), delay);
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(StartFailure {
+                    reason,
+                    message,
+                    retry,
+                }) => {
+                    view.waiting = Some((reason, message));
+                    Err(retry)
+                }
             }
-            Err(StartFailure {
-                reason,
-                message,
-                retry,
-            }) => {
-                view.waiting = Some((reason, message));
-                Err(retry)
-            }
-        },
+        }
     }
 }
 
@@ -887,37 +907,35 @@ async fn ensure_image(
     }
 }
 
+/// Reads what the pod references and sets up (or refreshes) its volumes.
+async fn pod_config(ctx: &Arc<Context>, pod: &Arc<Pod>, uid: &str) -> PodConfig {
+    let sources = Sources::fetch(&ctx.client, pod)
+        .await
+        .map_err(|e| ConfigError(format!("{e:#}")))?;
+    let dir = ctx.pods_dir.join(uid).join("volumes");
+    let host_ip = ctx.host_ip.clone();
+    let node = ctx.node;
+    let pod = pod.clone();
+    tokio::task::spawn_blocking(move || {
+        let host = volumes::VolumeHost {
+            dir,
+            host_ip: host_ip.as_deref(),
+            node: &node,
+        };
+        volumes::prepare(&host, &pod, &sources).map(|prepared| (sources, prepared))
+    })
+    .await
+    .map_err(|e| ConfigError(format!("setting up volumes: {e}")))?
+}
+
 /// The container's volume mounts as bind mounts of the pod's volume directories.
-fn mounts(ctx: &Context, pod: &Pod, container: &Container) -> Result<Vec<BindMount>, ConfigError> {
-    let uid = uid_of(pod).unwrap_or_default();
-    let volumes = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.volumes.clone())
-        .unwrap_or_default();
+fn mounts(container: &Container, prepared: &Prepared) -> Result<Vec<BindMount>, ConfigError> {
     let mut out = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
-        let volume = volumes
-            .iter()
-            .find(|v| v.name == mount.name)
-            .ok_or_else(|| {
+        let (host_path, forced_read_only) =
+            prepared.get(&mount.name).cloned().ok_or_else(|| {
                 ConfigError(format!("volume {:?} is not defined in the pod", mount.name))
             })?;
-        let host_path = if let Some(empty) = &volume.empty_dir {
-            let dir = ctx
-                .pods_dir
-                .join(uid)
-                .join("volumes")
-                .join("kubernetes.io~empty-dir")
-                .join(&volume.name);
-            prepare_empty_dir(&dir, empty.medium.as_deref(), empty.size_limit.as_ref())?;
-            dir
-        } else {
-            return Err(ConfigError(format!(
-                "volume {:?}: only emptyDir volumes are supported by this agent yet",
-                volume.name
-            )));
-        };
         // A subPath is resolved on the host, through whatever the pod's containers left in
         // the volume (a symlink to / would hand the host to the pod); until it is resolved
         // safely (openat beneath the volume, mounting the opened descriptor), it is refused.
@@ -935,47 +953,17 @@ fn mounts(ctx: &Context, pod: &Pod, container: &Container) -> Result<Vec<BindMou
         out.push(BindMount {
             host_path,
             container_path: mount.mount_path.clone(),
-            read_only: mount.read_only.unwrap_or(false),
+            read_only: forced_read_only || mount.read_only.unwrap_or(false),
         });
     }
     Ok(out)
-}
-
-fn prepare_empty_dir(
-    dir: &std::path::Path,
-    medium: Option<&str>,
-    size_limit: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| ConfigError(format!("creating emptyDir {}: {e}", dir.display())))?;
-    // World-writable as upstream's emptyDir, so that non-root containers can use it.
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
-    let on_tmpfs = nix::sys::statfs::statfs(dir)
-        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    // Checked on the mount itself, not the directory: after a reboot the directory is still
-    // on disk and the tmpfs is gone.
-    if medium == Some("Memory") && !on_tmpfs {
-        let size = size_limit
-            .and_then(|q| canopy_api::quantity::Quantity::parse(&q.0).ok())
-            .map(|q| format!(",size={}", q.value()))
-            .unwrap_or_default();
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-            Some(format!("mode=1777{size}").as_str()),
-        )
-        .map_err(|e| ConfigError(format!("mounting a memory emptyDir: {e}")))?;
-    }
-    Ok(())
 }
 
 async fn start(
     ctx: &Arc<Context>,
     pod: &Pod,
     sandbox: &canopy_runtime::Sandbox,
+    config: &PodConfig,
     container: &Container,
     attempt: u32,
     state: &mut WorkerState,
@@ -990,6 +978,9 @@ async fn start(
             "hostNetwork pods are not supported by this agent".into(),
         )));
     }
+    let (sources, prepared) = config
+        .as_ref()
+        .map_err(|e| StartFailure::config(ConfigError(e.0.clone())))?;
     let image = ensure_image(ctx, container, state).await?;
     let env = spec::environment(
         pod,
@@ -997,12 +988,13 @@ async fn start(
         &image.config.env,
         ctx.host_ip.as_deref(),
         &ctx.node,
+        sources,
     )
     .map_err(StartFailure::config)?;
     let args = spec::command_line(container, &image.config.entrypoint, &image.config.cmd, &env)
         .map_err(StartFailure::config)?;
     let resources = spec::resources(container).map_err(StartFailure::config)?;
-    let mounts = mounts(ctx, pod, container).map_err(StartFailure::config)?;
+    let mounts = mounts(container, prepared).map_err(StartFailure::config)?;
     let pod_security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let security = container.security_context.as_ref();
     let run_as_user = security

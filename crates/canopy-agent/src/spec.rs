@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use canopy_api::quantity::Quantity as ParsedQuantity;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 
+use crate::volumes::Sources;
+
 /// Why a container cannot be configured (upstream's CreateContainerConfigError).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -123,8 +125,32 @@ fn field_value(pod: &Pod, path: &str, host_ip: Option<&str>) -> Result<String, C
     Ok(value)
 }
 
+/// The value of a `fieldRef` in a downward API volume: metadata only, and the whole
+/// label and annotation maps as upstream formats them (`key="value"` lines, sorted).
+pub fn field_value_in_volume(
+    pod: &Pod,
+    path: &str,
+    host_ip: Option<&str>,
+) -> Result<String, ConfigError> {
+    let format_map = |map: &Option<std::collections::BTreeMap<String, String>>| {
+        map.iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match path {
+        "metadata.labels" => Ok(format_map(&pod.metadata.labels)),
+        "metadata.annotations" => Ok(format_map(&pod.metadata.annotations)),
+        p if p.starts_with("metadata.") => field_value(pod, p, host_ip),
+        other => Err(ConfigError(format!(
+            "fieldRef {other:?} is not supported in downward API volumes (only metadata fields are)"
+        ))),
+    }
+}
+
 /// A resource of the container in the downward API's units.
-fn resource_value(
+pub fn resource_value(
     container: &Container,
     resource: &str,
     divisor: Option<&str>,
@@ -177,14 +203,16 @@ pub struct NodeAllocatable {
     pub memory_bytes: u64,
 }
 
-/// The container's environment: the image's, then the container's in order, each value
-/// expanded against the variables before it.
+/// The container's environment: the image's, then the container's `envFrom` sources, then
+/// its `env` in order, each value expanded against the variables before it (upstream's
+/// order).
 pub fn environment(
     pod: &Pod,
     container: &Container,
     image_env: &[String],
     host_ip: Option<&str>,
     node: &NodeAllocatable,
+    sources: &Sources,
 ) -> Result<Vec<(String, String)>, ConfigError> {
     let mut env: Vec<(String, String)> = image_env
         .iter()
@@ -193,11 +221,46 @@ pub fn environment(
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect();
-    if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
-        return Err(ConfigError(
-            "envFrom is not supported by this agent yet (it cannot read ConfigMaps or Secrets)"
-                .into(),
-        ));
+    let set = |env: &mut Vec<(String, String)>, name: String, value: String| match env
+        .iter_mut()
+        .find(|(k, _)| *k == name)
+    {
+        Some(slot) => slot.1 = value,
+        None => env.push((name, value)),
+    };
+    for from in container.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let (data, kind, name, optional) = if let Some(r) = &from.config_map_ref {
+            (
+                sources.config_map(&r.name),
+                "configmap",
+                &r.name,
+                r.optional == Some(true),
+            )
+        } else if let Some(r) = &from.secret_ref {
+            (
+                sources.secret(&r.name),
+                "secret",
+                &r.name,
+                r.optional == Some(true),
+            )
+        } else {
+            continue;
+        };
+        let Some(data) = data else {
+            if optional {
+                continue;
+            }
+            return Err(ConfigError(format!("{kind} {name:?} not found")));
+        };
+        for (key, value) in data {
+            let var = format!("{prefix}{key}");
+            // Upstream skips (and reports) keys that are not valid variable names.
+            if var.is_empty() || var.contains('=') || var.chars().any(|c| c.is_control()) {
+                continue;
+            }
+            set(&mut env, var, String::from_utf8_lossy(&value).into_owned());
+        }
     }
     for EnvVar {
         name,
@@ -216,9 +279,31 @@ pub fn environment(
                         resource.divisor.as_ref().map(|d| d.0.as_str()),
                         node,
                     )?
+                } else if let Some(r) = &from.config_map_key_ref {
+                    match key_value(
+                        sources.config_map(&r.name),
+                        "configmap",
+                        &r.name,
+                        &r.key,
+                        r.optional,
+                    )? {
+                        Some(v) => v,
+                        None => continue,
+                    }
+                } else if let Some(r) = &from.secret_key_ref {
+                    match key_value(
+                        sources.secret(&r.name),
+                        "secret",
+                        &r.name,
+                        &r.key,
+                        r.optional,
+                    )? {
+                        Some(v) => v,
+                        None => continue,
+                    }
                 } else {
                     return Err(ConfigError(format!(
-                        "env {name}: ConfigMap and Secret references are not supported by this agent yet"
+                        "env {name}: valueFrom names no source"
                     )));
                 }
             }
@@ -229,12 +314,31 @@ pub fn environment(
             }
             (None, None) => String::new(),
         };
-        match env.iter_mut().find(|(k, _)| k == name) {
-            Some(slot) => slot.1 = resolved,
-            None => env.push((name.clone(), resolved)),
-        }
+        set(&mut env, name.clone(), resolved);
     }
     Ok(env)
+}
+
+/// One key of a ConfigMap or Secret for an env var; `None` when optional and absent.
+fn key_value(
+    data: Option<std::collections::BTreeMap<String, Vec<u8>>>,
+    kind: &str,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+) -> Result<Option<String>, ConfigError> {
+    let optional = optional == Some(true);
+    match data {
+        None if optional => Ok(None),
+        None => Err(ConfigError(format!("{kind} {name:?} not found"))),
+        Some(data) => match data.get(key) {
+            Some(value) => Ok(Some(String::from_utf8_lossy(value).into_owned())),
+            None if optional => Ok(None),
+            None => Err(ConfigError(format!(
+                "couldn't find key {key} in {kind} {name}"
+            ))),
+        },
+    }
 }
 
 /// A container's resources in the runtime's units.
@@ -339,6 +443,7 @@ mod tests {
             &strings(&["PATH=/bin", "LANG=C"]),
             Some("10.1.1.1"),
             &node,
+            &Sources::default(),
         )
         .unwrap();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -353,7 +458,55 @@ mod tests {
         assert_eq!(get("WHO"), Some("p in web"));
         let secret = container(serde_json::json!({"name": "c", "env": [{"name": "S",
             "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}));
-        assert!(environment(&pod, &secret, &[], None, &node).is_err());
+        let missing = environment(&pod, &secret, &[], None, &node, &Sources::default());
+        assert_eq!(missing.unwrap_err().0, "secret \"s\" not found");
+    }
+
+    #[test]
+    fn environment_from_config_maps_and_secrets() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns"}, "spec": {"containers": []}
+        }))
+        .unwrap();
+        let config_map: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "cm"}, "data": {"A": "from-cm", "B": "b", "bad=key": "x"}}),
+        )
+        .unwrap();
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "s"}, "data": {"password": "aHVudGVyMg=="}}),
+        )
+        .unwrap();
+        let sources = Sources::from_objects(vec![config_map], vec![secret]);
+        let c = container(serde_json::json!({"name": "c",
+        "envFrom": [{"configMapRef": {"name": "cm"}}, {"secretRef": {"name": "s"}, "prefix": "S_"},
+                    {"configMapRef": {"name": "absent", "optional": true}}],
+        "env": [
+            {"name": "B", "value": "env wins"},
+            {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "password"}}},
+            {"name": "OPT", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "nope", "optional": true}}},
+            {"name": "BOTH", "value": "$(A)/$(PW)"}
+        ]}));
+        let node = NodeAllocatable {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+        };
+        let env = environment(&pod, &c, &[], None, &node, &sources).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("A"), Some("from-cm"));
+        assert_eq!(get("B"), Some("env wins"));
+        assert_eq!(get("S_password"), Some("hunter2"));
+        assert_eq!(get("PW"), Some("hunter2"));
+        assert_eq!(get("OPT"), None);
+        assert_eq!(get("BOTH"), Some("from-cm/hunter2"));
+        assert_eq!(get("bad=key"), None);
+        let missing_key = container(serde_json::json!({"name": "c", "env": [{"name": "X",
+            "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "nope"}}}]}));
+        assert_eq!(
+            environment(&pod, &missing_key, &[], None, &node, &sources)
+                .unwrap_err()
+                .0,
+            "couldn't find key nope in configmap cm"
+        );
     }
 
     #[test]

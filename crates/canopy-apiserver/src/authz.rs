@@ -8,7 +8,8 @@
 //!   read their own Tenant and the nodes labelled with their tenant. Lists and watches across
 //!   namespaces show them only their tenant's objects: a private-cluster view;
 //! - a node agent (`system:node:<node>` in `system:nodes`) may touch only its own Node, its
-//!   Lease in `kube-node-lease` and the pods bound to it;
+//!   Lease in `kube-node-lease` and the pods bound to it, and read (get, by name) the
+//!   ConfigMaps and Secrets those pods reference, as upstream's node authorizer;
 //! - a tenant's proxy (`system:canopy-proxy:<tenant>` in `canopy:proxies`) may only read that
 //!   tenant's services, endpoints and endpoint slices.
 //!
@@ -136,6 +137,9 @@ pub struct Access {
     pub principal: Principal,
     /// The requester's scope.
     pub scope: Scope,
+    /// A node that may read the object only if one of the pods bound to it references it
+    /// (upstream's node authorizer graph); checked by the REST layer, which has the pods.
+    pub referenced_by_pods_of: Option<String>,
 }
 
 impl Access {
@@ -143,6 +147,7 @@ impl Access {
         Access {
             principal,
             scope: Scope::default(),
+            referenced_by_pods_of: None,
         }
     }
 
@@ -255,6 +260,7 @@ pub fn authorize(
         Ok(Access {
             principal: principal.clone(),
             scope,
+            referenced_by_pods_of: None,
         })
     };
     match &principal {
@@ -310,13 +316,20 @@ pub fn authorize(
                 {
                     own()
                 }
+                ("", "configmaps" | "secrets", None, Verb::Get) => Ok(Access {
+                    principal: principal.clone(),
+                    scope: Scope::default(),
+                    referenced_by_pods_of: Some(node.clone()),
+                }),
                 ("coordination.k8s.io", "leases", None, v)
                     if v != Verb::DeleteCollection
                         && req.namespace.as_deref() == Some(NODE_LEASE_NAMESPACE) =>
                 {
                     own()
                 }
-                _ => deny("a node may only use its own Node, its Lease and the pods bound to it"),
+                _ => deny(
+                    "a node may only use its own Node, its Lease, the pods bound to it and what they reference",
+                ),
             }
         }
         Principal::Proxy(tenant) => match (def.group, def.plural, sub) {
@@ -328,6 +341,61 @@ pub fn authorize(
             _ => deny("a proxy may only read its tenant's services and endpoints"),
         },
     }
+}
+
+/// Whether a pod references a ConfigMap (`configmaps`) or Secret (`secrets`) by this name:
+/// through a volume (also projected), an env or envFrom of any container, or an image pull
+/// secret. This is the edge of upstream's node authorizer graph from pod to object.
+pub fn pod_references(pod: &Value, plural: &str, name: &str) -> bool {
+    let spec = &pod["spec"];
+    let is = |v: &Value| v.as_str() == Some(name);
+    let (volume_key, volume_name, projected_key, key_ref, from_ref) = match plural {
+        "configmaps" => (
+            "configMap",
+            "name",
+            "configMap",
+            "configMapKeyRef",
+            "configMapRef",
+        ),
+        "secrets" => (
+            "secret",
+            "secretName",
+            "secret",
+            "secretKeyRef",
+            "secretRef",
+        ),
+        _ => return false,
+    };
+    let items = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    if plural == "secrets"
+        && items(&spec["imagePullSecrets"])
+            .iter()
+            .any(|s| is(&s["name"]))
+    {
+        return true;
+    }
+    for volume in items(&spec["volumes"]) {
+        if is(&volume[volume_key][volume_name]) {
+            return true;
+        }
+        if items(&volume["projected"]["sources"])
+            .iter()
+            .any(|source| is(&source[projected_key]["name"]))
+        {
+            return true;
+        }
+    }
+    ["containers", "initContainers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|list| items(&spec[*list]))
+        .any(|container| {
+            items(&container["env"])
+                .iter()
+                .any(|env| is(&env["valueFrom"][key_ref]["name"]))
+                || items(&container["envFrom"])
+                    .iter()
+                    .any(|from| is(&from[from_ref]["name"]))
+        })
 }
 
 #[cfg(test)]
@@ -373,5 +441,35 @@ mod tests {
         assert!(Scope::field("spec.nodeName", "n1").contains(pods, &pod));
         assert!(!Scope::field("spec.nodeName", "n2").contains(pods, &pod));
         assert!(Scope::default().contains(pods, &pod));
+    }
+
+    #[test]
+    fn pod_references_follow_every_path() {
+        let pod = serde_json::json!({"spec": {
+            "imagePullSecrets": [{"name": "pull"}],
+            "volumes": [
+                {"name": "a", "configMap": {"name": "cm-vol"}},
+                {"name": "b", "secret": {"secretName": "s-vol"}},
+                {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}}, {"secret": {"name": "s-proj"}}]}}
+            ],
+            "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "s-init"}}]}],
+            "containers": [{"name": "c", "env": [
+                {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm-env", "key": "k"}}},
+                {"name": "Y", "valueFrom": {"secretKeyRef": {"name": "s-env", "key": "k"}}}
+            ], "envFrom": [{"configMapRef": {"name": "cm-from"}}]}]
+        }});
+        for name in ["cm-vol", "cm-proj", "cm-env", "cm-from"] {
+            assert!(pod_references(&pod, "configmaps", name), "{name}");
+            assert!(!pod_references(&pod, "secrets", name), "{name} as a secret");
+        }
+        for name in ["pull", "s-vol", "s-proj", "s-init", "s-env"] {
+            assert!(pod_references(&pod, "secrets", name), "{name}");
+            assert!(
+                !pod_references(&pod, "configmaps", name),
+                "{name} as a configmap"
+            );
+        }
+        assert!(!pod_references(&pod, "secrets", "other"));
+        assert!(!pod_references(&pod, "pods", "cm-vol"));
     }
 }

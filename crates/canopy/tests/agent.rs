@@ -18,7 +18,7 @@ use common::{Child, Cluster, canopy_exe, client_for, wait_for, wait_until};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{ConfigMap, Namespace, Node, Pod, Secret},
 };
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
@@ -959,4 +959,335 @@ async fn a_node_labels_itself_only_with_its_credentials_tenant() {
         .await
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(s) if s.code == 403));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_read_config_maps_secrets_and_the_downward_api() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-cfg", "acme");
+    ready_node(&admin, &agent, "node-cfg").await;
+    let pods = tenant_namespace(&admin, "conf", "acme").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "conf");
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "conf");
+    let config_map: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "settings"},
+        "data": {"greeting": "hello", "color": "blue"}
+    }))
+    .unwrap();
+    config_maps
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"},
+        "stringData": {"password": "hunter2", "token": "t0k"}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    // Everything through files and variables; the container prints what it sees, then
+    // keeps printing the greeting file so that an update shows in its log.
+    let script = r#"
+        echo "env greeting=$GREETING password=$PASSWORD color=$CFG_color"
+        echo "file greeting=$(cat /etc/settings/greeting) color=$(cat /etc/settings/color)"
+        echo "item=$(cat /etc/items/conf/hello.txt) others=$(ls /etc/items)"
+        echo "secret=$(cat /etc/creds/password) mode=$(stat -L -c %a /etc/creds/password)"
+        echo "labels=$(cat /etc/podinfo/labels | tr '\n' ' ') name=$(cat /etc/podinfo/name)"
+        echo "projected=$(cat /etc/all/greeting)/$(cat /etc/all/token)/$(cat /etc/all/mem)"
+        touch /etc/settings/x 2>/dev/null && echo writable || echo read-only
+        while true; do echo "now greeting=$(cat /etc/settings/greeting)"; sleep 0.2; done
+    "#;
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "reader", "labels": {"app": "reader", "tier": "x"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [
+                {"name": "settings", "configMap": {"name": "settings"}},
+                {"name": "items", "configMap": {"name": "settings",
+                    "items": [{"key": "greeting", "path": "conf/hello.txt"}]}},
+                {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 256}},
+                {"name": "podinfo", "downwardAPI": {"items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+                {"name": "all", "projected": {"sources": [
+                    {"configMap": {"name": "settings", "items": [{"key": "greeting", "path": "greeting"}]}},
+                    {"secret": {"name": "creds", "items": [{"key": "token", "path": "token"}]}},
+                    {"downwardAPI": {"items": [{"path": "mem", "resourceFieldRef": {
+                        "containerName": "main", "resource": "limits.memory", "divisor": "1Mi"}}]}}]}}
+            ],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", script],
+                "resources": {"limits": {"memory": "48Mi"}},
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}
+                ],
+                "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+                "volumeMounts": [
+                    {"name": "settings", "mountPath": "/etc/settings"},
+                    {"name": "items", "mountPath": "/etc/items"},
+                    {"name": "creds", "mountPath": "/etc/creds"},
+                    {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                    {"name": "all", "mountPath": "/etc/all"}
+                ]}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let running = wait_phase(&pods, "reader", "Running").await;
+    let log = wait_until("the reader's report", Duration::from_secs(20), async || {
+        let log = container_log(&agent, &running, "main", 0);
+        log.contains("now greeting=").then_some(log)
+    })
+    .await;
+    for line in [
+        "env greeting=hello password=hunter2 color=blue",
+        "file greeting=hello color=blue",
+        "item=hello others=conf",
+        "secret=hunter2 mode=400",
+        r#"labels=app="reader" canopy.io/tenant="acme" tier="x" name=reader"#,
+        "projected=hello/t0k/48",
+        "read-only",
+    ] {
+        assert!(log.contains(line), "{line:?} missing from:\n{log}");
+    }
+    // Secrets, and whatever may hold one, live on tmpfs, never on the node's disk.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let uid = running.metadata.uid.clone().unwrap();
+    for plugin in ["secret", "downward-api", "projected"] {
+        assert!(
+            mounts.lines().any(|l| l.starts_with("tmpfs ")
+                && l.contains(&uid)
+                && l.contains(&format!("kubernetes.io~{plugin}"))),
+            "no tmpfs for the {plugin} volume"
+        );
+    }
+
+    // An update reaches the files (not the environment) when the pod is synced next.
+    let patch = json!({"data": {"greeting": "bonjour"}});
+    config_maps
+        .patch(
+            "settings",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let touch = json!({"metadata": {"annotations": {"touched": "1"}}});
+    pods.patch(
+        "reader",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&touch),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the updated greeting in the volume",
+        Duration::from_secs(20),
+        async || {
+            container_log(&agent, &running, "main", 0)
+                .contains("now greeting=bonjour")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A missing ConfigMap holds the container back with upstream's reason until it exists.
+    let waiting: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "waits"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "main", "image": IMAGE,
+            "command": ["sh", "-c", "echo late=$LATE; exec sleep 3600"],
+            "env": [{"name": "LATE", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "v"}}}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &waiting).await.unwrap();
+    let stuck = wait_until(
+        "CreateContainerConfigError",
+        Duration::from_secs(30),
+        async || {
+            let p = pods.get("waits").await.ok()?;
+            let status = p.status?.container_statuses?.into_iter().next()?;
+            let w = status.state?.waiting?;
+            (w.reason.as_deref() == Some("CreateContainerConfigError")).then_some(w)
+        },
+    )
+    .await;
+    assert_eq!(
+        stuck.message.as_deref(),
+        Some(r#"configmap "later" not found"#)
+    );
+    let later: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "later"}, "data": {"v": "here"}}))
+            .unwrap();
+    config_maps
+        .create(&PostParams::default(), &later)
+        .await
+        .unwrap();
+    let started = wait_phase(&pods, "waits", "Running").await;
+    wait_until("the late value", Duration::from_secs(10), async || {
+        container_log(&agent, &started, "main", 0)
+            .contains("late=here")
+            .then_some(())
+    })
+    .await;
+
+    // hostPath is for the platform's pods: refused in a tenant's namespace, whoever asks.
+    let host_path: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "escape"},
+        "spec": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+            "containers": [{"name": "main", "image": IMAGE}]}
+    }))
+    .unwrap();
+    let err = pods
+        .create(&PostParams::default(), &host_path)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403 && s.message.contains("hostPath")),
+        "{err}"
+    );
+    // In a platform namespace, the admin's pod gets the node's directory.
+    let shared = cluster.data_dir().join("shared-host-dir");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("note"), "from the node").unwrap();
+    let platform: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "platform"}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &platform)
+        .await
+        .unwrap();
+    let platform_pods: Api<Pod> = Api::namespaced(admin.clone(), "platform");
+    let host_reader: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "host-reader"},
+        "spec": {"nodeName": "node-cfg", "restartPolicy": "Never",
+            "volumes": [{"name": "h", "hostPath": {"path": shared.display().to_string(), "type": "Directory"}}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", "cat /host/note"],
+                "volumeMounts": [{"name": "h", "mountPath": "/host"}]}]}
+    }))
+    .unwrap();
+    platform_pods
+        .create(&PostParams::default(), &host_reader)
+        .await
+        .unwrap();
+    let done = wait_phase(&platform_pods, "host-reader", "Succeeded").await;
+    assert!(container_log(&agent, &done, "main", 0).contains("from the node"));
+
+    // Deleting the pod unmounts its tmpfs volumes.
+    pods.delete("reader", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until(
+        "the reader to be gone",
+        Duration::from_secs(30),
+        async || {
+            pods.get_opt("reader")
+                .await
+                .ok()
+                .and_then(|p| p.is_none().then_some(()))
+        },
+    )
+    .await;
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(&uid),
+        "mounts of the deleted pod remain:\n{mounts}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reads_only_the_objects_its_pods_reference() {
+    let cluster = Cluster::start(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for name in ["n1", "n2"] {
+        let node: Node = serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"canopy.io/tenant": "acme"}}}),
+        )
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
+    let pods = tenant_namespace(&admin, "app", "acme").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "app");
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "app");
+    for name in ["used", "unused", "elsewhere"] {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": name}, "data": {"k": "v"}}))
+                .unwrap();
+        config_maps
+            .create(&PostParams::default(), &cm)
+            .await
+            .unwrap();
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"k": "v"}}))
+                .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let bound = |name: &str, node: &str, refs: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node,
+                "volumes": [{"name": "s", "secret": {"secretName": refs}}],
+                "containers": [{"name": "c", "image": IMAGE,
+                    "envFrom": [{"configMapRef": {"name": refs}}]}]}
+        }))
+        .unwrap()
+    };
+    pods.create(&PostParams::default(), &bound("p1", "n1", "used"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &bound("p2", "n2", "elsewhere"))
+        .await
+        .unwrap();
+
+    let node_client = client_for(&node_kubeconfig(&cluster, "n1", Some("acme"))).await;
+    fn code<T>(r: Result<T, kube::Error>) -> u16 {
+        match r {
+            Ok(_) => 200,
+            Err(kube::Error::Api(s)) => s.code,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let node_cms: Api<ConfigMap> = Api::namespaced(node_client.clone(), "app");
+    let node_secrets: Api<Secret> = Api::namespaced(node_client.clone(), "app");
+    let read = node_secrets.get("used").await.unwrap();
+    assert_eq!(read.data.unwrap()["k"].0, b"v");
+    assert_eq!(code(node_cms.get("used").await), 200);
+    for name in ["unused", "elsewhere", "missing"] {
+        assert_eq!(code(node_cms.get(name).await), 403, "configmap {name}");
+        assert_eq!(code(node_secrets.get(name).await), 403, "secret {name}");
+    }
+    // Nothing but a get by name: no lists, watches or writes.
+    assert_eq!(code(node_secrets.list(&Default::default()).await), 403);
+    assert_eq!(code(node_cms.list(&Default::default()).await), 403);
+    let patch = json!({"data": {"k": "dg=="}});
+    assert_eq!(
+        code(
+            node_secrets
+                .patch(
+                    "used",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch)
+                )
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        code(node_secrets.delete("used", &DeleteParams::default()).await),
+        403
+    );
+    // The right ends with the pod.
+    pods.delete("p1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_until(
+        "the node to lose access with its pod",
+        Duration::from_secs(10),
+        async || (code(node_secrets.get("used").await) == 403).then_some(()),
+    )
+    .await;
 }

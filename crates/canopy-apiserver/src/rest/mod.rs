@@ -371,6 +371,9 @@ impl Call<'_> {
 pub async fn serve(call: &Call<'_>, body: hyper::body::Incoming) -> ApiResult<Response<Body>> {
     let req = call.req;
     request_namespace(req)?;
+    if let Some(node) = &call.access.referenced_by_pods_of {
+        check_node_reference(call, node)?;
+    }
     match (req.subresource, req.verb) {
         (None, Verb::Get) => read::get(call).await,
         (None, Verb::List) => read::list(call).await,
@@ -395,6 +398,38 @@ pub async fn serve(call: &Call<'_>, body: hyper::body::Incoming) -> ApiResult<Re
         (Some(Subresource::Log), Verb::Get) => subresource::log(call).await,
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// Upstream's node authorizer edge: a node reads a ConfigMap or Secret only while a pod
+/// bound to it (in the watch cache, which the agent's own pod watch is served from)
+/// references it.
+fn check_node_reference(call: &Call<'_>, node: &str) -> ApiResult<()> {
+    let req = call.req;
+    let name = req.name.as_deref().unwrap_or("");
+    let referenced = call.ctx.registry.get("", "v1", "pods").is_some_and(|pods| {
+        let filter = crate::cache::Filter {
+            namespace: req.namespace.clone(),
+            labels: Default::default(),
+            fields: canopy_api::selector::FieldSelector::exactly("spec.nodeName", node),
+        };
+        call.ctx
+            .cache(pods)
+            .list(&filter, usize::MAX, None, None)
+            .is_ok_and(|page| {
+                page.items
+                    .iter()
+                    .any(|pod| crate::authz::pod_references(&pod.value(), req.def.plural, name))
+            })
+    });
+    if referenced {
+        return Ok(());
+    }
+    Err(crate::authz::denied(
+        call.user,
+        req,
+        name,
+        &format!("no relationship found between node {node:?} and this object"),
+    ))
 }
 
 /// Reads a request body within the size limit.

@@ -71,6 +71,9 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
         }
         set_label(obj, owner);
         if def.group.is_empty() && def.plural == "pods" {
+            if let Some(tenant) = owner {
+                check_host_paths(call, obj, tenant)?;
+            }
             check_node(call, obj, old)?;
         }
         return Ok(());
@@ -146,6 +149,34 @@ pub(super) fn admit(call: &Call<'_>, obj: &mut Value, old: Option<&Value>) -> Ap
         }
     }
     Ok(())
+}
+
+/// A hostPath volume hands a directory of the node (the agent's state, its credential) to
+/// the pod, so it is for the platform's own pods only. The rule is on the namespace, not on
+/// who writes: a tenant's pods are created by controllers with cluster rights from the
+/// tenant's templates. Worded as upstream's PodSecurity admission.
+fn check_host_paths(call: &Call<'_>, pod: &Value, tenant: &str) -> ApiResult<()> {
+    let host_paths: Vec<&str> = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("hostPath").is_some_and(|h| !h.is_null()))
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    if host_paths.is_empty() {
+        return Ok(());
+    }
+    let names = host_paths
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ApiError::forbidden(
+        target(call.req.def, call.name()),
+        format!(
+            "violates the tenant pod policy: hostPath volumes ({names}) are not allowed in namespaces of tenant {tenant:?}; only the platform's namespaces may use them"
+        ),
+    ))
 }
 
 /// A tenant's pod may only be placed on that tenant's nodes: tenants never share a VM.
