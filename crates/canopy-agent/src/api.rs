@@ -27,9 +27,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::pods;
+use crate::{pods, stream};
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 /// The agent's serving certificate and its fingerprint.
 pub struct ServingCert {
@@ -142,6 +142,8 @@ pub async fn serve(
                 }
             },
         };
+        // Streams (exec, port-forward) carry small interactive writes.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -168,6 +170,7 @@ pub async fn serve(
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -206,18 +209,20 @@ async fn handle(
             "only the API server may use the node agent's API",
         );
     }
-    if request.method() != http::Method::GET {
+    // Streams are upgraded from GET or POST, as the kubelet allows.
+    if request.method() != http::Method::GET && request.method() != http::Method::POST {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "only GET is served",
+            "only GET and POST are served",
         );
     }
-    let query: HashMap<String, String> = request
+    let pairs: Vec<(String, String)> = request
         .uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    let query: HashMap<String, String> = pairs.iter().cloned().collect();
     let parts: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -246,12 +251,31 @@ async fn handle(
                 }),
             Err(message) => status(StatusCode::BAD_REQUEST, "BadRequest", message),
         },
+        ["portForward", namespace, pod] => {
+            stream::port_forward(&ctx, namespace, pod, &pairs, request, shutdown)
+                .await
+                .unwrap_or_else(|(code, message)| refusal(code, message))
+        }
+        ["exec", namespace, pod, container] => {
+            stream::exec(&ctx, namespace, pod, container, &pairs, request, shutdown)
+                .await
+                .unwrap_or_else(|(code, message)| refusal(code, message))
+        }
         _ => status(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("no handler for {path}"),
         ),
     }
+}
+
+fn refusal(code: StatusCode, message: String) -> Response<Body> {
+    let reason = match code {
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::BAD_REQUEST => "BadRequest",
+        _ => "InternalError",
+    };
+    status(code, reason, message)
 }
 
 /// Upstream's PodLogOptions, as the API server passes them on.

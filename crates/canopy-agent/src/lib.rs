@@ -12,8 +12,10 @@ pub mod api;
 pub mod node;
 pub mod pods;
 pub mod probe;
+pub mod spdy;
 pub mod spec;
 pub mod status;
+pub mod stream;
 pub mod volumes;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};

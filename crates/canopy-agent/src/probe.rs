@@ -205,7 +205,7 @@ fn port(container: &Container, port: &IntOrString) -> Result<u16, String> {
 /// A TCP connection from inside the pod's network namespace: a socket belongs to the
 /// namespace it is created in, so a thread of its own (never reused, so that no other work
 /// runs in the pod's namespace) enters it, connects, and hands the socket back.
-async fn connect(
+pub(crate) async fn connect(
     netns: PathBuf,
     port: u16,
     timeout: Duration,

@@ -18,6 +18,12 @@ pub enum Subresource {
     Log,
     /// `namespaces/finalize`: updates `.spec.finalizers`.
     Finalize,
+    /// `pods/exec`: a command in a container, streamed (connect).
+    Exec,
+    /// `pods/attach`: the streams of a container's main process (connect).
+    Attach,
+    /// `pods/portforward`: TCP to a pod's ports (connect).
+    PortForward,
 }
 
 impl Subresource {
@@ -29,7 +35,19 @@ impl Subresource {
             Subresource::Binding => "binding",
             Subresource::Log => "log",
             Subresource::Finalize => "finalize",
+            Subresource::Exec => "exec",
+            Subresource::Attach => "attach",
+            Subresource::PortForward => "portforward",
         }
+    }
+
+    /// Whether the subresource upgrades the connection to a stream (upstream's connect
+    /// verbs), so that POST on it does not create anything.
+    pub fn is_stream(self) -> bool {
+        matches!(
+            self,
+            Subresource::Exec | Subresource::Attach | Subresource::PortForward
+        )
     }
 }
 
@@ -150,7 +168,7 @@ pub static BUILTIN: &[ResourceDef] = &[
         short_names: &["po"],
         categories: ALL,
         definition: "io.k8s.api.core.v1.Pod",
-        subresources: &[Status, Binding, Log],
+        subresources: &[Status, Binding, Log, Exec, Attach, PortForward],
         field_selectors: &[
             "spec.nodeName",
             "spec.restartPolicy",

@@ -37,6 +37,9 @@ fn subresource_info(
         Subresource::Binding => (&["create"], ("", "v1", "Binding")),
         Subresource::Log => (&["get"], ("", "v1", "Pod")),
         Subresource::Finalize => (&["update"], (def.group, def.version, def.kind)),
+        Subresource::Exec => (&["create", "get"], ("", "v1", "PodExecOptions")),
+        Subresource::Attach => (&["create", "get"], ("", "v1", "PodAttachOptions")),
+        Subresource::PortForward => (&["create", "get"], ("", "v1", "PodPortForwardOptions")),
     }
 }
 

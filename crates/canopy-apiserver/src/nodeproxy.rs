@@ -1,4 +1,5 @@
-//! Requests from the API server to node agents (`pods/log` today), as upstream's apiserver
+//! Requests from the API server to node agents (`pods/log`, and the upgraded streams of
+//! `pods/exec` and `pods/portforward`), as upstream's apiserver
 //! calls kubelets.
 //!
 //! The API server authenticates with its own client certificate (an administrator of the
@@ -51,6 +52,27 @@ impl NodeClient {
         node: &Value,
         path_and_query: &str,
     ) -> ApiResult<http::Response<Incoming>> {
+        self.send(node, path_and_query, &http::HeaderMap::new())
+            .await
+    }
+
+    /// Asks the agent of `node` to upgrade `path_and_query` with the client's upgrade
+    /// headers; on 101 the response's upgrade is the agent's end of the stream.
+    pub async fn upgrade(
+        &self,
+        node: &Value,
+        path_and_query: &str,
+        upgrade_headers: &http::HeaderMap,
+    ) -> ApiResult<http::Response<Incoming>> {
+        self.send(node, path_and_query, upgrade_headers).await
+    }
+
+    async fn send(
+        &self,
+        node: &Value,
+        path_and_query: &str,
+        headers: &http::HeaderMap,
+    ) -> ApiResult<http::Response<Incoming>> {
         let name = meta::name(node).to_string();
         let unavailable = |why: String| ApiError::unavailable(why);
         let address = meta::path(node, "status.addresses")
@@ -97,6 +119,8 @@ impl NodeClient {
         let target = format!("{address}:{port}");
         let connect = async {
             let tcp = tokio::net::TcpStream::connect(&target).await?;
+            // Relayed streams (exec, port-forward) carry small interactive writes.
+            tcp.set_nodelay(true)?;
             let server_name = ServerName::try_from(address.clone())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             connector.connect(server_name, tcp).await
@@ -117,11 +141,12 @@ impl NodeClient {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
                 .map_err(|e| unavailable(format!("the agent of node {name:?}: {e}")))?;
-        tokio::spawn(connection);
-        let request = http::Request::get(path_and_query)
+        tokio::spawn(connection.with_upgrades());
+        let mut request = http::Request::get(path_and_query)
             .header(http::header::HOST, target.as_str())
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        request.headers_mut().extend(headers.clone());
         // A node is its tenant's machine: it must not hold the API server's requests open.
         tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
             .await

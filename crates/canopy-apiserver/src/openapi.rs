@@ -372,6 +372,32 @@ fn operations(def: &ResourceDef) -> Vec<(String, Vec<Op>, bool)> {
                 "string".into(),
                 false,
             )],
+            sub @ (Subresource::Exec | Subresource::Attach | Subresource::PortForward) => {
+                let name = match sub {
+                    Subresource::Exec => "Exec",
+                    Subresource::Attach => "Attach",
+                    _ => "Portforward",
+                };
+                ["get", "post"]
+                    .into_iter()
+                    .map(|method| {
+                        let verb = if method == "get" {
+                            "connectGet"
+                        } else {
+                            "connectPost"
+                        };
+                        mk(
+                            method,
+                            "connect",
+                            format!("{verb}{prefix}{scope}{kind}{name}"),
+                            vec![],
+                            None,
+                            "string".into(),
+                            false,
+                        )
+                    })
+                    .collect()
+            }
             Subresource::Finalize => vec![mk(
                 "put",
                 "put",

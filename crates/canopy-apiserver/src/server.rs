@@ -456,7 +456,8 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = parking_lot::Mutex::new(parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let path = parts.uri.path().to_string();
     let query = Query::parse(parts.uri.query());
     let ctx = &state.ctx;
@@ -524,6 +525,7 @@ async fn handle(
                     user: &user,
                     access: &access,
                     namespace_owner: &namespace_owner,
+                    upgrade: &upgrade,
                 };
                 let result = rest::serve(&call, body).await;
                 gauge.dec();

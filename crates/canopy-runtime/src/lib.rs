@@ -47,6 +47,8 @@ mod types;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Weak};
@@ -798,6 +800,96 @@ impl Runtime {
                 "exec in {id} exceeded {timeout:?}"
             ))),
         }
+    }
+
+    /// Starts `cmd` in running container `id` with its streams handed to the caller, on a
+    /// terminal when `tty` (runc's console is a pty of ours whose master the caller gets).
+    pub async fn exec_interactive(
+        &self,
+        id: &str,
+        cmd: &[String],
+        stdin: bool,
+        tty: bool,
+    ) -> Result<ExecSession, RuntimeError> {
+        let Some(meta) = self.inner.read_meta(id) else {
+            return Err(RuntimeError::ContainerNotFound(id.to_string()));
+        };
+        if !matches!(self.inner.state_of(&meta), ContainerState::Running { .. }) {
+            return Err(RuntimeError::Other(format!(
+                "container {id} is not running"
+            )));
+        }
+        if cmd.is_empty() {
+            return Err(RuntimeError::InvalidSpec("empty exec command".into()));
+        }
+        let mut command = self.inner.runc_command();
+        command.arg("exec");
+        // The session ends with the connection; a process left behind is the user's, as
+        // upstream, but `runc exec` itself must not outlive the agent's interest.
+        command.kill_on_drop(false);
+        if tty {
+            use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+            let pty_error = |e: rustix::io::Errno| RuntimeError::io("opening a pty", e.into());
+            let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+                .map_err(pty_error)?;
+            grantpt(&master).map_err(pty_error)?;
+            unlockpt(&master).map_err(pty_error)?;
+            let name = ptsname(&master, Vec::new()).map_err(pty_error)?;
+            let slave_path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()));
+            let slave = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOCTTY.bits())
+                .open(&slave_path)
+                .map_err(|e| RuntimeError::io("opening the pty's terminal", e))?;
+            // runc sets its own stdin raw and copies between it and the container's console.
+            command
+                .arg("--tty")
+                .arg("--env")
+                .arg("TERM=xterm")
+                .arg(id)
+                .args(cmd)
+                .stdin(Stdio::from(
+                    slave.try_clone().map_err(|e| RuntimeError::io("pty", e))?,
+                ))
+                .stdout(Stdio::from(
+                    slave.try_clone().map_err(|e| RuntimeError::io("pty", e))?,
+                ))
+                .stderr(Stdio::from(slave));
+            let child = command
+                .spawn()
+                .map_err(|e| RuntimeError::io("running runc exec", e))?;
+            // Our copies of the terminal side go with `command`: the master reads EOF (EIO)
+            // once the process and runc are gone.
+            drop(command);
+            return Ok(ExecSession {
+                child,
+                io: ExecIo::Tty {
+                    master: std::fs::File::from(master),
+                },
+            });
+        }
+        command
+            .arg(id)
+            .args(cmd)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| RuntimeError::io("running runc exec", e))?;
+        let io = ExecIo::Pipes {
+            stdin: child.stdin.take(),
+            stdout: child
+                .stdout
+                .take()
+                .ok_or_else(|| RuntimeError::Other("no stdout pipe".into()))?,
+            stderr: child
+                .stderr
+                .take()
+                .ok_or_else(|| RuntimeError::Other("no stderr pipe".into()))?,
+        };
+        Ok(ExecSession { child, io })
     }
 
     /// Container start/exit events, from a watcher polling the bundles every 100 ms while

@@ -135,6 +135,52 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// A process started in a running container with its standard streams handed to the
+/// caller (`kubectl exec`).
+pub struct ExecSession {
+    /// `runc exec`, which exits with the process's status.
+    pub child: tokio::process::Child,
+    /// The process's streams.
+    pub io: ExecIo,
+}
+
+/// How an exec session's process talks.
+pub enum ExecIo {
+    /// Plain pipes; `stdin` only when asked for.
+    Pipes {
+        stdin: Option<tokio::process::ChildStdin>,
+        stdout: tokio::process::ChildStdout,
+        stderr: tokio::process::ChildStderr,
+    },
+    /// A terminal: input and output both go through the pty's master side; resize it with
+    /// [`ExecSession::resize`].
+    Tty { master: std::fs::File },
+}
+
+impl ExecSession {
+    /// Sets the terminal size of a tty session: on our pty (runc's console), which runc
+    /// copies into the container's when it gets SIGWINCH.
+    pub fn resize(&self, width: u16, height: u16) -> std::io::Result<()> {
+        let ExecIo::Tty { master } = &self.io else {
+            return Ok(());
+        };
+        let size = rustix::termios::Winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(master, size)?;
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGWINCH,
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContainerEventKind {
     Started,

@@ -1291,3 +1291,343 @@ async fn a_node_reads_only_the_objects_its_pods_reference() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_port_forward_through_the_api_server() {
+    use futures::SinkExt;
+    use kube::api::AttachParams;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-exec", "acme");
+    ready_node(&admin, &agent, "node-exec").await;
+    let pods = tenant_namespace(&admin, "shop", "acme").await;
+    tenant_namespace(&admin, "rival", "globex").await;
+    // A web server on the pod's loopback (pods have no other network until the cloud
+    // controller gives them NICs) and a second container.
+    let web: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "httpd", "image": IMAGE, "command": ["sh", "-c",
+                "mkdir -p /www && echo hello from the pod > /www/index.html && exec httpd -f -p 8080 -h /www"]},
+            {"name": "side", "image": IMAGE, "command": ["sleep", "3600"]}
+        ]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &web).await.unwrap();
+    wait_phase(&pods, "web", "Running").await;
+    wait_until(
+        "both containers running",
+        Duration::from_secs(20),
+        async || {
+            let p = pods.get("web").await.ok()?;
+            let statuses = p.status?.container_statuses?;
+            statuses
+                .iter()
+                .all(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // kubectl exec: output, exit codes, stdin, container choice, upstream's errors.
+    let exec = |args: &[&str], input: Option<&str>| {
+        let mut all = vec!["-n", "shop", "exec"];
+        all.extend_from_slice(args);
+        let mut child = std::process::Command::new(common::kubectl_bin())
+            .args(&all)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = input {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    let out = exec(
+        &["web", "-c", "httpd", "--", "cat", "/www/index.html"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the pod\n");
+    let out = exec(
+        &[
+            "web",
+            "-c",
+            "side",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "kubectl exits with the command's code"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    let out = exec(
+        &[
+            "-i",
+            "web",
+            "-c",
+            "side",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ],
+        Some("piped in\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\ndone\n");
+    let out = exec(&["web", "-c", "nope", "--", "true"], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("container nope is not valid for pod web"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // kube-rs over WebSocket: a terminal with a size.
+    let mut session = pods
+        .exec(
+            "web",
+            [
+                "sh",
+                "-c",
+                "stty size; tty >/dev/null && echo on a tty; read line; echo got $line",
+            ],
+            &AttachParams::interactive_tty().container("side"),
+        )
+        .await
+        .unwrap();
+    let mut resize = session.terminal_size().unwrap();
+    resize
+        .send(kube::api::TerminalSize {
+            width: 100,
+            height: 40,
+        })
+        .await
+        .unwrap();
+    // The size must be set before the command reads it: give the resize a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stdin = session.stdin().unwrap();
+    stdin.write_all(b"hi there\r").await.unwrap();
+    let mut stdout = session.stdout().unwrap();
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !seen.contains("got hi there") && std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(5), stdout.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    assert!(seen.contains("on a tty"), "{seen:?}");
+    assert!(seen.contains("got hi there"), "{seen:?}");
+    let status = session.take_status().unwrap().await.unwrap();
+    assert_eq!(status.status.as_deref(), Some("Success"), "{status:?}");
+
+    // Port-forward (kube-rs's WebSocket protocol) to the pod's loopback.
+    let mut forwarder = pods.portforward("web", &[8080]).await.unwrap();
+    let mut stream = forwarder.take_stream(8080).unwrap();
+    stream
+        .write_all(b"GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.ends_with("hello from the pod\n"), "{response}");
+    drop(stream);
+    // The agent ends the stream once the pod closed the connection, as the kubelet does;
+    // kube-rs may then report that it could not send its own close.
+    let _ = forwarder.join().await;
+
+    // Another tenant, a node and an anonymous caller cannot open streams into the pod.
+    let bob = client_for(&cluster.user_kubeconfig("bob", Some("canopy:tenant:globex"))).await;
+    let node = client_for(&node_kubeconfig(&cluster, "node-exec", Some("acme"))).await;
+    for (who, client) in [("another tenant", bob), ("the node", node)] {
+        let theirs: Api<Pod> = Api::namespaced(client, "shop");
+        let err = theirs
+            .exec("web", ["true"], &AttachParams::default().container("side"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{who} could exec"));
+        assert!(format!("{err:?}").contains("403"), "{who}: {err:?}");
+        assert!(
+            theirs.portforward("web", &[8080]).await.is_err(),
+            "{who} could port-forward"
+        );
+    }
+    let alice = client_for(&cluster.user_kubeconfig("alice", Some("canopy:tenant:acme"))).await;
+    let own: Api<Pod> = Api::namespaced(alice, "shop");
+    let mut mine = own
+        .exec(
+            "web",
+            ["echo", "mine"],
+            &AttachParams::default().container("side").stderr(false),
+        )
+        .await
+        .unwrap();
+    let mut out = String::new();
+    mine.stdout()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert_eq!(out, "mine\n");
+    // An exec with no upgrade is refused with upstream's words.
+    let plain = cluster.kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/shop/pods/web/exec?command=true&stdout=true",
+    ]);
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("Upgrade request required"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+}
+
+/// `kubectl port-forward` to a pod's loopback port, fetched through the local port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_port_forward() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-pf", "acme");
+    ready_node(&admin, &agent, "node-pf").await;
+    let pods = tenant_namespace(&admin, "shop", "acme").await;
+    let web: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "httpd", "image": IMAGE, "command": ["sh", "-c",
+                "mkdir -p /www && echo forwarded > /www/index.html && exec httpd -f -p 8080 -h /www"]}
+        ]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &web).await.unwrap();
+    wait_phase(&pods, "web", "Running").await;
+    // kubectl 1.31+ tunnels SPDY through a WebSocket; with the tunnel off (as older kubectl)
+    // it upgrades to SPDY directly. Several connections go over each session.
+    for (how, tunnel) in [("tunnelled", "true"), ("plain SPDY", "false")] {
+        let local = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let forward_log = cluster
+            .data_dir()
+            .join(format!("port-forward-{tunnel}.log"));
+        let _forward = Child(
+            std::process::Command::new(common::kubectl_bin())
+                .args([
+                    "-n",
+                    "shop",
+                    "port-forward",
+                    "pod/web",
+                    &format!("{local}:8080"),
+                ])
+                .env("KUBECONFIG", cluster.kubeconfig())
+                .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", tunnel)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&forward_log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        for round in 0..3 {
+            let body = wait_until(
+                &format!("a page through the forwarded port ({how}, round {round})"),
+                Duration::from_secs(20),
+                async || {
+                    let response = reqwest::get(format!("http://127.0.0.1:{local}/index.html"))
+                        .await
+                        .ok()?;
+                    response.text().await.ok()
+                },
+            )
+            .await;
+            assert_eq!(
+                body,
+                "forwarded\n",
+                "{how}; kubectl:\n{}",
+                std::fs::read_to_string(&forward_log).unwrap_or_default()
+            );
+        }
+    }
+    // A port nobody listens on: the connection fails and kubectl reports the pod's error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stderr_path = cluster.data_dir().join("port-forward.stderr");
+    let _failing = Child(
+        std::process::Command::new(common::kubectl_bin())
+            .args([
+                "-n",
+                "shop",
+                "port-forward",
+                "pod/web",
+                &format!("{closed}:9"),
+            ])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut connection = wait_until("the listener", Duration::from_secs(20), async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", closed))
+            .await
+            .ok()
+    })
+    .await;
+    // kubectl closes the local connection once the pod's side failed.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut connection, &mut rest),
+    )
+    .await;
+    let stderr = wait_until("kubectl's error", Duration::from_secs(10), async || {
+        let text = std::fs::read_to_string(&stderr_path).ok()?;
+        text.contains("error forwarding port 9").then_some(text)
+    })
+    .await;
+    assert!(stderr.contains("refused"), "{stderr}");
+}

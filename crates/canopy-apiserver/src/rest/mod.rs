@@ -268,6 +268,8 @@ pub struct Call<'a> {
     pub access: &'a crate::authz::Access,
     /// The owner of the namespace in the URL.
     pub namespace_owner: &'a crate::authz::NamespaceOwner,
+    /// The client connection's upgrade, taken by the stream subresources.
+    pub upgrade: &'a parking_lot::Mutex<Option<hyper::upgrade::OnUpgrade>>,
 }
 
 impl Call<'_> {
@@ -396,6 +398,7 @@ pub async fn serve(call: &Call<'_>, body: hyper::body::Incoming) -> ApiResult<Re
         }
         (Some(Subresource::Binding), Verb::Create) => subresource::bind(call, body).await,
         (Some(Subresource::Log), Verb::Get) => subresource::log(call).await,
+        (Some(sub), Verb::Get | Verb::Create) if sub.is_stream() => subresource::stream(call).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

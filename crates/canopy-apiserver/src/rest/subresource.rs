@@ -272,46 +272,7 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
     let (pod, _) = current(call, def, &call.key())
         .await?
         .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
-    let names = |path: &str| -> Vec<String> {
-        meta::path(&pod, path)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
-            .collect()
-    };
-    let (containers, init_containers) = (names("spec.containers"), names("spec.initContainers"));
-    let container = match call.query.get("container").filter(|c| !c.is_empty()) {
-        Some(container) => {
-            if !containers
-                .iter()
-                .chain(&init_containers)
-                .any(|c| c == container)
-            {
-                return Err(ApiError::bad_request(format!(
-                    "container {container} is not valid for pod {}",
-                    call.name()
-                )));
-            }
-            container.to_string()
-        }
-        // As upstream: the default is the pod's only container, init containers aside.
-        None if containers.len() == 1 => containers[0].clone(),
-        None => {
-            let mut message = format!(
-                "a container name must be specified for pod {}, choose one of: [{}]",
-                call.name(),
-                containers.join(" ")
-            );
-            if !init_containers.is_empty() {
-                message.push_str(&format!(
-                    " or one of the init containers: [{}]",
-                    init_containers.join(" ")
-                ));
-            }
-            return Err(ApiError::bad_request(message));
-        }
-    };
+    let container = pick_container(call, &pod)?;
     let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request(format!(
             "pod {} does not have a host assigned",
@@ -355,6 +316,227 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
         });
     }
     Ok(stream_logs(response.into_body(), call.ctx.shutdown.clone()))
+}
+
+/// The container a log or stream request is for: the one named, or the pod's only one
+/// (init containers aside), with upstream's errors.
+fn pick_container(call: &Call<'_>, pod: &Value) -> ApiResult<String> {
+    let names = |path: &str| -> Vec<String> {
+        meta::path(pod, path)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    };
+    let (containers, init_containers) = (names("spec.containers"), names("spec.initContainers"));
+    match call.query.get("container").filter(|c| !c.is_empty()) {
+        Some(container) => {
+            if !containers
+                .iter()
+                .chain(&init_containers)
+                .any(|c| c == container)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "container {container} is not valid for pod {}",
+                    call.name()
+                )));
+            }
+            Ok(container.to_string())
+        }
+        None if containers.len() == 1 => Ok(containers[0].clone()),
+        None => {
+            let mut message = format!(
+                "a container name must be specified for pod {}, choose one of: [{}]",
+                call.name(),
+                containers.join(" ")
+            );
+            if !init_containers.is_empty() {
+                message.push_str(&format!(
+                    " or one of the init containers: [{}]",
+                    init_containers.join(" ")
+                ));
+            }
+            Err(ApiError::bad_request(message))
+        }
+    }
+}
+
+/// `pods/exec`, `pods/attach`, `pods/portforward`: authorized here, then the upgraded
+/// connection is relayed byte for byte to the node's agent, which speaks the stream
+/// protocol (upstream's apiserver proxies to the kubelet the same way).
+pub(super) async fn stream(call: &Call<'_>) -> ApiResult<Response<Body>> {
+    let def: &ResourceDef = call.req.def;
+    let sub = call
+        .req
+        .subresource
+        .ok_or_else(|| ApiError::internal("a stream without a subresource"))?;
+    let (pod, _) = current(call, def, &call.key())
+        .await?
+        .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    let upgrade = call.headers.get(header::UPGRADE).cloned();
+    if upgrade.is_none() {
+        return Err(ApiError::bad_request(
+            "Upgrade request required: exec, attach and port-forward stream over an upgraded connection (WebSocket)",
+        ));
+    }
+    let phase = meta::path_str(&pod, "status.phase").unwrap_or("");
+    if matches!(phase, "Succeeded" | "Failed") {
+        return Err(ApiError::bad_request(format!(
+            "cannot {} a container in a completed pod; current phase is {phase}",
+            if sub == canopy_api::Subresource::Attach {
+                "attach to"
+            } else {
+                "exec into"
+            }
+        )));
+    }
+    let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!(
+            "pod {} does not have a host assigned",
+            call.name()
+        )));
+    };
+    let path = agent_stream_path(call, sub, &pod)?;
+    let Some(nodes) = call.ctx.nodes.clone() else {
+        return Err(ApiError::unavailable(
+            "this API server does not reach node agents",
+        ));
+    };
+    let node = node_object(call, node_name)
+        .await?
+        .ok_or_else(|| ApiError::unavailable(format!("node {node_name:?} does not exist")))?;
+    let mut upgrade_headers = http::HeaderMap::new();
+    for name in [
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::HeaderName::from_static("x-stream-protocol-version"),
+    ] {
+        for value in call.headers.get_all(&name) {
+            upgrade_headers.append(name.clone(), value.clone());
+        }
+    }
+    let client_side = call
+        .upgrade
+        .lock()
+        .take()
+        .ok_or_else(|| ApiError::bad_request("the connection cannot be upgraded"))?;
+    let mut response = nodes.upgrade(&node, &path, &upgrade_headers).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        use http_body_util::BodyExt;
+        let code = response.status().as_u16();
+        let bytes = http_body_util::Limited::new(response.into_body(), 64 << 10)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(match code {
+            400 => ApiError::bad_request(message),
+            404 => ApiError::not_found(target(def, call.name())),
+            _ => ApiError::unavailable(message),
+        });
+    }
+    let node_side = hyper::upgrade::on(&mut response);
+    let mut answer = Response::new(http_body_util::BodyExt::boxed(http_body_util::Empty::new()));
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for name in [
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::HeaderName::from_static("x-stream-protocol-version"),
+    ] {
+        for value in response.headers().get_all(&name) {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    let shutdown = call.ctx.shutdown.clone();
+    let who = format!("{}/{}", meta::namespace(&pod), meta::name(&pod));
+    tokio::spawn(async move {
+        let (client, node) = match tokio::try_join!(client_side, node_side) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!(pod = %who, error = %error, "a stream failed to upgrade");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut node = hyper_util::rt::TokioIo::new(node);
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut node) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    Ok(answer)
+}
+
+/// The agent's path for a stream, with the kubelet's parameter names (as upstream's
+/// apiserver translates them).
+fn agent_stream_path(
+    call: &Call<'_>,
+    sub: canopy_api::Subresource,
+    pod: &Value,
+) -> ApiResult<String> {
+    let mut params = form_urlencoded::Serializer::new(String::new());
+    let flags = [
+        ("stdin", "input"),
+        ("stdout", "output"),
+        ("stderr", "error"),
+        ("tty", "tty"),
+    ];
+    let path = match sub {
+        canopy_api::Subresource::PortForward => {
+            for port in call.query.all("ports").collect::<Vec<_>>() {
+                for p in port.split(',') {
+                    params.append_pair("port", p.trim());
+                }
+            }
+            format!(
+                "/portForward/{}/{}",
+                enc(meta::namespace(pod)),
+                enc(meta::name(pod))
+            )
+        }
+        _ => {
+            let container = pick_container(call, pod)?;
+            for (ours, kubelet) in flags {
+                if call.query.flag(ours) {
+                    params.append_pair(kubelet, "1");
+                }
+            }
+            if sub == canopy_api::Subresource::Exec {
+                let commands: Vec<&str> = call.query.all("command").collect();
+                if commands.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "you must specify at least one command for the container",
+                    ));
+                }
+                for command in commands {
+                    params.append_pair("command", command);
+                }
+            }
+            format!(
+                "/{}/{}/{}/{}",
+                sub.name(),
+                enc(meta::namespace(pod)),
+                enc(meta::name(pod)),
+                enc(&container)
+            )
+        }
+    };
+    let query = params.finish();
+    Ok(if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    })
 }
 
 /// Upstream's log options, checked as upstream checks them and passed on to the agent.
