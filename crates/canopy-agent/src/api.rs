@@ -256,6 +256,11 @@ async fn handle(
                 .await
                 .unwrap_or_else(|(code, message)| refusal(code, message))
         }
+        ["attach", namespace, pod, container] => {
+            stream::attach(&ctx, namespace, pod, container, &pairs, request, shutdown)
+                .await
+                .unwrap_or_else(|(code, message)| refusal(code, message))
+        }
         ["exec", namespace, pod, container] => {
             stream::exec(&ctx, namespace, pod, container, &pairs, request, shutdown)
                 .await

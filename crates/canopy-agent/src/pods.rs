@@ -1058,6 +1058,9 @@ async fn start(
         mounts,
         log_path,
         labels,
+        stdin: container.stdin.unwrap_or(false),
+        stdin_once: container.stdin_once.unwrap_or(false),
+        tty: container.tty.unwrap_or(false),
     };
     let images = ctx.images.clone();
     let id = image.id.clone();

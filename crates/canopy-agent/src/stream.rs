@@ -474,6 +474,181 @@ async fn run_exec<S>(
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
+/// `/attach/{namespace}/{pod}/{container}`: the container's main process, through its
+/// monitor: output as it is produced, input and resizes when the container has a stdin or
+/// a terminal.
+pub async fn attach(
+    ctx: &Arc<pods::Context>,
+    namespace: &str,
+    pod_name: &str,
+    container: &str,
+    query: &[(String, String)],
+    request: Request<Incoming>,
+    shutdown: CancellationToken,
+) -> Result<Response<Body>, Refusal> {
+    let options = AttachOptions {
+        stdin: flag(query, "input"),
+        stdout: flag(query, "output"),
+        stderr: flag(query, "error"),
+    };
+    if !(options.stdin || options.stdout || options.stderr) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "you must specify at least one of stdin, stdout, stderr".to_string(),
+        ));
+    }
+    let id = running_container(ctx, namespace, pod_name, container).await?;
+    let (monitor, tty) = ctx
+        .runtime
+        .attach(&id)
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (response, protocol) = accept(&request, EXEC_PROTOCOLS)?;
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(request).await {
+            Ok(u) => u,
+            Err(error) => {
+                tracing::debug!(error = %error, "an attach connection failed to upgrade");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        run_attach(
+            ws,
+            monitor,
+            tty,
+            options,
+            protocol == "v5.channel.k8s.io",
+            shutdown,
+        )
+        .await;
+    });
+    Ok(response)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct AttachOptions {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+}
+
+async fn run_attach<S>(
+    ws: WebSocketStream<S>,
+    monitor: tokio::net::UnixStream,
+    tty: bool,
+    options: AttachOptions,
+    v5: bool,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use canopy_runtime::attach as frames;
+    let (mut sink, mut source) = ws.split();
+    let (mut from_monitor, mut to_monitor) = monitor.into_split();
+    let (out, mut outgoing) = mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outgoing.recv().await {
+            if sink.send(message).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            })))
+            .await;
+        let _ = sink.close().await;
+    });
+    let first = if options.stdout {
+        STDOUT
+    } else if options.stderr {
+        STDERR
+    } else {
+        ERROR
+    };
+    let _ = out.send(frame(first, &[])).await;
+    // The monitor's frames, read by a task of their own (a frame read halfway must not be
+    // dropped by the loop below); it ends when the container exits.
+    let output = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut head = [0u8; 5];
+                if from_monitor.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                let mut payload = vec![0u8; len.min(1 << 20)];
+                if from_monitor.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                let channel = match head[0] {
+                    frames::STDOUT if options.stdout => STDOUT,
+                    // On a terminal everything is one stream, as upstream.
+                    frames::STDERR if options.stderr && !tty => STDERR,
+                    frames::STDERR if options.stdout && tty => STDOUT,
+                    _ => continue,
+                };
+                if out.send(frame(channel, &payload)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut output = output;
+    let send = async |to: &mut tokio::net::unix::OwnedWriteHalf, kind: u8, payload: &[u8]| {
+        let mut buf = Vec::with_capacity(5 + payload.len());
+        buf.push(kind);
+        buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        buf.extend_from_slice(payload);
+        to.write_all(&buf).await
+    };
+    let ended = loop {
+        tokio::select! {
+            _ = &mut output => break true,
+            message = source.next() => match message {
+                Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
+                    STDIN if options.stdin => {
+                        let _ = send(&mut to_monitor, frames::STDIN, &data[1..]).await;
+                    }
+                    RESIZE => {
+                        #[derive(serde::Deserialize)]
+                        struct Size {
+                            #[serde(rename = "Width")]
+                            width: u16,
+                            #[serde(rename = "Height")]
+                            height: u16,
+                        }
+                        if let Ok(size) = serde_json::from_slice::<Size>(&data[1..]) {
+                            let mut payload = size.width.to_be_bytes().to_vec();
+                            payload.extend_from_slice(&size.height.to_be_bytes());
+                            let _ = send(&mut to_monitor, frames::RESIZE, &payload).await;
+                        }
+                    }
+                    CLOSE if v5 && data.get(1) == Some(&STDIN) => {
+                        let _ = send(&mut to_monitor, frames::CLOSE_STDIN, &[]).await;
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break false,
+                _ => {}
+            },
+            _ = shutdown.cancelled() => break false,
+        }
+    };
+    output.abort();
+    if ended {
+        // The container exited: the session ends as upstream's, successfully.
+        let status = json!({"metadata": {}, "status": "Success"});
+        let _ = out.send(frame(ERROR, status.to_string().as_bytes())).await;
+    }
+    drop(to_monitor);
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
 /// `/portForward/{namespace}/{pod}?port=P...`: one TCP connection per requested port to
 /// the pod's loopback, made from inside its network namespace, relayed over the upgraded
 /// connection.

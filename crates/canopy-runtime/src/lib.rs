@@ -38,6 +38,7 @@
 //! The state dir is meant for a tmpfs (`/run`): after a reboot everything in it is gone
 //! and the agent removes the leftover upper dirs by removing the sandboxes it does not know.
 
+pub mod attach;
 pub mod shim;
 
 mod sandbox;
@@ -83,6 +84,12 @@ struct ContainerMeta {
     log_path: PathBuf,
     cgroup_path: String,
     created_at: DateTime<Utc>,
+    #[serde(default)]
+    stdin: bool,
+    #[serde(default)]
+    stdin_once: bool,
+    #[serde(default)]
+    tty: bool,
 }
 
 struct Inner {
@@ -545,6 +552,9 @@ impl Runtime {
             runtime_root: self.inner.runc_root(),
             log_path: meta.log_path.clone(),
             cgroup_path: meta.cgroup_path.clone(),
+            stdin: meta.stdin,
+            stdin_once: meta.stdin_once,
+            tty: meta.tty,
         };
         let shim_log =
             fs::File::create(bundle.join("shim.log")).ctx(|| "creating shim.log".into())?;
@@ -800,6 +810,26 @@ impl Runtime {
                 "exec in {id} exceeded {timeout:?}"
             ))),
         }
+    }
+
+    /// Attaches to the main process of running container `id`: the shim's stream of its
+    /// output and its input ([`attach`] frames). Whether input reaches the container depends
+    /// on its spec (`stdin`).
+    pub async fn attach(&self, id: &str) -> Result<(tokio::net::UnixStream, bool), RuntimeError> {
+        let Some(meta) = self.inner.read_meta(id) else {
+            return Err(RuntimeError::ContainerNotFound(id.to_string()));
+        };
+        if !matches!(self.inner.state_of(&meta), ContainerState::Running { .. }) {
+            return Err(RuntimeError::Other(format!(
+                "container {id} is not running"
+            )));
+        }
+        let dir = fs::File::open(self.inner.bundle(id))
+            .map_err(|e| RuntimeError::io("opening the container's bundle", e))?;
+        let stream = tokio::net::UnixStream::connect(attach::short_path(&dir, attach::SOCKET))
+            .await
+            .map_err(|e| RuntimeError::io("connecting to the container's monitor", e))?;
+        Ok((stream, meta.tty))
     }
 
     /// Starts `cmd` in running container `id` with its streams handed to the caller, on a
@@ -1082,6 +1112,9 @@ fn prepare_bundle(
         log_path: spec.log_path.clone(),
         cgroup_path,
         created_at: Utc::now(),
+        stdin: spec.stdin,
+        stdin_once: spec.stdin_once,
+        tty: spec.tty,
     };
     let data = serde_json::to_vec_pretty(&meta).map_err(|e| RuntimeError::Other(e.to_string()))?;
     sys::write_atomic(&bundle.join("meta.json"), &data).ctx(|| "writing meta.json".into())?;

@@ -28,6 +28,7 @@ use nix::unistd::Pid;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::attach::{self, Streams, Tee};
 use crate::sys;
 
 /// Maximum length of one CRI log line; longer lines are split into `P` records.
@@ -50,6 +51,12 @@ pub struct ShimArgs {
     pub log_path: PathBuf,
     /// Container cgroup path (as in config.json), read for OOM kills.
     pub cgroup_path: String,
+    /// The container reads stdin (a pipe the shim writes attached clients' input to).
+    pub stdin: bool,
+    /// The first attached client to leave closes the container's stdin.
+    pub stdin_once: bool,
+    /// The container runs on a terminal whose master side the shim holds.
+    pub tty: bool,
 }
 
 impl ShimArgs {
@@ -68,6 +75,12 @@ impl ShimArgs {
             self.log_path.to_string_lossy().into_owned(),
             "--cgroup".into(),
             self.cgroup_path.clone(),
+            "--stdin".into(),
+            self.stdin.to_string(),
+            "--stdin-once".into(),
+            self.stdin_once.to_string(),
+            "--tty".into(),
+            self.tty.to_string(),
         ]
     }
 
@@ -80,6 +93,12 @@ impl ShimArgs {
         let mut it = rest.iter();
         let (mut id, mut bundle, mut runtime, mut root, mut log, mut cgroup) =
             (None, None, None, None, None, None);
+        let (mut stdin, mut stdin_once, mut tty) = (false, false, false);
+        let boolean = |flag: &str, value: &str| -> Result<bool> {
+            value
+                .parse()
+                .with_context(|| format!("{flag} takes true or false, not {value:?}"))
+        };
         while let Some(flag) = it.next() {
             let value = it
                 .next()
@@ -92,6 +111,9 @@ impl ShimArgs {
                 "--runtime-root" => root = Some(PathBuf::from(value)),
                 "--log" => log = Some(PathBuf::from(value)),
                 "--cgroup" => cgroup = Some(value),
+                "--stdin" => stdin = boolean(flag, &value)?,
+                "--stdin-once" => stdin_once = boolean(flag, &value)?,
+                "--tty" => tty = boolean(flag, &value)?,
                 other => bail!("unknown shim argument {other}"),
             }
         }
@@ -102,6 +124,9 @@ impl ShimArgs {
             runtime_root: root.context("--runtime-root is required")?,
             log_path: log.context("--log is required")?,
             cgroup_path: cgroup.unwrap_or_default(),
+            stdin,
+            stdin_once,
+            tty,
         })
     }
 }
@@ -171,6 +196,7 @@ struct Started {
     started_at: DateTime<Utc>,
     copiers: mpsc::Receiver<()>,
     n_copiers: usize,
+    streams: Arc<Streams>,
 }
 
 /// Extracts the last error message from runc's JSON log (`--log-format json`).
@@ -187,21 +213,52 @@ fn runc_log_error(path: &Path) -> Option<String> {
 fn start(args: &ShimArgs) -> Result<Started> {
     let runc_log = args.bundle.join("runc.log");
     let pid_file = args.bundle.join(PID_FILE);
-    let mut child = runc_logged(args, &runc_log)
-        .arg("create")
-        .arg("--bundle")
-        .arg(&args.bundle)
+    // A terminal's master side comes over a console socket while `runc create` runs; its
+    // path must fit `sun_path` and runc resolves it itself, so it lives in /run.
+    let console = if args.tty {
+        let path = PathBuf::from(format!("/run/canopy-console-{}.sock", std::process::id()));
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("binding {}", path.display()))?;
+        let receiver = std::thread::spawn(move || crate::attach::receive_terminal(&listener));
+        Some((path, receiver))
+    } else {
+        None
+    };
+    let (stdin_reader, stdin_writer) = if args.stdin && !args.tty {
+        let (reader, writer) = std::io::pipe().context("making the stdin pipe")?;
+        (
+            Some(reader),
+            Some(File::from(std::os::fd::OwnedFd::from(writer))),
+        )
+    } else {
+        (None, None)
+    };
+    let mut create = runc_logged(args, &runc_log);
+    create.arg("create").arg("--bundle").arg(&args.bundle);
+    if let Some((path, _)) = &console {
+        create.arg("--console-socket").arg(path);
+    }
+    let mut child = create
         .arg("--pid-file")
         .arg(&pid_file)
         .arg(&args.id)
-        .stdin(Stdio::null())
+        .stdin(match stdin_reader {
+            Some(reader) => Stdio::from(reader),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", args.runtime_binary.display()))?;
+    // Our copy of the container's end of stdin must go, or the container never sees EOF.
+    drop(create);
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let mut stderr = child.stderr.take().context("no stderr pipe")?;
     let status = child.wait().context("waiting for runc create")?;
+    if let Some((path, _)) = &console {
+        let _ = fs::remove_file(path);
+    }
     if !status.success() {
         // The container's init is gone, so the pipes are at EOF once runc exited.
         let mut out = String::new();
@@ -213,8 +270,58 @@ fn start(args: &ShimArgs) -> Result<Started> {
 
     let log = open_log(&args.log_path)?;
     let (tx, rx) = mpsc::channel();
-    spawn_copier(stdout, "stdout", log.clone(), tx.clone());
-    spawn_copier(stderr, "stderr", log, tx);
+    let (streams, n_copiers) = match console {
+        Some((_, receiver)) => {
+            let terminal = receiver
+                .join()
+                .map_err(|_| anyhow::anyhow!("the console receiver panicked"))?
+                .context("receiving the container's terminal")?;
+            let input = terminal.try_clone().context("duplicating the terminal")?;
+            let output = terminal.try_clone().context("duplicating the terminal")?;
+            let streams =
+                Streams::new(args.stdin.then_some(input), Some(terminal), args.stdin_once);
+            // On a terminal both streams are one; runc's own pipes carry nothing more.
+            spawn_copier(
+                Tee {
+                    inner: output,
+                    streams: streams.clone(),
+                    kind: attach::STDOUT,
+                },
+                "stdout",
+                log,
+                tx,
+            );
+            (streams, 1)
+        }
+        None => {
+            let streams = Streams::new(stdin_writer, None, args.stdin_once);
+            spawn_copier(
+                Tee {
+                    inner: stdout,
+                    streams: streams.clone(),
+                    kind: attach::STDOUT,
+                },
+                "stdout",
+                log.clone(),
+                tx.clone(),
+            );
+            spawn_copier(
+                Tee {
+                    inner: stderr,
+                    streams: streams.clone(),
+                    kind: attach::STDERR,
+                },
+                "stderr",
+                log,
+                tx,
+            );
+            (streams, 2)
+        }
+    };
+    // Attaching is a convenience: a container runs without it.
+    if let Err(error) = streams.serve(&args.bundle) {
+        eprintln!("serving attach for {}: {error}", args.id);
+    }
 
     let out = runc_logged(args, &runc_log)
         .arg("start")
@@ -239,7 +346,8 @@ fn start(args: &ShimArgs) -> Result<Started> {
         pid,
         started_at,
         copiers: rx,
-        n_copiers: 2,
+        n_copiers,
+        streams,
     })
 }
 
@@ -391,6 +499,7 @@ fn monitor(args: &ShimArgs, started: Started) -> Result<()> {
             break;
         }
     }
+    started.streams.close_all();
     let oom_killed = sys::oom_kill_count(&args.cgroup_path) > 0;
     let out = runc(args, &["delete", "--force", &args.id]);
     if let Ok(o) = &out
@@ -462,6 +571,9 @@ mod tests {
             runtime_root: "/r".into(),
             log_path: "/l".into(),
             cgroup_path: "/canopy/podx/x".into(),
+            stdin: true,
+            stdin_once: false,
+            tty: true,
         };
         let mut v = vec!["shim".to_string()];
         v.extend(a.to_args());

@@ -319,7 +319,7 @@ pub fn build_spec(spec: &ContainerSpec, inp: &SpecInputs<'_>) -> Result<Spec, Ru
     };
     let nofile = crate::sys::nofile_limit();
     let mut process = json!({
-        "terminal": false,
+        "terminal": spec.tty,
         "user": {
             "uid": inp.user.uid,
             "gid": inp.user.gid,

@@ -94,6 +94,12 @@ pub struct ContainerSpec {
     pub mounts: Vec<BindMount>,
     pub log_path: PathBuf,
     pub labels: BTreeMap<String, String>,
+    /// Keep a stdin open for attached clients.
+    pub stdin: bool,
+    /// Close that stdin when the first attached client leaves.
+    pub stdin_once: bool,
+    /// Run on a terminal.
+    pub tty: bool,
 }
 
 /// Observed state of a container.

@@ -1631,3 +1631,138 @@ async fn kubectl_port_forward() {
     .await;
     assert!(stderr.contains("refused"), "{stderr}");
 }
+
+/// `kubectl run -i` (attach with stdin once), `kubectl attach` to running output, and a
+/// terminal through kube-rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_run_and_attach() {
+    use kube::api::AttachParams;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-attach", "acme");
+    ready_node(&admin, &agent, "node-attach").await;
+    let pods = tenant_namespace(&admin, "shop", "acme").await;
+
+    // kubectl run -i: the pod gets stdin (once), kubectl attaches and feeds it.
+    let mut run = std::process::Command::new(common::kubectl_bin())
+        .args([
+            "-n",
+            "shop",
+            "run",
+            "reader",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            "--image",
+            IMAGE,
+            "--",
+            "sh",
+            "-c",
+            "read line; echo got: $line; read more || echo stdin closed",
+        ])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = run.stdin.take().unwrap();
+        input.write_all(b"from kubectl\n").unwrap();
+    }
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("got: from kubectl"), "{stdout}");
+    assert!(stdout.contains("stdin closed"), "{stdout}");
+    wait_until(
+        "--rm to delete the pod",
+        Duration::from_secs(30),
+        async || {
+            pods.get_opt("reader")
+                .await
+                .ok()
+                .and_then(|p| p.is_none().then_some(()))
+        },
+    )
+    .await;
+
+    // kubectl attach: what the container prints from now on.
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "ticker",
+            "Always",
+            "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+        ),
+    )
+    .await
+    .unwrap();
+    wait_phase(&pods, "ticker", "Running").await;
+    let log = cluster.data_dir().join("attach.out");
+    let attached = Child(
+        std::process::Command::new(common::kubectl_bin())
+            .args(["-n", "shop", "attach", "ticker"])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        "ticks through kubectl attach",
+        Duration::from_secs(20),
+        async || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.matches("tick ").count() >= 3).then_some(())
+        },
+    )
+    .await;
+    drop(attached);
+
+    // A shell on a terminal (tty and stdin in the spec), driven through kube-rs.
+    let shell: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "shell"},
+        "spec": {"terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh"],
+                "stdin": true, "tty": true}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &shell).await.unwrap();
+    wait_phase(&pods, "shell", "Running").await;
+    let mut session = pods
+        .attach("shell", &AttachParams::interactive_tty())
+        .await
+        .unwrap();
+    let mut stdin = session.stdin().unwrap();
+    let mut stdout = session.stdout().unwrap();
+    stdin
+        .write_all(b"tty >/dev/null && echo on a ter''minal; exit 3\r")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while !seen.contains("on a terminal") {
+        match tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            other => panic!("no shell output ({other:?}): {seen:?}"),
+        }
+    }
+    let done = wait_phase(&pods, "shell", "Failed").await;
+    let terminated = main_status(&done).state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 3);
+    // The session ends with the container.
+    let _ = tokio::time::timeout(Duration::from_secs(10), session.join()).await;
+    assert!(container_log(&agent, &done, "main", 0).contains("on a terminal"));
+}
