@@ -1333,12 +1333,13 @@ async fn exec_and_port_forward_through_the_api_server() {
     .await;
 
     // kubectl exec: output, exit codes, stdin, container choice, upstream's errors.
-    let exec = |args: &[&str], input: Option<&str>| {
+    let exec_with = |websockets: &str, args: &[&str], input: Option<&str>| {
         let mut all = vec!["-n", "shop", "exec"];
         all.extend_from_slice(args);
         let mut child = std::process::Command::new(common::kubectl_bin())
             .args(&all)
             .env("KUBECONFIG", cluster.kubeconfig())
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
@@ -1359,6 +1360,7 @@ async fn exec_and_port_forward_through_the_api_server() {
         }
         child.wait_with_output().unwrap()
     };
+    let exec = |args: &[&str], input: Option<&str>| exec_with("true", args, input);
     let out = exec(
         &["web", "-c", "httpd", "--", "cat", "/www/index.html"],
         None,
@@ -1414,6 +1416,40 @@ async fn exec_and_port_forward_through_the_api_server() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // kubectl before 1.30 (or with WebSockets off) speaks SPDY: the same through it.
+    let out = exec_with(
+        "false",
+        &[
+            "web",
+            "-c",
+            "side",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 5",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    let out = exec_with(
+        "false",
+        &["-i", "web", "-c", "side", "--", "sh", "-c", "tr a-z A-Z"],
+        Some("over spdy\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OVER SPDY\n");
 
     // kube-rs over WebSocket: a terminal with a size.
     let mut session = pods
@@ -1698,7 +1734,7 @@ async fn kubectl_run_and_attach() {
     )
     .await;
 
-    // kubectl attach: what the container prints from now on.
+    // kubectl attach (here over SPDY): what the container prints from now on.
     pods.create(
         &PostParams::default(),
         &pod(
@@ -1715,6 +1751,8 @@ async fn kubectl_run_and_attach() {
         std::process::Command::new(common::kubectl_bin())
             .args(["-n", "shop", "attach", "ticker"])
             .env("KUBECONFIG", cluster.kubeconfig())
+            // As kubectl before 1.30: over SPDY.
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
