@@ -9,6 +9,7 @@
 //! the pod's status. The Node's status and Lease are written by their own loops ([`node`]).
 
 pub mod api;
+pub mod cni;
 pub mod node;
 pub mod pods;
 pub mod probe;
@@ -53,6 +54,17 @@ pub struct AgentConfig {
     pub listen: std::net::SocketAddr,
     /// The cluster CA (DER), whose administrators may call the agent's API.
     pub client_ca: Vec<Vec<u8>>,
+    /// How pods get their network.
+    pub pod_network: PodNetwork,
+}
+
+/// How pods get their network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// Only their own loopback (a node without a cloud).
+    Loopback,
+    /// A port of the tenant's network each, from the cloud controller ([`cni`]).
+    Ports,
 }
 
 /// Runs the agent until `shutdown`. Pods' containers keep running after it returns.
@@ -108,6 +120,7 @@ pub async fn run(
         config.root_dir.join("pods"),
         config.log_dir.clone(),
         config.dns.clone(),
+        config.pod_network,
     );
     let status = tokio::spawn(status_loop(
         client.clone(),

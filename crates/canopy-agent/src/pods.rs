@@ -75,6 +75,8 @@ pub struct Context {
     pub log_dir: PathBuf,
     /// Cluster DNS for pods' resolv.conf (none yet: the node's own resolver).
     pub dns: DnsConfig,
+    /// How pods get their network.
+    pub pod_network: crate::PodNetwork,
     workers: Mutex<HashMap<String, Worker>>,
     probes: Arc<probe::Results>,
 }
@@ -104,6 +106,7 @@ impl Context {
         pods_dir: PathBuf,
         log_dir: PathBuf,
         dns: DnsConfig,
+        pod_network: crate::PodNetwork,
     ) -> Arc<Context> {
         Arc::new(Context {
             client,
@@ -115,6 +118,7 @@ impl Context {
             pods_dir,
             log_dir,
             dns,
+            pod_network,
             workers: Mutex::new(HashMap::new()),
             probes: Arc::default(),
         })
@@ -519,6 +523,7 @@ async fn sync(
     let terminal = matches!(phase, Some("Succeeded" | "Failed"));
 
     let runs = group_runs(ctx.runtime.list_containers(&uid).await?);
+    let mut pod_ip: Option<std::net::Ipv4Addr> = None;
     let mut init_views = container_views_of(&init, &runs, &ctx.probes);
     let mut views = container_views_of(&spec.containers, &runs, &ctx.probes);
 
@@ -535,6 +540,21 @@ async fn sync(
             })
             .await
             .with_context(|| format!("creating the sandbox of pod {namespace}/{name}"))?;
+        let network_ready = match ctx.pod_network {
+            crate::PodNetwork::Loopback => true,
+            crate::PodNetwork::Ports => match pod_network(pod, &sandbox).await {
+                Ok(ip) => {
+                    pod_ip = Some(ip);
+                    true
+                }
+                Err(retry) => {
+                    if let Some(retry) = retry {
+                        soonest(retry);
+                    }
+                    false
+                }
+            },
+        };
         let config = pod_config(ctx, pod, &uid).await;
         if let Err(error) = &config {
             tracing::warn!(pod = %pod_ref(pod), error = %error, "the pod's volumes or configuration cannot be set up");
@@ -542,9 +562,9 @@ async fn sync(
         if volumes::has_live_content(pod) {
             soonest(VOLUME_REFRESH);
         }
-        // Init containers, one at a time, in order.
-        let mut init_done = true;
-        for (i, container) in init.iter().enumerate() {
+        // Init containers, one at a time, in order; nothing starts before the pod's network.
+        let mut init_done = network_ready;
+        for (i, container) in init.iter().enumerate().filter(|_| network_ready) {
             let view = &init_views[i];
             let next = match &view.current {
                 Some(run) if run.running() => {
@@ -630,10 +650,11 @@ async fn sync(
         }
     }
 
+    let pod_ip = pod_ip.map(|ip| ip.to_string());
     let status = status::pod_status(
         pod,
         ctx.host_ip.as_deref(),
-        None,
+        pod_ip.as_deref(),
         !terminal,
         &init_views,
         &views,
@@ -903,6 +924,32 @@ async fn ensure_image(
                     })
                 }
             }
+        }
+    }
+}
+
+/// Plugs the pod's port into its sandbox. `Err(retry)`: not yet (no port recorded, or the
+/// cloud has not plugged it into this VM yet), with when to look again if no pod update
+/// will say.
+async fn pod_network(
+    pod: &Pod,
+    sandbox: &canopy_runtime::Sandbox,
+) -> Result<std::net::Ipv4Addr, Option<Duration>> {
+    let port = match crate::cni::PortInfo::of_pod(pod) {
+        Ok(Some(port)) => port,
+        // The cloud controller records the port on the pod: that update wakes the worker.
+        Ok(None) => return Err(None),
+        Err(error) => {
+            tracing::warn!(pod = %pod_ref(pod), error = %error, "the pod's port record is unusable");
+            return Err(None);
+        }
+    };
+    match crate::cni::add(&sandbox.netns_path, "eth0", &port).await {
+        Ok(attached) => Ok(attached.ip),
+        Err(crate::cni::CniError::NotReady) => Err(Some(Duration::from_millis(200))),
+        Err(error) => {
+            tracing::warn!(pod = %pod_ref(pod), error = %error, "plugging the pod's port failed; retrying");
+            Err(Some(Duration::from_secs(2)))
         }
     }
 }

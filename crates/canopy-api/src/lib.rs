@@ -37,3 +37,8 @@ pub const AGENT_SERVING_CERT_ANNOTATION: &str = "canopy.io/agent-serving-cert-sh
 /// The user (certificate CN) of the API server towards node agents: the only caller an agent
 /// serves, as upstream's kubelet serves its apiserver's kubelet-client identity.
 pub const AGENT_API_CLIENT_USER: &str = "canopy:apiserver-node-client";
+
+/// The pod's NIC in its tenant's network, recorded on the pod by the cloud controller and
+/// plugged into the pod by the node agent's CNI plugin (JSON: name, device, ip, prefix, mac,
+/// gateway).
+pub const POD_PORT_ANNOTATION: &str = "canopy.io/port";

@@ -44,6 +44,9 @@ use crate::{
 pub struct ServerConfig {
     /// Address to listen on.
     pub bind: SocketAddr,
+    /// Further addresses served the same way (the local cloud's VMs reach the control plane
+    /// on their management network's address); they are added to the certificate.
+    pub extra_binds: Vec<SocketAddr>,
     /// Where certificates live.
     pub data_dir: PathBuf,
     /// Extra names and addresses for the serving certificate.
@@ -74,6 +77,7 @@ impl ServerConfig {
     pub fn new(bind: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             bind,
+            extra_binds: Vec::new(),
             data_dir,
             tls_sans: Vec::new(),
             max_requests_inflight: 400,
@@ -103,6 +107,7 @@ struct State {
 pub struct ApiServer {
     state: Arc<State>,
     listener: TcpListener,
+    extra_listeners: Vec<TcpListener>,
     acceptor: TlsAcceptor,
     config: ServerConfig,
 }
@@ -133,6 +138,7 @@ impl ApiServer {
         let pki = Pki::new(&config.data_dir);
         let mut sans = default_sans(&config.bind);
         sans.extend(config.tls_sans.iter().cloned());
+        sans.extend(config.extra_binds.iter().map(|b| b.ip().to_string()));
         let ca = pki.ensure_ca()?;
         let serving = pki.ensure_serving(&sans)?;
         let acceptor = tls_acceptor(&ca.cert_pem, &serving.cert_pem, &serving.key_pem)?;
@@ -148,6 +154,19 @@ impl ApiServer {
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("binding {}", config.bind))?;
+        let mut extra_listeners = Vec::new();
+        for bind in &config.extra_binds {
+            // Port 0 means the main listener's port, so that one port serves everywhere.
+            let mut bind = *bind;
+            if bind.port() == 0 {
+                bind.set_port(listener.local_addr()?.port());
+            }
+            extra_listeners.push(
+                TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("binding {bind}"))?,
+            );
+        }
         let local = listener.local_addr()?;
         let discovery = Discovery::new(&registry, &local.to_string());
         let openapi = OpenApi::new(&registry);
@@ -192,9 +211,18 @@ impl ApiServer {
         Ok(Self {
             state,
             listener,
+            extra_listeners,
             acceptor,
             config,
         })
+    }
+
+    /// The further addresses the server listens on.
+    pub fn extra_local_addrs(&self) -> Vec<SocketAddr> {
+        self.extra_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The address the server listens on.
@@ -246,7 +274,7 @@ impl ApiServer {
 
     /// Serves until `shutdown` resolves, then stops accepting, ends watches and waits
     /// (briefly) for requests in flight.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let background = spawn_background(self.state.ctx.clone(), &self.config);
         let keystone = self
@@ -256,9 +284,29 @@ impl ApiServer {
             .clone()
             .map(|k| tokio::spawn(k.run(self.state.ctx.shutdown.clone())));
         tokio::pin!(shutdown);
+        // The extra listeners feed the same loop.
+        let (extra_tx, mut extra_rx) = tokio::sync::mpsc::channel(64);
+        let mut extra_tasks = Vec::new();
+        for listener in std::mem::take(&mut self.extra_listeners) {
+            let tx = extra_tx.clone();
+            extra_tasks.push(tokio::spawn(async move {
+                loop {
+                    let accepted = listener.accept().await;
+                    if tx.send(accepted).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(extra_tx);
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => {
+                accepted = async {
+                    tokio::select! {
+                        accepted = self.listener.accept() => accepted,
+                        Some(accepted) = extra_rx.recv() => accepted,
+                    }
+                } => {
                     let (tcp, peer) = match accepted {
                         Ok(a) => a,
                         Err(err) => {
@@ -303,6 +351,9 @@ impl ApiServer {
                 }
                 _ = &mut shutdown => break,
             }
+        }
+        for task in extra_tasks {
+            task.abort();
         }
         tracing::info!("shutting down: no new connections; ending watches");
         self.state.ctx.shutdown.cancel();

@@ -69,6 +69,17 @@ pub struct AgentArgs {
     /// Port of the agent's HTTPS API (upstream's kubelet port; 0 picks a free one).
     #[arg(long, default_value_t = 10250)]
     port: u16,
+    /// How pods get their network: `none` (their own loopback only) or `canopy` (each pod
+    /// gets the port the cloud controller made for it in the tenant's network, moved from
+    /// this VM into the pod; what the cloud's VMs use).
+    #[arg(long, value_enum, default_value_t = NetworkPlugin::None)]
+    network_plugin: NetworkPlugin,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum NetworkPlugin {
+    None,
+    Canopy,
 }
 
 fn quantity(text: &str, what: &str) -> Result<canopy_api::quantity::Quantity> {
@@ -162,6 +173,10 @@ impl AgentArgs {
             image_gc_low_percent: self.image_gc_low_threshold,
             listen: std::net::SocketAddr::new(address, self.port),
             client_ca,
+            pod_network: match self.network_plugin {
+                NetworkPlugin::None => canopy_agent::PodNetwork::Loopback,
+                NetworkPlugin::Canopy => canopy_agent::PodNetwork::Ports,
+            },
         })
     }
 }

@@ -3,6 +3,8 @@
 
 mod agent;
 mod bench;
+mod cloud;
+mod cni;
 mod component_http;
 mod leader;
 mod login;
@@ -48,7 +50,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane (API server and controllers) in one process.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run the scheduler alone against an API server (`canopy server` runs one itself unless
     /// given --disable-scheduler).
     Scheduler(SchedulerCmd),
@@ -61,6 +63,10 @@ enum Command {
     /// Manage the node agent's local image store.
     #[command(subcommand)]
     Image(agent::ImageCommand),
+    /// Act as a CNI 1.0 plugin (container runtimes run `canopy` with CNI_COMMAND set and no
+    /// arguments, which does the same): moves the pod's port from the VM into the pod. The
+    /// network configuration on stdin names the node's kubeconfig.
+    Cni,
     /// The monitor of one container, started by the agent (not for direct use).
     #[command(hide = true)]
     Shim {
@@ -145,7 +151,21 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // Container runtimes run CNI plugins with no arguments and CNI_COMMAND set.
+    let as_plugin = std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some();
+    let cli = if as_plugin {
+        Cli::parse_from(["canopy", "cni"])
+    } else {
+        Cli::parse()
+    };
+    if let Command::Cni = cli.command {
+        // CNI's output is stdout; logs would corrupt it.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        std::process::exit(runtime.block_on(cni::main()));
+    }
     // The shim is a small synchronous monitor: no logging set-up, no async runtime.
     if let Command::Shim { args } = &cli.command {
         let args = canopy_runtime::ShimArgs::parse(args)?;
@@ -158,7 +178,8 @@ fn main() -> Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Server(args) => server::run(args).await,
+            Command::Server(args) => server::run(*args).await,
+            Command::Cni => Ok(()),
             Command::Scheduler(cmd) => {
                 let config = cmd.scheduler.config();
                 run_component(

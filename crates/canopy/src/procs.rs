@@ -111,6 +111,13 @@ impl ServerProcess {
             ])
             .arg("--data-dir")
             .arg(data_dir)
+            // Only the cloud's own tests run a cloud: the others need none.
+            .args(
+                (!extra.iter().any(|f| f.starts_with("--cloud")))
+                    .then_some(["--cloud", "none"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)

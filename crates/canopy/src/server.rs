@@ -61,6 +61,8 @@ pub struct ServerArgs {
     pub controller_manager: ControllerManagerArgs,
     #[command(flatten)]
     pub leader_election: crate::leader::LeaderElectionArgs,
+    #[command(flatten)]
+    pub cloud: crate::cloud::CloudArgs,
     /// Static bearer tokens, one `token,user,uid[,"group1,group2"]` line each (upstream's
     /// format), for bootstrap. Tenant members are in group `canopy:tenant:<tenant>`.
     #[arg(long)]
@@ -300,8 +302,31 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if !args.disable_scheduler {
         config.extra_metrics.push(Arc::new(scheduler_registry));
     }
+    let cloud_kind = args.cloud.kind();
+    if cloud_kind == crate::cloud::CloudKind::Local {
+        crate::cloud::prepare_host(&args.cloud).await?;
+        config.extra_binds.push(SocketAddr::new(
+            args.cloud.control_plane_ip().into(),
+            args.bind.port(),
+        ));
+    }
     let server = ApiServer::new(config, store.clone()).await?;
     let url = local_url(server.local_addr());
+    let cloud = match cloud_kind {
+        crate::cloud::CloudKind::Local => {
+            let port = server
+                .extra_local_addrs()
+                .first()
+                .map(|a| a.port())
+                .context("the management listener")?;
+            let provider = crate::cloud::open_local(&args.cloud, &args.data_dir, port).await?;
+            Some((
+                provider,
+                format!("https://{}:{port}", args.cloud.control_plane_ip()),
+            ))
+        }
+        crate::cloud::CloudKind::None => None,
+    };
 
     // Credentials: the administrator's kubeconfig, and the controllers' own identity.
     let pki = Pki::new(&args.data_dir);
@@ -332,6 +357,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         &ca.cert_pem,
         &scheduler_cert,
         "system:kube-scheduler",
+    )?;
+
+    let cloud_cert = pki.ensure_client(
+        "cloud-controller",
+        "system:cloud-controller",
+        &["system:masters"],
+    )?;
+    let cloud_path = args.data_dir.join("cloud-controller.kubeconfig");
+    kubeconfig::write(
+        &cloud_path,
+        &url,
+        &ca.cert_pem,
+        &cloud_cert,
+        "system:cloud-controller",
     )?;
 
     server.wait_ready().await;
@@ -394,6 +433,45 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             )));
     }
 
+    if let Some((provider, vm_url)) = &cloud {
+        let client = client_from(&cloud_path).await?;
+        let events = canopy_controllers::events::EventSink::default();
+        let recorder = events.recorder("cloud-controller");
+        {
+            let client = client.clone();
+            components
+                .lock()
+                .await
+                .push(tokio::spawn(async move { events.run(client).await }));
+        }
+        let credentials: Arc<dyn canopy_cloud_controller::NodeCredentials> =
+            Arc::new(crate::cloud::CaCredentials {
+                pki: Pki::new(&args.data_dir),
+                ca_pem: ca.cert_pem.clone(),
+                server_url: vm_url.clone(),
+            });
+        let provider: Arc<dyn canopy_cloud::CloudProvider> = provider.clone();
+        let config = crate::cloud::controller_config(&args.cloud);
+        components
+            .lock()
+            .await
+            .push(tokio::spawn(crate::leader::run_elected(
+                client.clone(),
+                "cloud-controller",
+                args.leader_election.clone(),
+                stop.clone().cancelled_owned(),
+                move || {
+                    canopy_cloud_controller::run(
+                        client.clone(),
+                        provider.clone(),
+                        credentials.clone(),
+                        config.clone(),
+                        recorder.clone(),
+                    )
+                },
+            )));
+        tracing::info!(vm_api = %vm_url, "local cloud ready: tenants' pods get VMs on this machine");
+    }
     println!(
         "Canopy is serving the Kubernetes API at {url}; use it with: export KUBECONFIG={}",
         std::fs::canonicalize(&admin_path)
@@ -403,6 +481,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let result = serving.await.context("API server task failed")?;
     for task in components.lock().await.drain(..) {
         task.abort();
+    }
+    if args.cloud.cleanup
+        && let Some((provider, _)) = &cloud
+    {
+        tracing::info!("--cleanup: deleting the local cloud's VMs, networks and ports");
+        provider
+            .destroy_all()
+            .await
+            .context("cleaning up the local cloud")?;
     }
     drop(store);
     tracing::info!("stopped");

@@ -5,6 +5,7 @@ mod auth;
 mod client;
 mod controllers;
 mod pods;
+mod provision;
 mod scheduler;
 
 /// Benchmarks.
@@ -23,6 +24,9 @@ pub enum BenchCommand {
     /// The node agent on a warm node (root, runc): pod create → Running latency, pods started
     /// per second, and create/delete cycles checked for leaks.
     Pods(pods::PodsArgs),
+    /// The single-machine cloud (root): pod create → Running on a warm VM and when the pod
+    /// needs a brand-new VM, and the VM's boot (create → Node Ready).
+    Provision(provision::ProvisionArgs),
     /// The scheduler: pods bound per second and create→bound latency with simulated nodes
     /// spread over tenants.
     Scheduler(scheduler::SchedulerArgs),
@@ -35,6 +39,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Scheduler(args) => scheduler::run(args).await,
         BenchCommand::Controllers(args) => controllers::run(args).await,
         BenchCommand::Pods(args) => pods::run(args).await,
+        BenchCommand::Provision(args) => provision::run(args).await,
     }
 }
 

@@ -63,6 +63,11 @@ impl Cluster {
         Self::launch(backend, &[])
     }
 
+    /// Starts a server with its scheduler, every controller and extra flags.
+    pub fn with_scheduler_and(backend: Backend, extra: &[&str]) -> Self {
+        Self::launch(backend, extra)
+    }
+
     /// Starts a server (without the scheduler) with extra `canopy server` flags. Of the
     /// controllers it runs only those the API's own behaviour relies on (namespace deletion,
     /// Tenant status), unless `extra` says otherwise: workload controllers would race the

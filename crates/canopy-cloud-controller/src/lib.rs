@@ -1,0 +1,712 @@
+//! The cloud controller (seed §1, §2, §8): everything that talks to the IaaS.
+//!
+//! - **Provisioning.** Pods the scheduler found no room for (`PodScheduled=False`,
+//!   `Unschedulable`, for lack of capacity) are packed into the room the tenant's VMs still
+//!   have, then into new VMs of the smallest flavor that takes them ([`plan`]), within the
+//!   tenant's VM quota. A VM boots straight into `canopy agent` with a credential for its
+//!   own Node and its tenant, and the scheduler places the pods as the Node joins. A pod no
+//!   flavor can take gets a Warning Event saying so.
+//! - **Pod NICs.** Every pod bound to one of the cloud's VMs gets a port in its tenant's
+//!   network, plugged into that VM and recorded on the pod
+//!   ([`canopy_api::POD_PORT_ANNOTATION`]), where the node agent's CNI plugin finds it. The
+//!   port goes when the pod does.
+//! - **Scale-down.** A VM that ran no pods for the idle time is cordoned and deleted with its
+//!   Node; a VM whose Node never became Ready in the boot time is replaced.
+//!
+//! Data flows one way: informers on pods, nodes and tenants and the provider's lists are
+//! read, decisions are made, and the IaaS and the API are written. Every IaaS object is
+//! named after what it serves (a tenant, a pod's uid), so a controller restarted at any
+//! point finds what it made and nothing is orphaned.
+
+pub mod plan;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use canopy_api::tenant::{TENANT_LABEL, Tenant};
+use canopy_cloud::{
+    Bootstrap, CloudProvider, Flavor, NetworkSpec, NicSpec, PortSpec, Server, ServerSpec,
+    ServerStatus, Subnet,
+};
+use canopy_controllers::{events::Recorder, informer::Informer};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::watcher,
+};
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::plan::{Pending, Resources};
+
+/// Label on the Nodes of the cloud's VMs: the provider that made them.
+pub const PROVIDER_LABEL: &str = "canopy.io/provider";
+/// Upstream's label for a node's machine type.
+pub const INSTANCE_TYPE_LABEL: &str = "node.kubernetes.io/instance-type";
+
+/// How the cloud controller behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// VM sizes, from the smallest.
+    pub flavors: Vec<Flavor>,
+    /// A tenant's network when its Tenant names none (tenants' ranges may overlap).
+    pub default_subnet: Subnet,
+    /// A VM without pods for this long is removed.
+    pub idle_timeout: Duration,
+    /// A VM whose Node is not Ready this long after creation is replaced.
+    pub boot_timeout: Duration,
+    /// How often everything is looked at again when nothing changed.
+    pub resync: Duration,
+    /// Pods a VM's agent takes at most.
+    pub max_pods: u64,
+    /// Further arguments for every VM's agent.
+    pub agent_args: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            flavors: vec![Flavor {
+                name: "c2m4".into(),
+                vcpus: 2,
+                memory_mib: 4096,
+            }],
+            default_subnet: Subnet::parse("10.0.0.0/16").unwrap_or(Subnet {
+                address: std::net::Ipv4Addr::new(10, 0, 0, 0),
+                prefix: 16,
+            }),
+            idle_timeout: Duration::from_secs(300),
+            boot_timeout: Duration::from_secs(180),
+            resync: Duration::from_secs(10),
+            max_pods: 110,
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+/// Credentials for the cloud's VMs.
+pub trait NodeCredentials: Send + Sync {
+    /// A kubeconfig for the agent of `node`, a VM of `tenant`: user `system:node:<node>` in
+    /// `system:nodes` and the tenant's group, and the control plane's address as the VM
+    /// reaches it.
+    fn kubeconfig(&self, node: &str, tenant: &str) -> Result<String>;
+}
+
+struct Controller {
+    client: Client,
+    cloud: Arc<dyn CloudProvider>,
+    credentials: Arc<dyn NodeCredentials>,
+    config: Config,
+    recorder: Recorder,
+    pods: Informer<Pod>,
+    nodes: Informer<Node>,
+    tenants: Informer<Tenant>,
+    /// Since when each VM runs no pods.
+    idle_since: Mutex<HashMap<String, Instant>>,
+    /// Pods already told they fit no flavor (told once).
+    told_unfit: Mutex<HashSet<String>>,
+}
+
+/// Runs the cloud controller until the future is dropped.
+pub async fn run(
+    client: Client,
+    cloud: Arc<dyn CloudProvider>,
+    credentials: Arc<dyn NodeCredentials>,
+    mut config: Config,
+    recorder: Recorder,
+) {
+    config
+        .flavors
+        .sort_by_key(|f| (u64::from(f.vcpus) * 1024 + f.memory_mib, f.name.clone()));
+    let wake = Arc::new(Notify::new());
+    let pods = Informer::<Pod>::new("cloud-pods");
+    let nodes = Informer::<Node>::new("cloud-nodes");
+    let tenants = Informer::<Tenant>::new("cloud-tenants");
+    {
+        let wake = wake.clone();
+        pods.add_handler(move |_| wake.notify_one());
+    }
+    {
+        let wake = wake.clone();
+        nodes.add_handler(move |_| wake.notify_one());
+    }
+    {
+        let wake = wake.clone();
+        tenants.add_handler(move |_| wake.notify_one());
+    }
+    let _informers = AbortOnDrop(vec![
+        tokio::spawn(
+            pods.clone()
+                .run(Api::all(client.clone()), watcher::Config::default(), None),
+        ),
+        tokio::spawn(
+            nodes
+                .clone()
+                .run(Api::all(client.clone()), watcher::Config::default(), None),
+        ),
+        tokio::spawn(tenants.clone().run(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            None,
+        )),
+    ]);
+    let controller = Controller {
+        client,
+        cloud,
+        credentials,
+        config,
+        recorder,
+        pods,
+        nodes,
+        tenants,
+        idle_since: Mutex::default(),
+        told_unfit: Mutex::default(),
+    };
+    controller.pods.wait_synced().await;
+    controller.nodes.wait_synced().await;
+    controller.tenants.wait_synced().await;
+    tracing::info!(
+        provider = controller.cloud.name(),
+        "cloud controller running"
+    );
+    loop {
+        if let Err(error) = controller.reconcile().await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cloud reconcile failed; retrying"
+            );
+        }
+        tokio::select! {
+            _ = wake.notified() => {
+                // Changes come in bursts (a Deployment's pods): take them together.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep(controller.config.resync) => {}
+        }
+    }
+}
+
+/// The informers' tasks end with the controller.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The tenant's network's name in the IaaS.
+fn network_name(tenant: &str) -> String {
+    format!("t-{tenant}")
+}
+
+/// A pod's port's name in the IaaS.
+fn port_name(uid: &str) -> String {
+    format!("pod-{uid}")
+}
+
+fn pod_tenant(pod: &Pod) -> Option<&str> {
+    pod.labels().get(TENANT_LABEL).map(String::as_str)
+}
+
+fn quantity(q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> (u64, u64) {
+    let parsed = q.and_then(|q| canopy_api::quantity::Quantity::parse(&q.0).ok());
+    parsed.map_or((0, 0), |p| {
+        (p.milli().max(0) as u64, p.value().max(0) as u64)
+    })
+}
+
+/// What a pod asks for, as the scheduler counts it: its containers' requests summed, or its
+/// largest init container's if bigger.
+fn pod_needs(pod: &Pod) -> Resources {
+    let Some(spec) = &pod.spec else {
+        return Resources::default();
+    };
+    let of = |c: &k8s_openapi::api::core::v1::Container| {
+        let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+        let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
+        let get = |name: &str| {
+            requests
+                .and_then(|r| r.get(name))
+                .or_else(|| limits.and_then(|l| l.get(name)))
+        };
+        (quantity(get("cpu")).0, quantity(get("memory")).1)
+    };
+    let (mut cpu, mut memory) = (0, 0);
+    for c in &spec.containers {
+        let (c_cpu, c_mem) = of(c);
+        cpu += c_cpu;
+        memory += c_mem;
+    }
+    for c in spec.init_containers.iter().flatten() {
+        let (c_cpu, c_mem) = of(c);
+        cpu = cpu.max(c_cpu);
+        memory = memory.max(c_mem);
+    }
+    Resources {
+        cpu_millis: cpu,
+        memory_bytes: memory,
+        pods: 1,
+    }
+}
+
+fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Whether the scheduler found no room for the pod (as opposed to constraints a new VM
+/// would not meet either).
+fn waits_for_capacity(pod: &Pod) -> bool {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some()
+        || pod_finished(pod)
+    {
+        return false;
+    }
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+                && c.message.as_deref().is_some_and(|m| {
+                    m.starts_with("0/0 nodes")
+                        || m.contains("Insufficient")
+                        || m.contains("Too many pods")
+                        || m.contains("no nodes available")
+                })
+        })
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A DNS-label-safe part of a tenant's name for VM names.
+fn name_part(tenant: &str) -> String {
+    let cleaned: String = tenant
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(24)
+        .collect();
+    let trimmed = cleaned.trim_matches('-');
+    if trimmed.is_empty() {
+        "tenant".into()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Controller {
+    async fn reconcile(&self) -> Result<()> {
+        let servers = self.cloud.list_servers().await.context("listing servers")?;
+        let nodes: HashMap<String, Arc<Node>> = self
+            .nodes
+            .list()
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect();
+        let pods = self.pods.list();
+        self.provision(&servers, &nodes, &pods).await?;
+        self.plug_ports(&servers, &pods).await?;
+        self.release_ports(&pods).await?;
+        self.scale_down(&servers, &nodes, &pods).await?;
+        self.forget_nodes(&servers, &nodes).await?;
+        Ok(())
+    }
+
+    fn tenant_subnet(&self, tenant: &str) -> Subnet {
+        self.tenants
+            .list()
+            .into_iter()
+            .find(|t| t.name_any() == tenant)
+            .and_then(|t| t.spec.network.as_ref()?.cidr.clone())
+            .and_then(|cidr| Subnet::parse(&cidr).ok())
+            .unwrap_or(self.config.default_subnet)
+    }
+
+    fn tenant_vm_quota(&self, tenant: &str) -> Option<i64> {
+        self.tenants
+            .list()
+            .into_iter()
+            .find(|t| t.name_any() == tenant)
+            .and_then(|t| t.spec.quota.as_ref()?.vms)
+    }
+
+    /// New VMs for tenants whose pods wait for room.
+    async fn provision(
+        &self,
+        servers: &[Server],
+        nodes: &HashMap<String, Arc<Node>>,
+        pods: &[Arc<Pod>],
+    ) -> Result<()> {
+        let mut waiting: BTreeMap<&str, Vec<&Arc<Pod>>> = BTreeMap::new();
+        for pod in pods.iter().filter(|p| waits_for_capacity(p)) {
+            if let Some(tenant) = pod_tenant(pod) {
+                waiting.entry(tenant).or_default().push(pod);
+            }
+        }
+        for (tenant, waiting) in waiting {
+            let mine: Vec<&Server> = servers.iter().filter(|s| s.tenant == tenant).collect();
+            // Room: what Ready VMs have left, whole flavors on VMs still booting.
+            let room: Vec<Resources> = mine
+                .iter()
+                .filter(|s| !matches!(s.status, ServerStatus::Error(_) | ServerStatus::Shutoff))
+                .map(|s| match nodes.get(&s.name) {
+                    Some(node) if node_ready(node) => self.free_room(node, pods),
+                    _ => Resources::of_flavor(&s.flavor, self.config.max_pods),
+                })
+                .collect();
+            let pending: Vec<Pending> = waiting
+                .iter()
+                .map(|p| Pending {
+                    key: format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                    needs: pod_needs(p),
+                })
+                .collect();
+            let plan = plan::plan(&pending, &room, &self.config.flavors, self.config.max_pods);
+            for key in &plan.unfit {
+                let Some(pod) = waiting.iter().find(|p| {
+                    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *key
+                }) else {
+                    continue;
+                };
+                let uid = pod.uid().unwrap_or_default();
+                if self.told_unfit.lock().insert(uid) {
+                    let largest = self.config.flavors.last();
+                    self.recorder.warning(
+                        pod.as_ref(),
+                        "NotTriggerScaleUp",
+                        format!(
+                            "pod didn't trigger scale-up: it does not fit any VM flavor (the largest, {}, has {} vCPU and {} MiB)",
+                            largest.map_or("-", |f| f.name.as_str()),
+                            largest.map_or(0, |f| f.vcpus),
+                            largest.map_or(0, |f| f.memory_mib)
+                        ),
+                    );
+                }
+            }
+            let Some(flavor) = plan.flavor else { continue };
+            let mut new_vms = plan.new_vms;
+            if let Some(quota) = self.tenant_vm_quota(tenant) {
+                let allowed = (quota - mine.len() as i64).max(0) as usize;
+                if allowed < new_vms {
+                    for pod in &waiting {
+                        self.recorder.warning(
+                            pod.as_ref(),
+                            "NotTriggerScaleUp",
+                            format!(
+                                "pod didn't trigger scale-up: tenant {tenant:?} has {} of its {quota} VMs",
+                                mine.len()
+                            ),
+                        );
+                    }
+                    new_vms = allowed;
+                }
+            }
+            if new_vms == 0 {
+                continue;
+            }
+            let network = self
+                .cloud
+                .ensure_network(&NetworkSpec {
+                    name: network_name(tenant),
+                    tenant: tenant.to_string(),
+                    subnet: self.tenant_subnet(tenant),
+                    gateway: None,
+                })
+                .await
+                .with_context(|| format!("the network of tenant {tenant}"))?;
+            for _ in 0..new_vms {
+                let name = format!("{}-{}", name_part(tenant), random_suffix());
+                let started = Instant::now();
+                let server = self
+                    .create_vm(&name, tenant, &flavor, &network.name)
+                    .await?;
+                tracing::info!(server = %server.name, tenant, flavor = %flavor.name, elapsed_ms = started.elapsed().as_millis() as u64, "created a VM");
+                for pod in &waiting {
+                    self.recorder.normal(
+                        pod.as_ref(),
+                        "TriggeredScaleUp",
+                        format!(
+                            "pod triggered scale-up: VM {} ({}) for tenant {tenant}",
+                            server.name, flavor.name
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a Ready VM's Node has left for pods.
+    fn free_room(&self, node: &Node, pods: &[Arc<Pod>]) -> Resources {
+        let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+        let get = |name: &str| quantity(allocatable.and_then(|a| a.get(name)));
+        let mut room = Resources {
+            cpu_millis: get("cpu").0,
+            memory_bytes: get("memory").1,
+            pods: get("pods").1,
+        };
+        let name = node.name_any();
+        for pod in pods.iter().filter(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                && !pod_finished(p)
+        }) {
+            let needs = pod_needs(pod);
+            room.cpu_millis = room.cpu_millis.saturating_sub(needs.cpu_millis);
+            room.memory_bytes = room.memory_bytes.saturating_sub(needs.memory_bytes);
+            room.pods = room.pods.saturating_sub(1);
+        }
+        room
+    }
+
+    async fn create_vm(
+        &self,
+        name: &str,
+        tenant: &str,
+        flavor: &Flavor,
+        network: &str,
+    ) -> Result<Server> {
+        let kubeconfig = self
+            .credentials
+            .kubeconfig(name, tenant)
+            .context("issuing the VM's node credential")?;
+        let mut agent_args = vec![
+            "--network-plugin".to_string(),
+            "canopy".to_string(),
+            "--node-labels".to_string(),
+            format!(
+                "{PROVIDER_LABEL}={},{INSTANCE_TYPE_LABEL}={}",
+                self.cloud.name(),
+                flavor.name
+            ),
+            "--max-pods".to_string(),
+            self.config.max_pods.to_string(),
+        ];
+        agent_args.extend(self.config.agent_args.iter().cloned());
+        let spec = ServerSpec {
+            name: name.to_string(),
+            tenant: tenant.to_string(),
+            flavor: flavor.clone(),
+            nic: NicSpec {
+                network: network.to_string(),
+                ip: None,
+            },
+            bootstrap: Bootstrap {
+                node_name: name.to_string(),
+                kubeconfig,
+                agent_args,
+            },
+            tags: BTreeMap::from([("tenant".to_string(), tenant.to_string())]),
+        };
+        Ok(self.cloud.create_server(&spec).await?)
+    }
+
+    /// Ports for pods bound to the cloud's VMs that have none yet.
+    async fn plug_ports(&self, servers: &[Server], pods: &[Arc<Pod>]) -> Result<()> {
+        let by_name: HashMap<&str, &Server> =
+            servers.iter().map(|s| (s.name.as_str(), s)).collect();
+        for pod in pods {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+                continue;
+            };
+            let Some(server) = by_name.get(node) else {
+                continue;
+            };
+            if pod_finished(pod)
+                || pod.metadata.deletion_timestamp.is_some()
+                || pod
+                    .annotations()
+                    .contains_key(canopy_api::POD_PORT_ANNOTATION)
+                || pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+            {
+                continue;
+            }
+            if let Err(error) = self.plug_port(pod, server).await {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()), error = format!("{error:#}"), "giving a pod its port failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn plug_port(&self, pod: &Pod, server: &Server) -> Result<()> {
+        let uid = pod.uid().context("pod without uid")?;
+        let networks = self.cloud.list_networks().await?;
+        let network = networks
+            .iter()
+            .find(|n| n.name == server.network)
+            .with_context(|| format!("network {} of server {}", server.network, server.name))?;
+        let port = self
+            .cloud
+            .create_port(&PortSpec {
+                name: port_name(&uid),
+                network: network.name.clone(),
+                ip: None,
+                tags: BTreeMap::from([
+                    (
+                        "pod".to_string(),
+                        format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                    ),
+                    ("uid".to_string(), uid.clone()),
+                ]),
+            })
+            .await?;
+        let port = self.cloud.attach_port(&port.name, &server.name).await?;
+        let record = json!({
+            "name": port.name,
+            "device": port.device,
+            "ip": port.ip.to_string(),
+            "prefix": network.subnet.prefix,
+            "mac": port.mac,
+            "gateway": network.gateway.to_string(),
+        });
+        let patch = json!({
+            "metadata": {
+                "annotations": {canopy_api::POD_PORT_ANNOTATION: record.to_string()},
+                // Guards against a pod re-created under the same name meanwhile.
+                "uid": uid,
+            }
+        });
+        Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default())
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .context("recording the port on the pod")?;
+        tracing::info!(pod = %pod.name_any(), port = %port.name, ip = %port.ip, server = %server.name, "plugged a pod's port");
+        Ok(())
+    }
+
+    /// Ports of pods that are gone.
+    async fn release_ports(&self, pods: &[Arc<Pod>]) -> Result<()> {
+        let live: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+        for port in self.cloud.list_ports().await? {
+            let Some(uid) = port.name.strip_prefix("pod-") else {
+                continue;
+            };
+            if !live.contains(uid) {
+                self.cloud.delete_port(&port.name).await?;
+                tracing::info!(port = %port.name, "released the port of a deleted pod");
+            }
+        }
+        Ok(())
+    }
+
+    /// Idle VMs, and VMs that never became nodes, go.
+    async fn scale_down(
+        &self,
+        servers: &[Server],
+        nodes: &HashMap<String, Arc<Node>>,
+        pods: &[Arc<Pod>],
+    ) -> Result<()> {
+        let now = Instant::now();
+        for server in servers {
+            let node = nodes.get(&server.name);
+            let age = chrono::Utc::now()
+                .signed_duration_since(server.created_at)
+                .to_std()
+                .unwrap_or_default();
+            if !node.is_some_and(|n| node_ready(n)) {
+                if age > self.config.boot_timeout {
+                    tracing::warn!(server = %server.name, status = ?server.status, "the VM's node never became Ready; replacing it");
+                    self.remove_vm(&server.name).await?;
+                }
+                continue;
+            }
+            let busy = pods.iter().any(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(server.name.as_str())
+                    && !pod_finished(p)
+                    && !p.owner_references().iter().any(|o| o.kind == "DaemonSet")
+            });
+            let idle_for = {
+                let mut idle = self.idle_since.lock();
+                if busy {
+                    idle.remove(&server.name);
+                    continue;
+                }
+                now.duration_since(*idle.entry(server.name.clone()).or_insert(now))
+            };
+            if idle_for >= self.config.idle_timeout {
+                tracing::info!(server = %server.name, idle_s = idle_for.as_secs(), "removing an idle VM");
+                self.remove_vm(&server.name).await?;
+                self.idle_since.lock().remove(&server.name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_vm(&self, name: &str) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        // Cordoned first, so that nothing is placed on it while it goes.
+        let cordon = json!({"spec": {"unschedulable": true}});
+        let _ = nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&cordon))
+            .await;
+        self.cloud.delete_server(name).await?;
+        match nodes.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error).context("deleting the VM's Node"),
+        }
+        Ok(())
+    }
+
+    /// Nodes of this provider's VMs that no longer exist.
+    async fn forget_nodes(
+        &self,
+        servers: &[Server],
+        nodes: &HashMap<String, Arc<Node>>,
+    ) -> Result<()> {
+        let names: HashSet<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+        for (name, node) in nodes {
+            if node.labels().get(PROVIDER_LABEL).map(String::as_str) != Some(self.cloud.name())
+                || names.contains(name.as_str())
+            {
+                continue;
+            }
+            tracing::info!(node = %name, "deleting the Node of a VM that is gone");
+            match Api::<Node>::all(self.client.clone())
+                .delete(name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(error).context("deleting a Node"),
+            }
+        }
+        Ok(())
+    }
+}

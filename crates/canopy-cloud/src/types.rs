@@ -1,0 +1,178 @@
+//! The objects of the provider interface.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// An IPv4 subnet, `address/prefix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subnet {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses `10.0.0.0/16`; the address is masked to the network.
+    pub fn parse(text: &str) -> Result<Subnet, String> {
+        let (address, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+        let address: Ipv4Addr = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 30)
+            .ok_or_else(|| format!("prefix {prefix:?} must be 0 to 30"))?;
+        Ok(Subnet {
+            address: Ipv4Addr::from(u32::from(address) & Self::mask_of(prefix)),
+            prefix,
+        })
+    }
+
+    fn mask_of(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
+    }
+
+    /// The netmask.
+    pub fn mask(&self) -> u32 {
+        Self::mask_of(self.prefix)
+    }
+
+    /// Whether an address is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.address)
+    }
+
+    /// The n-th address of the subnet (0 is the network address).
+    pub fn nth(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - self.prefix);
+        (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.address) + n))
+    }
+
+    /// Usable host addresses: not the network or broadcast address.
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let size = 1u32 << (32 - self.prefix);
+        (1..size - 1).filter_map(move |n| self.nth(n))
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+/// A tenant network (a VPC with one subnet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub tenant: String,
+    pub subnet: Subnet,
+    /// The gateway's address; by default the subnet's first address.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    pub tenant: String,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+}
+
+/// A server's size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flavor {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// What the server's agent needs to join the cluster; the provider turns it into the
+/// server's configuration (the local provider: files and the agent's command line; an
+/// OpenStack one: the image's configuration drive). Nothing else runs at boot (seed §7).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bootstrap {
+    /// The Node's name.
+    pub node_name: String,
+    /// A kubeconfig with the node's credential.
+    pub kubeconfig: String,
+    /// Further `canopy agent` arguments.
+    pub agent_args: Vec<String>,
+}
+
+/// The server's own NIC: a static address in a tenant network (no DHCP; seed §7).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub network: String,
+    /// An address of the network's subnet; allocated by the provider when absent.
+    pub ip: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSpec {
+    pub name: String,
+    pub tenant: String,
+    pub flavor: Flavor,
+    pub nic: NicSpec,
+    pub bootstrap: Bootstrap,
+    /// Free-form labels kept with the server (the controller records what it needs to find
+    /// its servers again).
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerStatus {
+    /// Created, not yet running its agent.
+    Building,
+    /// Running.
+    Active,
+    /// Stopped without being deleted (its agent exited, the host rebooted).
+    Shutoff,
+    /// Could not be created or started.
+    Error(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    pub name: String,
+    pub tenant: String,
+    pub flavor: Flavor,
+    pub status: ServerStatus,
+    /// The address its agent serves on and reaches the control plane from.
+    pub management_ip: Option<Ipv4Addr>,
+    /// Its address in the tenant network.
+    pub ip: Option<Ipv4Addr>,
+    pub network: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub name: String,
+    pub network: String,
+    /// An address of the network's subnet; allocated by the provider when absent.
+    pub ip: Option<Ipv4Addr>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub name: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The server it is plugged into.
+    pub server: Option<String>,
+    /// The interface's name inside that server (at most 15 bytes).
+    pub device: String,
+    pub tags: BTreeMap<String, String>,
+}

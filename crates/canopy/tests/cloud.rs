@@ -1,0 +1,351 @@
+//! The single-machine cloud end to end: `canopy server` with the local provider creates VMs
+//! (network namespaces running `canopy agent`) for a tenant whose pods do not fit, gives
+//! each pod a NIC in the tenant's network, removes idle VMs, keeps tenants' networks apart
+//! even with the same address range, and leaves nothing behind with `--cleanup`.
+//!
+//! Needs root, iproute2, nftables, runc and busybox-static (`.ci/run` installs them).
+
+mod common;
+
+use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+
+use common::{Cluster, canopy_exe};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Node, Pod},
+};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const IMAGE: &str = "canopy.test/busybox:1.35";
+
+fn require_root_tools() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the cloud tests create network namespaces and must run as root (CI does)"
+    );
+    common::require("runc", "install Debian's runc (.ci/run does)");
+    common::require("ip", "install Debian's iproute2 (.ci/run does)");
+    common::require("nft", "install Debian's nftables (.ci/run does)");
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is required: install Debian's busybox-static (.ci/run does)"
+    );
+}
+
+/// An agent image store with the test image, which every new VM starts with.
+fn image_store(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("vm-image");
+    let archive = dir.join("busybox.tar");
+    canopy_image::testing::busybox_oci_archive(&archive, IMAGE).unwrap();
+    let out = Command::new(canopy_exe())
+        .args(["image", "import"])
+        .arg(&archive)
+        .arg("--root-dir")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "canopy image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join("images")
+}
+
+async fn tenant_namespace(admin: &kube::Client, name: &str, tenant: &str) -> Api<Pod> {
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"canopy.io/tenant": tenant}}}),
+    )
+    .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    Api::namespaced(admin.clone(), name)
+}
+
+fn deployment(name: &str, replicas: i32, cpu: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": IMAGE,
+                    "command": ["sleep", "3600"],
+                    "resources": {"requests": {"cpu": cpu, "memory": "32Mi"}}}]}}}
+    }))
+    .unwrap()
+}
+
+async fn running_pods(
+    cluster: &Cluster,
+    pods: &Api<Pod>,
+    selector: &str,
+    count: usize,
+) -> Vec<Pod> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = pods
+            .list(&ListParams::default().labels(selector))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        let running: Vec<Pod> = list
+            .iter()
+            .filter(|p| {
+                let status = p.status.as_ref();
+                status.and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && status.and_then(|s| s.pod_ip.as_deref()).is_some()
+            })
+            .cloned()
+            .collect();
+        if running.len() == count {
+            return running;
+        }
+        if std::time::Instant::now() > deadline {
+            let statuses: Vec<_> = list
+                .iter()
+                .map(|p| {
+                    (
+                        &p.metadata.name,
+                        &p.spec.as_ref().unwrap().node_name,
+                        &p.status,
+                    )
+                })
+                .collect();
+            panic!(
+                "timed out waiting for {count} running pods with {selector}: {statuses:#?}\nserver log:\n{}\nagents:\n{}",
+                cluster.log(),
+                agent_logs(cluster.data_dir())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `wait_until`, failing with the server's and the VMs' logs.
+async fn wait_logged<T>(
+    cluster: &Cluster,
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}\nserver log:\n{}\nagents:\n{}",
+                cluster.log(),
+                agent_logs(cluster.data_dir())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn agent_logs(data_dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(data_dir.join("cloud/servers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.push_str(&format!("== {}\n", entry.path().display()));
+        out.push_str(&std::fs::read_to_string(entry.path().join("agent.log")).unwrap_or_default());
+    }
+    out
+}
+
+fn pod_ip(pod: &Pod) -> Ipv4Addr {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Whether a ping from inside a pod (kubectl exec) reaches `ip`.
+fn pings(cluster: &Cluster, namespace: &str, pod: &str, ip: Ipv4Addr) -> bool {
+    cluster
+        .kubectl(&[
+            "-n",
+            namespace,
+            "exec",
+            pod,
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &ip.to_string(),
+        ])
+        .status
+        .success()
+}
+
+fn namespaces_with(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let images = image_store(scratch.path());
+    let management = format!("100.{}.0.0/16", 64 + (std::process::id() % 60));
+    let cluster = Cluster::with_scheduler_and(
+        common::Backend::Embedded,
+        &[
+            "--cloud",
+            "local",
+            "--cleanup",
+            "--cloud-flavors",
+            "c1m1:1:1024",
+            "--cloud-idle-timeout",
+            "5s",
+            "--cloud-management-cidr",
+            &management,
+            "--cloud-image-store",
+            images.to_str().unwrap(),
+        ],
+    );
+    let admin = cluster.client().await;
+    let shop = tenant_namespace(&admin, "shop", "acme").await;
+    let rival = tenant_namespace(&admin, "rival", "globex").await;
+
+    // A tenant with no VMs: three pods of 600m each need three 1-vCPU VMs.
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
+    deployments
+        .create(&PostParams::default(), &deployment("web", 3, "600m"))
+        .await
+        .unwrap();
+    let web = running_pods(&cluster, &shop, "app=web", 3).await;
+    let nodes: Vec<String> = web
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .collect();
+    let mut distinct = nodes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one VM per pod: {nodes:?}");
+    let node_api: Api<Node> = Api::all(admin.clone());
+    for name in &distinct {
+        let node = node_api.get(name).await.unwrap();
+        let labels = node.metadata.labels.unwrap();
+        assert_eq!(labels["canopy.io/tenant"], "acme");
+        assert_eq!(labels["canopy.io/provider"], "local");
+        assert_eq!(labels["node.kubernetes.io/instance-type"], "c1m1");
+    }
+    let subnet_a: Vec<Ipv4Addr> = web.iter().map(pod_ip).collect();
+    for ip in &subnet_a {
+        assert_eq!(
+            ip.octets()[..2],
+            [10, 0],
+            "{ip} is in the tenant's 10.0.0.0/16"
+        );
+    }
+    // Pods on different VMs talk directly, on one flat network.
+    let first = web[0].metadata.name.clone().unwrap();
+    for ip in &subnet_a[1..] {
+        assert!(
+            pings(&cluster, "shop", &first, *ip),
+            "{first} cannot reach {ip}"
+        );
+    }
+    // The port is recorded on the pod, and the pod sees it as eth0 with its MAC.
+    let record: serde_json::Value = serde_json::from_str(
+        &web[0].metadata.annotations.as_ref().unwrap()[canopy_api::POD_PORT_ANNOTATION],
+    )
+    .unwrap();
+    let link = cluster.kubectl_ok(&[
+        "-n", "shop", "exec", &first, "--", "ip", "link", "show", "eth0",
+    ]);
+    assert!(
+        link.contains(record["mac"].as_str().unwrap()),
+        "{link} / {record}"
+    );
+
+    // Tenant B, with the same address range, reaches none of A's pods.
+    let rival_deployments: Api<Deployment> = Api::namespaced(admin.clone(), "rival");
+    rival_deployments
+        .create(&PostParams::default(), &deployment("spy", 1, "100m"))
+        .await
+        .unwrap();
+    let spy = running_pods(&cluster, &rival, "app=spy", 1).await;
+    let spy_name = spy[0].metadata.name.clone().unwrap();
+    let spy_node = spy[0].spec.as_ref().unwrap().node_name.clone().unwrap();
+    assert!(!distinct.contains(&spy_node), "tenants never share a VM");
+    let spy_ip = pod_ip(&spy[0]);
+    assert_eq!(spy_ip.octets()[..2], [10, 0]);
+    for ip in subnet_a.iter().filter(|ip| **ip != spy_ip) {
+        assert!(
+            !pings(&cluster, "rival", &spy_name, *ip),
+            "tenant B reached tenant A's {ip}"
+        );
+    }
+
+    // Scale to zero: the VMs go after the idle time, with their Nodes.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .unwrap();
+    wait_logged(
+        &cluster,
+        "tenant A's VMs to be removed",
+        Duration::from_secs(90),
+        async || {
+            let left = node_api
+                .list(&ListParams::default().labels("canopy.io/tenant=acme"))
+                .await
+                .ok()?
+                .items;
+            left.is_empty().then_some(())
+        },
+    )
+    .await;
+    let instance_namespaces = namespaces_with("cnp-");
+    for name in &distinct {
+        assert!(
+            !instance_namespaces
+                .iter()
+                .any(|n| n.ends_with(name.as_str())),
+            "the namespace of VM {name} is left: {instance_namespaces:?}"
+        );
+    }
+    assert!(
+        node_api.get(&spy_node).await.is_ok(),
+        "tenant B's busy VM stays"
+    );
+
+    // --cleanup on shutdown: nothing of the cloud is left on the machine.
+    let before = namespaces_with("cnp-");
+    assert!(!before.is_empty());
+    let tag = before[0].split('-').nth(1).unwrap().to_string();
+    drop(cluster);
+    let after = namespaces_with(&format!("cnp-{tag}-"));
+    assert!(after.is_empty(), "namespaces left: {after:?}");
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains(&format!("canopy_{tag}")),
+        "nft table left"
+    );
+}
