@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// The node's IP address, reported as InternalIP.
     pub internal_ip: Option<String>,
+    /// Further addresses reported as InternalIP after it.
+    pub extra_internal_ips: Vec<String>,
     /// Capacity: cpu in millicores, memory in bytes, pods, ephemeral storage in bytes.
     pub capacity: Capacity,
     /// Port of the agent's HTTPS endpoint (logs), if it serves one.
@@ -343,6 +345,7 @@ pub fn status(
             config
                 .internal_ip
                 .iter()
+                .chain(&config.extra_internal_ips)
                 .map(|ip| NodeAddress {
                     type_: "InternalIP".into(),
                     address: ip.clone(),
@@ -509,6 +512,7 @@ mod tests {
             tenant: Some("acme".into()),
             labels: BTreeMap::from([("zone".into(), "a".into())]),
             internal_ip: Some("10.0.0.5".into()),
+            extra_internal_ips: Vec::new(),
             capacity: Capacity {
                 cpu_millis: 2500,
                 memory_bytes: 4 << 30,

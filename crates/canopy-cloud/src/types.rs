@@ -23,8 +23,8 @@ impl Subnet {
         let prefix: u8 = prefix
             .parse()
             .ok()
-            .filter(|p| *p <= 30)
-            .ok_or_else(|| format!("prefix {prefix:?} must be 0 to 30"))?;
+            .filter(|p| (1..=30).contains(p))
+            .ok_or_else(|| format!("prefix {prefix:?} must be 1 to 30"))?;
         Ok(Subnet {
             address: Ipv4Addr::from(u32::from(address) & Self::mask_of(prefix)),
             prefix,
@@ -57,8 +57,8 @@ impl Subnet {
 
     /// Usable host addresses: not the network or broadcast address.
     pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        let size = 1u32 << (32 - self.prefix);
-        (1..size - 1).filter_map(move |n| self.nth(n))
+        let size = 1u64 << (32 - self.prefix.clamp(1, 32));
+        (1..size.saturating_sub(1)).filter_map(move |n| self.nth(n as u32))
     }
 }
 

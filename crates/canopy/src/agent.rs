@@ -24,9 +24,11 @@ pub struct AgentArgs {
     /// Further Node labels, `key=value,key=value`.
     #[arg(long, value_delimiter = ',')]
     node_labels: Vec<String>,
-    /// The node's address (InternalIP), also the pods' hostIP.
-    #[arg(long)]
-    node_ip: Option<String>,
+    /// The node's addresses (InternalIP), comma-separated: the first is the one the control
+    /// plane reaches the agent at and the pods' hostIP; further ones are reported too (a VM's
+    /// address in its tenant's network).
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<String>,
     /// Persistent state: images, containers' writable layers, pods' volumes.
     #[arg(long, default_value = "/var/lib/canopy/agent")]
     root_dir: PathBuf,
@@ -145,7 +147,14 @@ impl AgentArgs {
             }
         };
         let shim_binary = std::env::current_exe().context("locating the canopy executable")?;
-        let address = match (self.address, &self.node_ip) {
+        for ip in &self.node_ip {
+            ip.parse::<std::net::IpAddr>()
+                .with_context(|| format!("--node-ip {ip:?} is not an IP address"))?;
+        }
+        let mut node_ips = self.node_ip.clone().into_iter();
+        let primary_ip = node_ips.next();
+        let extra_ips: Vec<String> = node_ips.collect();
+        let address = match (self.address, &primary_ip) {
             (Some(address), _) => address,
             (None, Some(ip)) => ip
                 .parse()
@@ -157,7 +166,8 @@ impl AgentArgs {
                 name: self.node_name.unwrap_or_else(host_name),
                 tenant: self.tenant,
                 labels,
-                internal_ip: self.node_ip,
+                internal_ip: primary_ip,
+                extra_internal_ips: extra_ips,
                 capacity,
                 daemon_port: None,
                 annotations: BTreeMap::new(),

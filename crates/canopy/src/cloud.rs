@@ -48,6 +48,10 @@ pub struct CloudArgs {
     /// server (added to this machine's loopback), each VM's agent gets one of the others.
     #[arg(long, default_value = "100.64.0.0/16", value_parser = parse_subnet)]
     pub cloud_management_cidr: Subnet,
+    /// The port VMs reach the API server at, on the management network's first address. It
+    /// stays the same across restarts (VMs keep their kubeconfigs), whatever --bind says.
+    #[arg(long, default_value_t = 6443)]
+    pub cloud_api_port: u16,
     /// An agent image store (`canopy image import --root-dir DIR`, then DIR/images) copied
     /// into each new local VM, like a VM image with container images preloaded.
     #[arg(long)]

@@ -305,10 +305,13 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let cloud_kind = args.cloud.kind();
     if cloud_kind == crate::cloud::CloudKind::Local {
         crate::cloud::prepare_host(&args.cloud).await?;
-        config.extra_binds.push(SocketAddr::new(
-            args.cloud.control_plane_ip().into(),
-            args.bind.port(),
-        ));
+        // A wildcard --bind on the same port already covers the management address.
+        if !(args.bind.ip().is_unspecified() && args.bind.port() == args.cloud.cloud_api_port) {
+            config.extra_binds.push(SocketAddr::new(
+                args.cloud.control_plane_ip().into(),
+                args.cloud.cloud_api_port,
+            ));
+        }
     }
     let server = ApiServer::new(config, store.clone()).await?;
     let url = local_url(server.local_addr());
@@ -318,7 +321,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 .extra_local_addrs()
                 .first()
                 .map(|a| a.port())
-                .context("the management listener")?;
+                .unwrap_or(args.cloud.cloud_api_port);
             let provider = crate::cloud::open_local(&args.cloud, &args.data_dir, port).await?;
             Some((
                 provider,

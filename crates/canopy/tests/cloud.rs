@@ -199,13 +199,12 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
-    require_root_tools();
-    let scratch = tempfile::tempdir().unwrap();
-    let images = image_store(scratch.path());
-    let management = format!("100.{}.0.0/16", 64 + (std::process::id() % 60));
-    let cluster = Cluster::with_scheduler_and(
+/// A server with the local cloud: 1-vCPU VMs, a short idle time, the test image preloaded,
+/// a management network of its own (tests run side by side), and `--cleanup`.
+fn cloud_cluster(scratch: &Path, management_octet: u32) -> Cluster {
+    let images = image_store(scratch);
+    let management = format!("100.{}.0.0/16", 64 + management_octet % 60);
+    Cluster::with_scheduler_and(
         common::Backend::Embedded,
         &[
             "--cloud",
@@ -220,7 +219,23 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
             "--cloud-image-store",
             images.to_str().unwrap(),
         ],
-    );
+    )
+}
+
+/// The local cloud's instance tag of a server: a hash of its data directory, as the server
+/// derives it.
+fn instance_of(cluster: &Cluster) -> String {
+    use sha2::Digest;
+    let dir = std::fs::canonicalize(cluster.data_dir()).unwrap();
+    let digest = sha2::Sha256::digest(dir.to_string_lossy().as_bytes());
+    digest[..2].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let cluster = cloud_cluster(scratch.path(), std::process::id());
     let admin = cluster.client().await;
     let shop = tenant_namespace(&admin, "shop", "acme").await;
     let rival = tenant_namespace(&admin, "rival", "globex").await;
@@ -262,6 +277,27 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
         assert!(
             pings(&cluster, "shop", &first, *ip),
             "{first} cannot reach {ip}"
+        );
+    }
+    // ...and their VMs, whose tenant address is the Node's second InternalIP.
+    for pod in &web {
+        let node = node_api
+            .get(pod.spec.as_ref().unwrap().node_name.as_deref().unwrap())
+            .await
+            .unwrap();
+        let vm_ip: Ipv4Addr = node
+            .status
+            .unwrap()
+            .addresses
+            .unwrap()
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .find(|ip: &Ipv4Addr| ip.octets()[..2] == [10, 0])
+            .expect("the VM's address in its tenant's network");
+        assert!(
+            pings(&cluster, "shop", &first, vm_ip),
+            "{first} cannot reach VM {vm_ip}"
         );
     }
     // The port is recorded on the pod, and the pod sees it as eth0 with its MAC.
@@ -334,9 +370,8 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     );
 
     // --cleanup on shutdown: nothing of the cloud is left on the machine.
-    let before = namespaces_with("cnp-");
-    assert!(!before.is_empty());
-    let tag = before[0].split('-').nth(1).unwrap().to_string();
+    let tag = instance_of(&cluster);
+    assert!(!namespaces_with(&format!("cnp-{tag}-")).is_empty());
     drop(cluster);
     let after = namespaces_with(&format!("cnp-{tag}-"));
     assert!(after.is_empty(), "namespaces left: {after:?}");
@@ -347,5 +382,86 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains(&format!("canopy_{tag}")),
         "nft table left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_provisioning_leaves_no_orphans() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut cluster = cloud_cluster(scratch.path(), std::process::id() + 17);
+    let admin = cluster.client().await;
+    tenant_namespace(&admin, "shop", "acme").await;
+    Api::<Deployment>::namespaced(admin.clone(), "shop")
+        .create(&PostParams::default(), &deployment("web", 2, "600m"))
+        .await
+        .unwrap();
+    // Killed (SIGKILL) as soon as it starts making the first VM, then started again.
+    wait_logged(
+        &cluster,
+        "the first VM to be made",
+        Duration::from_secs(60),
+        async || cluster.log().contains("server created").then_some(()),
+    )
+    .await;
+    cluster.crash_and_restart();
+    let admin = cluster.client().await;
+    let shop: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    let web = running_pods(&cluster, &shop, "app=web", 2).await;
+    let node_api: Api<Node> = Api::all(admin.clone());
+    let vms: Vec<String> = node_api
+        .list(&ListParams::default().labels("canopy.io/tenant=acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert_eq!(
+        vms.len(),
+        2,
+        "two VMs for two pods, none left over: {vms:?}"
+    );
+    let tag = instance_of(&cluster);
+    let vm_namespaces = |tag: &str| {
+        namespaces_with(&format!("cnp-{tag}-"))
+            .into_iter()
+            .filter(|n| !n.ends_with("-sw"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(vm_namespaces(&tag).len(), 2, "{:?}", vm_namespaces(&tag));
+    for pod in &web {
+        assert!(
+            pod.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(canopy_api::POD_PORT_ANNOTATION)
+        );
+    }
+    // Everything made before and after the crash goes when no longer needed.
+    Api::<Deployment>::namespaced(admin.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .unwrap();
+    wait_logged(
+        &cluster,
+        "every VM to be removed",
+        Duration::from_secs(90),
+        async || vm_namespaces(&tag).is_empty().then_some(()),
+    )
+    .await;
+    let ports: Vec<_> = std::fs::read_dir(cluster.data_dir().join("cloud/ports"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        ports
+            .iter()
+            .all(|p| !p.to_string_lossy().starts_with("pod-")),
+        "pods' ports left: {ports:?}"
     );
 }

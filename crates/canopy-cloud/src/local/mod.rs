@@ -4,10 +4,10 @@
 //! flavor and one `canopy agent` running inside both; a tenant network is a bridge in the
 //! switch namespace `cnp-<i>-sw`; a port is a veth pair whose switch end is in the bridge.
 //! Servers reach the control plane (and only it, on its ports) over a management link to
-//! the host. [`net`] describes the isolation; [`names`] how every kernel object is named
-//! (derived from object names, so nothing is orphaned that cannot be found again).
+//! the host. The `net` module describes the isolation; [`names`] how every kernel object is
+//! named (derived from object names, so nothing is orphaned that cannot be found again).
 //!
-//! The state directory is the provider's memory ([`state`]): an object is recorded before
+//! The state directory is the provider's memory (the `state` module): an object is recorded before
 //! its kernel objects are made and forgotten after they are gone, so a crash at any point
 //! leaves a record that `open` either completes (networks, ports, built servers) or cleans
 //! up (a server cut short while being built), and whatever carries this instance's names
@@ -85,13 +85,26 @@ impl LocalConfig {
                 self.management
             );
         }
-        if !self.state_dir.is_absolute() {
-            bail!(
-                "the state directory {} must be an absolute path (servers' agents are given paths in it)",
-                self.state_dir.display()
+        Ok(())
+    }
+
+    /// The paths made absolute: agents run elsewhere than the provider's working
+    /// directory and are given paths in the state directory.
+    fn absolute(mut self) -> Result<LocalConfig> {
+        self.state_dir = std::path::absolute(&self.state_dir)
+            .with_context(|| format!("resolving {}", self.state_dir.display()))?;
+        // A bare command name is looked up in PATH, as `ip netns exec` would.
+        if self.agent_binary.components().count() > 1 {
+            self.agent_binary = std::path::absolute(&self.agent_binary)
+                .with_context(|| format!("resolving {}", self.agent_binary.display()))?;
+        }
+        if let Some(seed) = &self.image_seed {
+            self.image_seed = Some(
+                std::path::absolute(seed)
+                    .with_context(|| format!("resolving {}", seed.display()))?,
             );
         }
-        Ok(())
+        Ok(self)
     }
 }
 
@@ -116,6 +129,7 @@ impl LocalProvider {
     /// objects of this instance that no record accounts for. Idempotent.
     pub async fn open(config: LocalConfig) -> Result<LocalProvider> {
         config.check()?;
+        let config = config.absolute()?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let store = Store::new(config.state_dir.clone());
@@ -159,6 +173,8 @@ impl LocalProvider {
                 errors.push(format!("server {name}: {e:#}"));
             }
         }
+        // Whatever a failed teardown left is, from here on, an orphan like any other.
+        self.state.lock().servers.clear();
         if let Err(e) = self.collect_orphans().await {
             errors.push(format!("{e:#}"));
         }
@@ -458,8 +474,13 @@ impl LocalProvider {
             rec.node_name.clone(),
             "--tenant".into(),
             rec.tenant.clone(),
+            // The management address first (the control plane reaches the agent there),
+            // then the VM's address in its tenant's network, which its pods reach.
             "--node-ip".into(),
-            mgmt.clone(),
+            match rec.ip {
+                Some(ip) => format!("{mgmt},{ip}"),
+                None => mgmt.clone(),
+            },
             "--address".into(),
             mgmt,
             "--cpu".into(),
@@ -1180,13 +1201,32 @@ mod tests {
                 management: Subnet::parse("100.64.0.0/30").unwrap(),
                 ..config()
             },
-            LocalConfig {
-                state_dir: "relative".into(),
-                ..config()
-            },
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }
+        let relative = LocalConfig {
+            state_dir: "data/cloud".into(),
+            agent_binary: "target/canopy".into(),
+            image_seed: Some("seed".into()),
+            ..config()
+        }
+        .absolute()
+        .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(relative.state_dir, cwd.join("data/cloud"));
+        assert_eq!(relative.agent_binary, cwd.join("target/canopy"));
+        assert_eq!(relative.image_seed, Some(cwd.join("seed")));
+        let bare = LocalConfig {
+            agent_binary: "canopy".into(),
+            ..config()
+        }
+        .absolute()
+        .unwrap();
+        assert_eq!(
+            bare.agent_binary,
+            PathBuf::from("canopy"),
+            "looked up in PATH"
+        );
     }
 
     #[test]

@@ -473,6 +473,9 @@ impl Kernel {
     /// Removes a network's bridge (its ports' switch ends must be gone), rule and guard
     /// entries; whatever is already gone is skipped.
     pub async fn remove_network(&self, rec: &NetworkRecord) -> Result<()> {
+        if !netns_exists(&self.switch) {
+            return Ok(());
+        }
         let sw = Some(self.switch.as_str());
         delete_link(sw, &names::bridge(&rec.network.name)).await?;
         if self.has_rule(rec.mark).await? {
@@ -513,6 +516,10 @@ impl Kernel {
     }
 
     pub async fn unguard_port(&self, port: &Port) -> Result<()> {
+        if !netns_exists(&self.switch) {
+            // No switch, no guard: nothing to remove (tearing down a damaged cloud).
+            return Ok(());
+        }
         let element = port_element(port);
         Cmd::nft(
             Some(&self.switch),
@@ -553,6 +560,9 @@ impl Kernel {
     }
 
     pub async fn unplug(&self, port: &str) -> Result<()> {
+        if !netns_exists(&self.switch) {
+            return Ok(());
+        }
         delete_link(Some(&self.switch), &names::port_switch_link(port)).await
     }
 
