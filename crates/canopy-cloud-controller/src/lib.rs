@@ -337,6 +337,15 @@ impl Controller {
             .map(|n| (n.name_any(), n))
             .collect();
         let pods = self.pods.list();
+        // Memory of pods and VMs that are gone is dropped.
+        {
+            let live: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+            self.told_unfit.lock().retain(|uid| live.contains(uid));
+            let names: HashSet<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+            self.idle_since
+                .lock()
+                .retain(|name, _| names.contains(name.as_str()));
+        }
         self.provision(&servers, &nodes, &pods).await?;
         self.plug_ports(&servers, &pods).await?;
         self.release_ports(&pods).await?;

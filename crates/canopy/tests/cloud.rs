@@ -313,6 +313,32 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
         "{link} / {record}"
     );
 
+    // A server in a pod answers on its pod IP, to another pod of the tenant.
+    let httpd: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "httpd", "labels": {"app": "httpd"}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "main", "image": IMAGE,
+            "command": ["sh", "-c", "mkdir -p /www && echo served on the pod IP > /www/index.html && exec httpd -f -p 8080 -h /www"],
+            "resources": {"requests": {"cpu": "100m"}}}]}
+    }))
+    .unwrap();
+    shop.create(&PostParams::default(), &httpd).await.unwrap();
+    let httpd = running_pods(&cluster, &shop, "app=httpd", 1).await;
+    let url = format!("http://{}:8080/index.html", pod_ip(&httpd[0]));
+    let page = wait_logged(
+        &cluster,
+        "the page from the pod IP",
+        Duration::from_secs(20),
+        async || {
+            let out = cluster.kubectl(&["-n", "shop", "exec", &first, "--", "wget", "-qO-", &url]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .await;
+    assert_eq!(page, "served on the pod IP\n");
+    shop.delete("httpd", &Default::default()).await.unwrap();
+
     // Tenant B, with the same address range, reaches none of A's pods.
     let rival_deployments: Api<Deployment> = Api::namespaced(admin.clone(), "rival");
     rival_deployments
