@@ -29,10 +29,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use canopy_api::tenant::{TENANT_LABEL, Tenant};
 use canopy_cloud::{
-    Bootstrap, CloudProvider, Flavor, NetworkSpec, NicSpec, PortSpec, Server, ServerSpec,
+    Bootstrap, CloudProvider, Flavor, Network, NetworkSpec, NicSpec, PortSpec, Server, ServerSpec,
     ServerStatus, Subnet,
 };
-use canopy_controllers::{events::Recorder, informer::Informer};
+use canopy_controllers::{
+    events::Recorder,
+    informer::{Informer, ObjectKey},
+};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
@@ -354,22 +357,19 @@ impl Controller {
         Ok(())
     }
 
+    fn tenant(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.tenants.get(&ObjectKey::cluster(name))
+    }
+
     fn tenant_subnet(&self, tenant: &str) -> Subnet {
-        self.tenants
-            .list()
-            .into_iter()
-            .find(|t| t.name_any() == tenant)
+        self.tenant(tenant)
             .and_then(|t| t.spec.network.as_ref()?.cidr.clone())
             .and_then(|cidr| Subnet::parse(&cidr).ok())
             .unwrap_or(self.config.default_subnet)
     }
 
     fn tenant_vm_quota(&self, tenant: &str) -> Option<i64> {
-        self.tenants
-            .list()
-            .into_iter()
-            .find(|t| t.name_any() == tenant)
-            .and_then(|t| t.spec.quota.as_ref()?.vms)
+        self.tenant(tenant).and_then(|t| t.spec.quota.as_ref()?.vms)
     }
 
     /// New VMs for tenants whose pods wait for room.
@@ -546,6 +546,7 @@ impl Controller {
     async fn plug_ports(&self, servers: &[Server], pods: &[Arc<Pod>]) -> Result<()> {
         let by_name: HashMap<&str, &Server> =
             servers.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut networks: Option<HashMap<String, Network>> = None;
         for pod in pods {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
                 continue;
@@ -562,20 +563,30 @@ impl Controller {
             {
                 continue;
             }
-            if let Err(error) = self.plug_port(pod, server).await {
+            // The networks are read once per pass, and only when a pod needs a port.
+            if networks.is_none() {
+                networks = Some(
+                    self.cloud
+                        .list_networks()
+                        .await?
+                        .into_iter()
+                        .map(|n| (n.name.clone(), n))
+                        .collect(),
+                );
+            }
+            let Some(network) = networks.as_ref().and_then(|n| n.get(&server.network)) else {
+                tracing::warn!(server = %server.name, network = %server.network, "a VM's network is missing");
+                continue;
+            };
+            if let Err(error) = self.plug_port(pod, server, network).await {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()), error = format!("{error:#}"), "giving a pod its port failed");
             }
         }
         Ok(())
     }
 
-    async fn plug_port(&self, pod: &Pod, server: &Server) -> Result<()> {
+    async fn plug_port(&self, pod: &Pod, server: &Server, network: &Network) -> Result<()> {
         let uid = pod.uid().context("pod without uid")?;
-        let networks = self.cloud.list_networks().await?;
-        let network = networks
-            .iter()
-            .find(|n| n.name == server.network)
-            .with_context(|| format!("network {} of server {}", server.network, server.name))?;
         let port = self
             .cloud
             .create_port(&PortSpec {

@@ -605,11 +605,13 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 break;
             }
             while let Some((key, seq)) = lane.pop_front() {
-                let live = queued.get(&key).is_some_and(|q| q.seq == seq);
-                if !live {
+                // A stale lane entry (the key was re-queued since) is skipped.
+                if queued.get(&key).is_none_or(|q| q.seq != seq) {
                     continue;
                 }
-                let entry = queued.remove(&key).expect("checked above");
+                let Some(entry) = queued.remove(&key) else {
+                    continue;
+                };
                 let series = &self.shared.series;
                 series.depth[entry.lane as usize].dec();
                 series.queue_duration[entry.lane as usize]

@@ -56,20 +56,7 @@ impl Agent {
         std::fs::create_dir_all(&base).unwrap();
         let kubeconfig = node_kubeconfig(cluster, node, Some(tenant));
         // The image every test pod runs, built from the host's busybox.
-        let archive = base.join("busybox.tar");
-        canopy_image::testing::busybox_oci_archive(&archive, IMAGE).unwrap();
-        let out = Command::new(canopy_exe())
-            .args(["image", "import"])
-            .arg(&archive)
-            .arg("--root-dir")
-            .arg(&root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "canopy image import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::import_busybox(&root, IMAGE);
         let cgroup_parent = format!("canopy-test-{node}-{}", std::process::id());
         let args: Vec<String> = vec![
             "agent".into(),

@@ -9,7 +9,7 @@ mod common;
 
 use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
-use common::{Cluster, canopy_exe};
+use common::Cluster;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Namespace, Node, Pod},
@@ -35,22 +35,7 @@ fn require_root_tools() {
 
 /// An agent image store with the test image, which every new VM starts with.
 fn image_store(dir: &Path) -> std::path::PathBuf {
-    let root = dir.join("vm-image");
-    let archive = dir.join("busybox.tar");
-    canopy_image::testing::busybox_oci_archive(&archive, IMAGE).unwrap();
-    let out = Command::new(canopy_exe())
-        .args(["image", "import"])
-        .arg(&archive)
-        .arg("--root-dir")
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "canopy image import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    root.join("images")
+    common::import_busybox(&dir.join("vm-image"), IMAGE)
 }
 
 async fn tenant_namespace(admin: &kube::Client, name: &str, tenant: &str) -> Api<Pod> {

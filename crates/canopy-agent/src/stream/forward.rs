@@ -6,23 +6,16 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::mpsc,
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Message,
-        protocol::{CloseFrame, Role, frame::coding::CloseCode},
-    },
-};
+use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EARLY_DATA_LIMIT, PORT_FORWARD_PROTOCOLS, Refusal, SPDY_TUNNEL, accept, accept_spdy, frame,
-    is_spdy,
+    EARLY_DATA_LIMIT, PORT_FORWARD_PROTOCOLS, Refusal, SPDY_TUNNEL, accept, accept_spdy,
+    close_normally, frame, is_spdy, upgraded, upgraded_websocket,
 };
 use crate::{api::Body, pods};
 
@@ -85,13 +78,8 @@ pub async fn port_forward(
     if is_spdy(&request) {
         let response = accept_spdy(&request, "portforward.k8s.io")?;
         tokio::spawn(async move {
-            match hyper::upgrade::on(request).await {
-                Ok(upgraded) => {
-                    run_spdy_port_forward(TokioIo::new(upgraded), netns, uid, shutdown).await
-                }
-                Err(error) => {
-                    tracing::debug!(error = %error, "a port-forward connection failed to upgrade")
-                }
+            if let Some(io) = upgraded(request).await {
+                run_spdy_port_forward(io, netns, uid, shutdown).await;
             }
         });
         return Ok(response);
@@ -99,19 +87,8 @@ pub async fn port_forward(
     let (response, protocol) = accept(&request, PORT_FORWARD_PROTOCOLS)?;
     if protocol == SPDY_TUNNEL {
         tokio::spawn(async move {
-            match hyper::upgrade::on(request).await {
-                Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        None,
-                    )
-                    .await;
-                    run_spdy_port_forward(tunnel(ws), netns, uid, shutdown).await
-                }
-                Err(error) => {
-                    tracing::debug!(error = %error, "a port-forward connection failed to upgrade")
-                }
+            if let Some(ws) = upgraded_websocket(request).await {
+                run_spdy_port_forward(tunnel(ws), netns, uid, shutdown).await;
             }
         });
         return Ok(response);
@@ -124,15 +101,9 @@ pub async fn port_forward(
         ));
     }
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(request).await {
-            Ok(u) => u,
-            Err(error) => {
-                tracing::debug!(error = %error, "a port-forward connection failed to upgrade");
-                return;
-            }
-        };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        run_port_forward(ws, netns, uid, ports, shutdown).await;
+        if let Some(ws) = upgraded_websocket(request).await {
+            run_port_forward(ws, netns, uid, ports, shutdown).await;
+        }
     });
     Ok(response)
 }
@@ -154,14 +125,7 @@ async fn run_port_forward<S>(
                 return;
             }
         }
-        // Clients (client-go) read a close without a status as an error.
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+        close_normally(&mut sink).await;
     });
     for (i, port) in ports.iter().enumerate() {
         let le = port.to_le_bytes();
@@ -452,12 +416,7 @@ where
                     }
                 }
             }
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "".into(),
-                })))
-                .await;
+            close_normally(&mut sink).await;
         };
         tokio::join!(inbound, outbound);
     });

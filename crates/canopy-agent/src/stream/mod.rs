@@ -18,11 +18,20 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::SinkExt;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Message,
+        handshake::derive_accept_key,
+        protocol::{CloseFrame, Role, frame::coding::CloseCode},
+    },
+};
 
 use crate::{api::Body, pods};
 
@@ -131,6 +140,41 @@ fn accept(
         );
     }
     Ok((response, chosen))
+}
+
+/// An upgraded connection.
+type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+
+/// The connection once the client got our 101; `None` (logged) when it never does.
+async fn upgraded(request: Request<Incoming>) -> Option<Upgraded> {
+    match hyper::upgrade::on(request).await {
+        Ok(upgraded) => Some(TokioIo::new(upgraded)),
+        Err(error) => {
+            tracing::debug!(error = %error, "a stream failed to upgrade");
+            None
+        }
+    }
+}
+
+/// The server side of an upgraded WebSocket.
+async fn upgraded_websocket(request: Request<Incoming>) -> Option<WebSocketStream<Upgraded>> {
+    let io = upgraded(request).await?;
+    Some(WebSocketStream::from_raw_socket(io, Role::Server, None).await)
+}
+
+/// Ends a WebSocket as clients expect: client-go reads a close without a status as an
+/// error.
+async fn close_normally<S>(sink: &mut futures::stream::SplitSink<WebSocketStream<S>, Message>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
+    let _ = sink.close().await;
 }
 
 /// A query flag as the kubelet reads it.

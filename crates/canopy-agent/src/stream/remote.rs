@@ -8,24 +8,18 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{mpsc, oneshot},
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Message,
-        protocol::{CloseFrame, Role, frame::coding::CloseCode},
-    },
-};
+use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     CLOSE, ERROR, EXEC_PROTOCOLS, ExecOptions, RESIZE, Refusal, STDERR, STDIN, STDOUT, accept,
-    accept_spdy, exit_status, flag, frame, is_spdy, running_container,
+    accept_spdy, close_normally, exit_status, flag, frame, is_spdy, running_container, upgraded,
+    upgraded_websocket,
 };
 use crate::{api::Body, pods, spdy};
 
@@ -150,28 +144,20 @@ fn serve(
     if is_spdy(&request) {
         let response = accept_spdy(&request, SPDY_PROTOCOL)?;
         tokio::spawn(async move {
-            match hyper::upgrade::on(request).await {
-                Ok(upgraded) => {
-                    if let Some(ends) = spdy_transport(TokioIo::new(upgraded), wanted).await {
-                        run(target, ends, wanted, shutdown).await;
-                    }
-                }
-                Err(error) => tracing::debug!(error = %error, "a stream failed to upgrade"),
+            let Some(io) = upgraded(request).await else {
+                return;
+            };
+            if let Some(ends) = spdy_transport(io, wanted).await {
+                run(target, ends, wanted, shutdown).await;
             }
         });
         return Ok(response);
     }
     let (response, protocol) = accept(&request, EXEC_PROTOCOLS)?;
     tokio::spawn(async move {
-        match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
-                let ends = websocket_transport(ws, protocol == "v5.channel.k8s.io", wanted);
-                run(target, ends, wanted, shutdown).await;
-            }
-            Err(error) => tracing::debug!(error = %error, "a stream failed to upgrade"),
+        if let Some(ws) = upgraded_websocket(request).await {
+            let ends = websocket_transport(ws, protocol == "v5.channel.k8s.io", wanted);
+            run(target, ends, wanted, shutdown).await;
         }
     });
     Ok(response)
@@ -483,14 +469,7 @@ where
         if let Ok(status) = status_rx.await {
             let _ = sink.send(frame(ERROR, status.to_string().as_bytes())).await;
         }
-        // Clients (client-go) read a close without a status as an error.
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+        close_normally(&mut sink).await;
     });
     Ends {
         input,

@@ -273,21 +273,9 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
         .await?
         .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
     let container = pick_container(call, &pod)?;
-    let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
-        return Err(ApiError::bad_request(format!(
-            "pod {} does not have a host assigned",
-            call.name()
-        )));
-    };
+    let node_name = assigned_node(call, &pod)?;
     let query = log_query(call)?;
-    let Some(nodes) = call.ctx.nodes.clone() else {
-        return Err(ApiError::unavailable(
-            "this API server does not reach node agents",
-        ));
-    };
-    let node = node_object(call, node_name)
-        .await?
-        .ok_or_else(|| ApiError::unavailable(format!("node {node_name:?} does not exist")))?;
+    let (nodes, node) = agent_of(call, node_name).await?;
     let path = format!(
         "/containerLogs/{}/{}/{}{query}",
         enc(meta::namespace(&pod)),
@@ -296,26 +284,55 @@ pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
     );
     let response = nodes.get(&node, &path).await?;
     if response.status() != StatusCode::OK {
-        // The agent answers errors with a Status, as the kubelet does.
-        use http_body_util::BodyExt;
-        let code = response.status().as_u16();
-        // The node is its tenant's: what it says is bounded.
-        let bytes = http_body_util::Limited::new(response.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let message = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(match code {
-            400 => ApiError::bad_request(message),
-            404 => ApiError::not_found(target(def, call.name())),
-            _ => ApiError::unavailable(message),
-        });
+        return Err(agent_error(call, response).await);
     }
     Ok(stream_logs(response.into_body(), call.ctx.shutdown.clone()))
+}
+
+/// The node a pod is bound to, which logs and streams are served by.
+fn assigned_node<'p>(call: &Call<'_>, pod: &'p Value) -> ApiResult<&'p str> {
+    meta::path_str(pod, "spec.nodeName")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {} does not have a host assigned", call.name()))
+        })
+}
+
+/// The API server's client towards agents, and the Node whose agent to call.
+async fn agent_of(
+    call: &Call<'_>,
+    node_name: &str,
+) -> ApiResult<(std::sync::Arc<crate::nodeproxy::NodeClient>, Value)> {
+    let Some(nodes) = call.ctx.nodes.clone() else {
+        return Err(ApiError::unavailable(
+            "this API server does not reach node agents",
+        ));
+    };
+    let node = node_object(call, node_name)
+        .await?
+        .ok_or_else(|| ApiError::unavailable(format!("node {node_name:?} does not exist")))?;
+    Ok((nodes, node))
+}
+
+/// An agent's refusal as the client's error: the agent answers errors with a Status, as the
+/// kubelet does; the node is its tenant's, so what it says is bounded.
+async fn agent_error(call: &Call<'_>, response: http::Response<hyper::body::Incoming>) -> ApiError {
+    use http_body_util::BodyExt;
+    let code = response.status().as_u16();
+    let bytes = http_body_util::Limited::new(response.into_body(), 64 << 10)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    match code {
+        400 => ApiError::bad_request(message),
+        404 => ApiError::not_found(target(call.req.def, call.name())),
+        _ => ApiError::unavailable(message),
+    }
 }
 
 /// The container a log or stream request is for: the one named, or the pod's only one
@@ -391,21 +408,9 @@ pub(super) async fn stream(call: &Call<'_>) -> ApiResult<Response<Body>> {
             }
         )));
     }
-    let Some(node_name) = meta::path_str(&pod, "spec.nodeName").filter(|n| !n.is_empty()) else {
-        return Err(ApiError::bad_request(format!(
-            "pod {} does not have a host assigned",
-            call.name()
-        )));
-    };
+    let node_name = assigned_node(call, &pod)?;
     let path = agent_stream_path(call, sub, &pod)?;
-    let Some(nodes) = call.ctx.nodes.clone() else {
-        return Err(ApiError::unavailable(
-            "this API server does not reach node agents",
-        ));
-    };
-    let node = node_object(call, node_name)
-        .await?
-        .ok_or_else(|| ApiError::unavailable(format!("node {node_name:?} does not exist")))?;
+    let (nodes, node) = agent_of(call, node_name).await?;
     let mut upgrade_headers = http::HeaderMap::new();
     for name in [
         header::UPGRADE,
@@ -426,22 +431,7 @@ pub(super) async fn stream(call: &Call<'_>) -> ApiResult<Response<Body>> {
         .ok_or_else(|| ApiError::bad_request("the connection cannot be upgraded"))?;
     let mut response = nodes.upgrade(&node, &path, &upgrade_headers).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        use http_body_util::BodyExt;
-        let code = response.status().as_u16();
-        let bytes = http_body_util::Limited::new(response.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let message = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(match code {
-            400 => ApiError::bad_request(message),
-            404 => ApiError::not_found(target(def, call.name())),
-            _ => ApiError::unavailable(message),
-        });
+        return Err(agent_error(call, response).await);
     }
     let node_side = hyper::upgrade::on(&mut response);
     let mut answer = Response::new(http_body_util::BodyExt::boxed(http_body_util::Empty::new()));

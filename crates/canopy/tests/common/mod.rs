@@ -232,6 +232,28 @@ fn start_server(dir: &Path, store: &str, extra: &[String]) -> ServerProcess {
     })
 }
 
+/// Imports a busybox image named `image`, built from the host's busybox, into the agent image
+/// store under `root` with `canopy image import` (as an operator would); returns the store.
+pub fn import_busybox(root: &Path, image: &str) -> PathBuf {
+    std::fs::create_dir_all(root).unwrap();
+    let archive = root.join("busybox.tar");
+    canopy_image::testing::busybox_oci_archive(&archive, image).unwrap();
+    let out = std::process::Command::new(canopy_exe())
+        .args(["image", "import"])
+        .arg(&archive)
+        .arg("--root-dir")
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "canopy image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&archive);
+    root.join("images")
+}
+
 /// A kube-rs client from a kubeconfig file.
 pub async fn client_for(path: &Path) -> kube::Client {
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
