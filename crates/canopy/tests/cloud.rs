@@ -325,11 +325,19 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     shop.delete("httpd", &Default::default()).await.unwrap();
 
     // Tenant B, with the same address range, reaches none of A's pods.
-    let rival_deployments: Api<Deployment> = Api::namespaced(admin.clone(), "rival");
-    rival_deployments
-        .create(&PostParams::default(), &deployment("spy", 1, "100m"))
-        .await
-        .unwrap();
+    // Made with kubectl (a protobuf body, whose template carries Go's empty nodeName).
+    cluster.kubectl_ok(&[
+        "-n",
+        "rival",
+        "create",
+        "deployment",
+        "spy",
+        "--image",
+        IMAGE,
+        "--",
+        "sleep",
+        "3600",
+    ]);
     let spy = running_pods(&cluster, &rival, "app=spy", 1).await;
     let spy_name = spy[0].metadata.name.clone().unwrap();
     let spy_node = spy[0].spec.as_ref().unwrap().node_name.clone().unwrap();

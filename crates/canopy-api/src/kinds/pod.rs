@@ -207,6 +207,11 @@ pub(crate) fn default_pod_spec(spec: &mut Value) {
     default_value(spec, "securityContext", json!({}));
     default_value(spec, "terminationGracePeriodSeconds", json!(30));
     default_str(spec, "schedulerName", "default-scheduler");
+    // An empty nodeName is no node. Protobuf bodies carry Go's zero value, which upstream's
+    // JSON leaves out; kept, it would read as bound to every client that tests presence.
+    if spec.get("nodeName").and_then(Value::as_str) == Some("") {
+        super::util::remove(spec, "nodeName");
+    }
     // The v1 conversion treats `serviceAccount` as an alias, the newer field winning.
     if str_of(spec, "serviceAccountName").is_empty()
         && let Some(alias) = opt_str(spec, "serviceAccount").map(str::to_string)
@@ -1172,6 +1177,16 @@ mod tests {
             "BestEffort"
         );
         assert_eq!(pod_qos_class(&json!("not a pod")), "BestEffort");
+    }
+
+    #[test]
+    fn an_empty_node_name_is_no_node() {
+        let mut spec = json!({"nodeName": "", "containers": []});
+        default_pod_spec(&mut spec);
+        assert!(spec.get("nodeName").is_none(), "{spec}");
+        let mut bound = json!({"nodeName": "n1", "containers": []});
+        default_pod_spec(&mut bound);
+        assert_eq!(bound["nodeName"], "n1");
     }
 
     #[test]
