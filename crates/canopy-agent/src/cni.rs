@@ -25,6 +25,10 @@ pub struct PortInfo {
     pub prefix: u8,
     pub mac: String,
     pub gateway: Ipv4Addr,
+    /// A public IP bound to the port: the pod carries it as a second address and sends
+    /// from it to anything beyond its subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 impl PortInfo {
@@ -162,12 +166,18 @@ pub struct Attached {
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
 }
 
-/// Whether `ifname` in the namespace already carries the port's address.
+/// Whether `ifname` in the namespace already carries the port's addresses.
 async fn configured(ns: &str, ifname: &str, port: &PortInfo) -> bool {
     match ip(&["-n", ns, "-o", "-4", "addr", "show", "dev", ifname], None).await {
-        Ok(out) => out.contains(&format!(" {}/{} ", port.ip, port.prefix)),
+        Ok(out) => {
+            out.contains(&format!(" {}/{} ", port.ip, port.prefix))
+                && port
+                    .public_ip
+                    .is_none_or(|public| out.contains(&format!(" {public}/32 ")))
+        }
         Err(_) => false,
     }
 }
@@ -183,6 +193,7 @@ pub async fn add(netns: &Path, ifname: &str, port: &PortInfo) -> Result<Attached
         ip: port.ip,
         prefix: port.prefix,
         gateway: port.gateway,
+        public_ip: port.public_ip,
     };
     if configured(ns, ifname, port).await {
         return Ok(attached);
@@ -213,12 +224,23 @@ pub async fn add(netns: &Path, ifname: &str, port: &PortInfo) -> Result<Attached
     } else {
         format!("link set dev {} name {ifname}\n", port.device)
     };
+    // With a public IP, the pod is reached at it from the public network and answers
+    // from it; what it starts beyond its subnet leaves from it too (the subnet's own route
+    // keeps the fixed address for the tenant's network).
+    let (public_addr, source) = match port.public_ip {
+        Some(public) => (
+            format!("addr replace {public}/32 dev {ifname}\n"),
+            format!(" src {public}"),
+        ),
+        None => (String::new(), String::new()),
+    };
     let batch = format!(
         "{rename}link set dev {ifname} address {mac}\n\
          addr replace {ip}/{prefix} dev {ifname}\n\
+         {public_addr}\
          link set dev {ifname} up\n\
          link set dev lo up\n\
-         route replace default via {gateway} dev {ifname}\n",
+         route replace default via {gateway} dev {ifname}{source}\n",
         mac = port.mac,
         ip = port.ip,
         prefix = port.prefix,
@@ -270,6 +292,7 @@ mod tests {
             prefix: 16,
             mac: "02:aa:bb:cc:dd:ee".into(),
             gateway: Ipv4Addr::new(10, 0, 0, 1),
+            public_ip: None,
         }
     }
 

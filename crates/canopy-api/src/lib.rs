@@ -42,3 +42,11 @@ pub const AGENT_API_CLIENT_USER: &str = "canopy:apiserver-node-client";
 /// plugged into the pod by the node agent's CNI plugin (JSON: name, device, ip, prefix, mac,
 /// gateway).
 pub const POD_PORT_ANNOTATION: &str = "canopy.io/port";
+
+/// A pod asks for a public IP with this annotation set to `"true"`: the cloud controller
+/// binds one to the pod's port, and the pod is reached at it from the public network.
+pub const POD_PUBLIC_IP_ANNOTATION: &str = "canopy.io/public-ip";
+
+/// The public IP the cloud controller bound to the pod (set by it; read it, e.g. through
+/// the downward API, to learn the pod's public address).
+pub const POD_PUBLIC_IP_ADDRESS_ANNOTATION: &str = "canopy.io/public-ip-address";

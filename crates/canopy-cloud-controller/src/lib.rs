@@ -9,7 +9,9 @@
 //! - **Pod NICs.** Every pod bound to one of the cloud's VMs gets a port in its tenant's
 //!   network, plugged into that VM and recorded on the pod
 //!   ([`canopy_api::POD_PORT_ANNOTATION`]), where the node agent's CNI plugin finds it. The
-//!   port goes when the pod does.
+//!   port goes when the pod does. A pod annotated `canopy.io/public-ip: "true"` also gets a
+//!   public IP bound to its port (recorded in the port record and in
+//!   [`canopy_api::POD_PUBLIC_IP_ADDRESS_ANNOTATION`]), released with the pod.
 //! - **Scale-down.** A VM that ran no pods for the idle time is cordoned and deleted with its
 //!   Node; a VM whose Node never became Ready in the boot time is replaced.
 //!
@@ -18,6 +20,7 @@
 //! named after what it serves (a tenant, a pod's uid), so a controller restarted at any
 //! point finds what it made and nothing is orphaned.
 
+pub mod metrics;
 pub mod plan;
 
 use std::{
@@ -29,8 +32,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use canopy_api::tenant::{TENANT_LABEL, Tenant};
 use canopy_cloud::{
-    Bootstrap, CloudProvider, Flavor, Network, NetworkSpec, NicSpec, PortSpec, Server, ServerSpec,
-    ServerStatus, Subnet,
+    Bootstrap, CloudProvider, Flavor, Network, NetworkSpec, NicSpec, PortSpec, PublicIpSpec,
+    Server, ServerSpec, ServerStatus, Subnet,
 };
 use canopy_controllers::{
     events::Recorder,
@@ -123,7 +126,9 @@ pub async fn run(
     credentials: Arc<dyn NodeCredentials>,
     mut config: Config,
     recorder: Recorder,
+    metrics: metrics::Metrics,
 ) {
+    let cloud = metrics.instrument(cloud);
     config
         .flavors
         .sort_by_key(|f| (u64::from(f.vcpus) * 1024 + f.memory_mib, f.name.clone()));
@@ -179,7 +184,10 @@ pub async fn run(
         "cloud controller running"
     );
     loop {
-        if let Err(error) = controller.reconcile().await {
+        let started = Instant::now();
+        let result = controller.reconcile().await;
+        metrics.pass(started, result.is_ok());
+        if let Err(error) = result {
             tracing::warn!(
                 error = format!("{error:#}"),
                 "cloud reconcile failed; retrying"
@@ -214,6 +222,17 @@ fn network_name(tenant: &str) -> String {
 /// A pod's port's name in the IaaS.
 fn port_name(uid: &str) -> String {
     format!("pod-{uid}")
+}
+
+/// A pod's public IP's name in the IaaS.
+fn public_ip_name(uid: &str) -> String {
+    format!("pip-{uid}")
+}
+
+fn wants_public_ip(pod: &Pod) -> bool {
+    pod.annotations()
+        .get(canopy_api::POD_PUBLIC_IP_ANNOTATION)
+        .is_some_and(|v| v == "true")
 }
 
 fn pod_tenant(pod: &Pod) -> Option<&str> {
@@ -580,6 +599,11 @@ impl Controller {
             };
             if let Err(error) = self.plug_port(pod, server, network).await {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()), error = format!("{error:#}"), "giving a pod its port failed");
+                self.recorder.warning(
+                    pod.as_ref(),
+                    "FailedNetworkSetup",
+                    format!("the pod's NIC could not be set up: {error:#}"),
+                );
             }
         }
         Ok(())
@@ -603,7 +627,24 @@ impl Controller {
             })
             .await?;
         let port = self.cloud.attach_port(&port.name, &server.name).await?;
-        let record = json!({
+        let public_ip = if wants_public_ip(pod) {
+            let public = self
+                .cloud
+                .create_public_ip(&PublicIpSpec {
+                    name: public_ip_name(&uid),
+                    tags: BTreeMap::from([("uid".to_string(), uid.clone())]),
+                })
+                .await
+                .context("allocating a public IP")?;
+            self.cloud
+                .bind_public_ip(&public.name, &port.name)
+                .await
+                .context("binding the public IP")?;
+            Some(public.address)
+        } else {
+            None
+        };
+        let mut record = json!({
             "name": port.name,
             "device": port.device,
             "ip": port.ip.to_string(),
@@ -611,9 +652,21 @@ impl Controller {
             "mac": port.mac,
             "gateway": network.gateway.to_string(),
         });
+        let mut annotations = serde_json::Map::new();
+        if let Some(public) = public_ip {
+            record["publicIp"] = json!(public.to_string());
+            annotations.insert(
+                canopy_api::POD_PUBLIC_IP_ADDRESS_ANNOTATION.to_string(),
+                json!(public.to_string()),
+            );
+        }
+        annotations.insert(
+            canopy_api::POD_PORT_ANNOTATION.to_string(),
+            json!(record.to_string()),
+        );
         let patch = json!({
             "metadata": {
-                "annotations": {canopy_api::POD_PORT_ANNOTATION: record.to_string()},
+                "annotations": annotations,
                 // Guards against a pod re-created under the same name meanwhile.
                 "uid": uid,
             }
@@ -626,13 +679,29 @@ impl Controller {
             )
             .await
             .context("recording the port on the pod")?;
-        tracing::info!(pod = %pod.name_any(), port = %port.name, ip = %port.ip, server = %server.name, "plugged a pod's port");
+        tracing::info!(pod = %pod.name_any(), port = %port.name, ip = %port.ip, public_ip = ?public_ip, server = %server.name, "plugged a pod's port");
         Ok(())
     }
 
-    /// Ports of pods that are gone.
+    /// Ports and public IPs of pods that are gone.
     async fn release_ports(&self, pods: &[Arc<Pod>]) -> Result<()> {
         let live: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+        match self.cloud.list_public_ips().await {
+            Ok(public_ips) => {
+                for public in public_ips {
+                    let Some(uid) = public.name.strip_prefix("pip-") else {
+                        continue;
+                    };
+                    if !live.contains(uid) {
+                        self.cloud.delete_public_ip(&public.name).await?;
+                        tracing::info!(public_ip = %public.name, address = %public.address, "released the public IP of a deleted pod");
+                    }
+                }
+            }
+            // A cloud without a public network has none to release.
+            Err(canopy_cloud::CloudError::Invalid(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
         for port in self.cloud.list_ports().await? {
             let Some(uid) = port.name.strip_prefix("pod-") else {
                 continue;

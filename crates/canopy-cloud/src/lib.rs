@@ -1,6 +1,6 @@
 //! What Canopy needs from an IaaS (seed §1, §2, §7, §8), as one trait: tenant networks,
 //! servers (VMs) that boot straight into `canopy agent`, ports (NICs) in a tenant's
-//! network that can be attached to a server, and public IPs.
+//! network that can be attached to a server, and public IPs bound to ports.
 //!
 //! Every object is named by the caller, and every call is idempotent on that name: creating
 //! what exists returns it, deleting what is gone succeeds. A cloud controller that crashes
@@ -49,6 +49,19 @@ pub trait CloudProvider: Send + Sync {
     async fn delete_port(&self, name: &str) -> Result<(), CloudError>;
     /// Every port of this cluster.
     async fn list_ports(&self) -> Result<Vec<Port>, CloudError>;
+
+    /// Allocates an address of the public network, or returns the public IP of that name.
+    /// A provider without a public network answers [`CloudError::Invalid`].
+    async fn create_public_ip(&self, spec: &PublicIpSpec) -> Result<PublicIp, CloudError>;
+    /// Binds a public IP to a port: the public network reaches the port at the address,
+    /// and the port may send from it. Binding it again to the same port is a no-op; a
+    /// public IP bound elsewhere is a [`CloudError::Conflict`].
+    async fn bind_public_ip(&self, name: &str, port: &str) -> Result<PublicIp, CloudError>;
+    /// Releases a public IP (unbinding it first). Deleting a port unbinds its public IPs
+    /// but keeps them.
+    async fn delete_public_ip(&self, name: &str) -> Result<(), CloudError>;
+    /// Every public IP of this cluster.
+    async fn list_public_ips(&self) -> Result<Vec<PublicIp>, CloudError>;
 }
 
 /// Why a call failed.

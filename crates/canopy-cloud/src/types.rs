@@ -176,3 +176,20 @@ pub struct Port {
     pub device: String,
     pub tags: BTreeMap<String, String>,
 }
+
+/// A public IP (a floating IP): an address of the public network that reaches a port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicIpSpec {
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicIp {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// The port it is bound to: traffic to the address reaches that port's address, and
+    /// the port sends from it.
+    pub port: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}

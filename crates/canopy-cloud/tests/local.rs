@@ -13,8 +13,8 @@ use std::{
 };
 
 use canopy_cloud::{
-    Bootstrap, CloudError, CloudProvider, Flavor, NetworkSpec, NicSpec, Port, PortSpec, Server,
-    ServerSpec, ServerStatus, Subnet,
+    Bootstrap, CloudError, CloudProvider, Flavor, NetworkSpec, NicSpec, Port, PortSpec,
+    PublicIpSpec, Server, ServerSpec, ServerStatus, Subnet,
     local::{LocalConfig, LocalProvider, names},
 };
 use tokio::{io::AsyncWriteExt, net::TcpListener, process::Command};
@@ -67,6 +67,7 @@ impl Cloud {
             management,
             control_plane_ports: vec![],
             image_seed: None,
+            public: None,
         };
         adjust(&mut config);
         let provider = LocalProvider::open(config.clone())
@@ -186,6 +187,17 @@ async fn free_management_block() -> Subnet {
                 address: Ipv4Addr::from(base + (block << 8)),
                 prefix: 24,
             };
+        }
+    }
+}
+
+/// A random /24 of 198.18.128.0/17 that no address of the host is in, for a public network.
+async fn free_public_block() -> Subnet {
+    let addresses = run(&["ip", "-4", "-o", "addr", "show"]).await;
+    loop {
+        let third = 128 + (random() % 128) as u8;
+        if !addresses.contains(&format!(" 198.18.{third}.")) {
+            return Subnet::parse(&format!("198.18.{third}.0/24")).unwrap();
         }
     }
 }
@@ -1295,4 +1307,275 @@ async fn open_after_a_reboot_restores_everything_and_removes_orphans() {
         .await
         .unwrap();
     assert_eq!(again.status, ServerStatus::Active);
+}
+
+/// Public IPs: allocated from the public network, bound to one port, reached there from
+/// the public network (a client plugged into it, and the host) and from nowhere else;
+/// another tenant's port cannot send from it; unbound with its port, released on delete;
+/// kept across a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ips_reach_their_port_only() {
+    let public = free_public_block().await;
+    let mut cloud = Cloud::with(|c| c.public = Some(public)).await;
+    let p = cloud.p();
+    for (net, tenant) in [("net-t", "t"), ("net-u", "u")] {
+        p.ensure_network(&network_spec(net, tenant, "10.50.0.0/24"))
+            .await
+            .unwrap();
+    }
+    create_server_timed(&cloud, &server_spec("s1", "t", "net-t", None)).await;
+    create_server_timed(&cloud, &server_spec("s2", "u", "net-u", None)).await;
+    // The same fixed address in both tenants' networks.
+    let mut pods = Vec::new();
+    for (port, net, server) in [("pod-a", "net-t", "s1"), ("pod-b", "net-u", "s2")] {
+        let p = cloud.p();
+        let created = p
+            .create_port(&PortSpec {
+                name: port.into(),
+                network: net.into(),
+                ip: Some(ip("10.50.0.50")),
+                tags: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        p.attach_port(port, server).await.unwrap();
+        let pod = cloud.pod_netns(port).await;
+        let server_ns = cloud.netns(server);
+        run(&[
+            "ip",
+            "-n",
+            &server_ns,
+            "link",
+            "set",
+            &created.device,
+            "netns",
+            &pod,
+        ])
+        .await;
+        run(&[
+            "ip",
+            "-n",
+            &pod,
+            "addr",
+            "add",
+            "10.50.0.50/24",
+            "dev",
+            &created.device,
+        ])
+        .await;
+        run(&["ip", "-n", &pod, "link", "set", &created.device, "up"]).await;
+        run(&["ip", "-n", &pod, "link", "set", "lo", "up"]).await;
+        run(&[
+            "ip",
+            "-n",
+            &pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.50.0.1",
+            "dev",
+            &created.device,
+        ])
+        .await;
+        pods.push((pod, created));
+    }
+
+    let p = cloud.p();
+    let spec = PublicIpSpec {
+        name: "pip-a".into(),
+        tags: BTreeMap::from([("pod".to_string(), "a".to_string())]),
+    };
+    let fip = p.create_public_ip(&spec).await.unwrap();
+    assert!(public.contains(fip.address), "{fip:?}");
+    let reserved = [public.nth(1).unwrap(), public.nth(2).unwrap()];
+    assert!(!reserved.contains(&fip.address), "{fip:?}");
+    assert_eq!(fip.port, None);
+    assert_eq!(p.create_public_ip(&spec).await.unwrap(), fip, "idempotent");
+    let other = p
+        .create_public_ip(&PublicIpSpec {
+            name: "pip-b".into(),
+            tags: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    assert_ne!(other.address, fip.address);
+    assert!(matches!(
+        p.bind_public_ip("pip-a", "nope").await,
+        Err(CloudError::NotFound { .. })
+    ));
+    let bound = p.bind_public_ip("pip-a", "pod-a").await.unwrap();
+    assert_eq!(bound.port.as_deref(), Some("pod-a"));
+    assert_eq!(p.bind_public_ip("pip-a", "pod-a").await.unwrap(), bound);
+    assert!(matches!(
+        p.bind_public_ip("pip-a", "pod-b").await,
+        Err(CloudError::Conflict(_))
+    ));
+    // The pod carries its public IP, as the CNI plugin sets it up.
+    let (pod_a, port_a) = &pods[0];
+    let fip_cidr = format!("{}/32", fip.address);
+    run(&[
+        "ip",
+        "-n",
+        pod_a,
+        "addr",
+        "add",
+        &fip_cidr,
+        "dev",
+        &port_a.device,
+    ])
+    .await;
+
+    // A client on the public network (its switch-side link named pub*, as documented).
+    let client = format!("tpub-{}", cloud.i());
+    run(&["ip", "netns", "add", &client]).await;
+    cloud.extra_netns.push(client.clone());
+    let client_link = format!("pubt{}", cloud.i());
+    let sw = cloud.switch();
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &client_link,
+        "netns",
+        &sw,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client,
+    ])
+    .await;
+    run(&[
+        "ip",
+        "-n",
+        &sw,
+        "link",
+        "set",
+        &client_link,
+        "master",
+        "bpub",
+        "up",
+    ])
+    .await;
+    let client_ip = public.nth(200).unwrap();
+    let client_cidr = format!("{client_ip}/24");
+    run(&[
+        "ip",
+        "-n",
+        &client,
+        "addr",
+        "add",
+        &client_cidr,
+        "dev",
+        "eth0",
+    ])
+    .await;
+    run(&["ip", "-n", &client, "link", "set", "eth0", "up"]).await;
+
+    let client_ns = Some(client.as_str());
+    assert_reaches(client_ns, fip.address).await;
+    assert_reaches(None, fip.address).await;
+    // Tenant u's pod, with the same fixed address, reaches its gateway but not the
+    // public IP, nor the client: it has no public IP...
+    let pod_b = Some(pods[1].0.as_str());
+    assert_reaches(pod_b, ip("10.50.0.1")).await;
+    assert_cannot_reach(pod_b, client_ip).await;
+    // ...and cannot send from one that is not its own.
+    let port_b = &pods[1].1;
+    run(&[
+        "ip",
+        "-n",
+        &pods[1].0,
+        "addr",
+        "add",
+        &fip_cidr,
+        "dev",
+        &port_b.device,
+    ])
+    .await;
+    let fip_text = fip.address.to_string();
+    let client_text = client_ip.to_string();
+    let spoofed = try_run(&inside(
+        pod_b,
+        &[
+            "busybox",
+            "ping",
+            "-c1",
+            "-W1",
+            "-I",
+            &fip_text,
+            &client_text,
+        ],
+    ))
+    .await;
+    assert!(
+        !spoofed.0,
+        "tenant u sent from tenant t's public IP: {}",
+        spoofed.1
+    );
+    // The unbound public IP leads nowhere.
+    assert_cannot_reach(client_ns, other.address).await;
+
+    // Reopening keeps the binding working.
+    cloud.reopen().await;
+    assert_reaches(client_ns, fip.address).await;
+    let p = cloud.p();
+    let listed = p.list_public_ips().await.unwrap();
+    assert_eq!(listed.len(), 2);
+
+    // Deleting the port unbinds its public IP (kept, free to bind again).
+    p.delete_port("pod-a").await.unwrap();
+    let kept: Vec<_> = p
+        .list_public_ips()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.name == "pip-a")
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].port, None);
+    assert_eq!(kept[0].address, fip.address);
+    assert_cannot_reach(client_ns, fip.address).await;
+    let routes = run(&["ip", "-n", &sw, "route", "show"]).await;
+    assert!(!routes.contains(&fip_text), "{routes}");
+    let floating = run(&[
+        "ip", "netns", "exec", &sw, "nft", "list", "set", "inet", "guard", "floating",
+    ])
+    .await;
+    assert!(!floating.contains(&fip_text), "{floating}");
+
+    p.delete_public_ip("pip-a").await.unwrap();
+    p.delete_public_ip("pip-a").await.unwrap();
+    p.delete_public_ip("pip-b").await.unwrap();
+    assert!(p.list_public_ips().await.unwrap().is_empty());
+    let again = p
+        .create_public_ip(&PublicIpSpec {
+            name: "pip-c".into(),
+            tags: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        again.address, fip.address,
+        "a released address is handed out again"
+    );
+}
+
+/// Without a public network, public IPs are refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_public_network_no_public_ips() {
+    let cloud = Cloud::new().await;
+    let err = cloud
+        .p()
+        .create_public_ip(&PublicIpSpec {
+            name: "pip".into(),
+            tags: BTreeMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CloudError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("no public network"), "{err}");
 }

@@ -52,6 +52,11 @@ pub struct CloudArgs {
     /// stays the same across restarts (VMs keep their kubeconfigs), whatever --bind says.
     #[arg(long, default_value_t = 6443)]
     pub cloud_api_port: u16,
+    /// The local cloud's public network, where pods annotated `canopy.io/public-ip: "true"`
+    /// get their public IP; this machine takes its first address (and reaches the public
+    /// IPs), or `none` for no public network.
+    #[arg(long, default_value = "198.18.0.0/24", value_parser = parse_public)]
+    pub cloud_public_cidr: PublicNetwork,
     /// An agent image store (`canopy image import --root-dir DIR`, then DIR/images) copied
     /// into each new local VM, like a VM image with container images preloaded.
     #[arg(long)]
@@ -91,6 +96,18 @@ fn parse_flavor(text: &str) -> Result<Flavor, String> {
 
 fn parse_subnet(text: &str) -> Result<Subnet, String> {
     Subnet::parse(text)
+}
+
+/// `--cloud-public-cidr`: a subnet, or none.
+#[derive(Clone, Copy, Debug)]
+pub struct PublicNetwork(pub Option<Subnet>);
+
+fn parse_public(text: &str) -> Result<PublicNetwork, String> {
+    if text == "none" {
+        Ok(PublicNetwork(None))
+    } else {
+        Subnet::parse(text).map(|s| PublicNetwork(Some(s)))
+    }
 }
 
 impl CloudArgs {
@@ -159,6 +176,7 @@ pub async fn open_local(
         management: args.cloud_management_cidr,
         control_plane_ports: vec![api_port],
         image_seed: args.cloud_image_store.clone(),
+        public: args.cloud_public_cidr.0,
     };
     let provider = canopy_cloud::local::LocalProvider::open(config)
         .await
@@ -175,6 +193,147 @@ pub fn controller_config(args: &CloudArgs) -> canopy_cloud_controller::Config {
         boot_timeout: args.cloud_boot_timeout,
         ..Default::default()
     }
+}
+
+/// One term of a cloud controller as leader: opens the local provider (only the leader
+/// touches the IaaS; a replica on the same machine shares its state directory) and runs
+/// the controller until the term ends. A provider that cannot be opened is retried.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_controller_term(
+    client: kube::Client,
+    args: CloudArgs,
+    data_dir: PathBuf,
+    api_port: u16,
+    credentials: Arc<dyn canopy_cloud_controller::NodeCredentials>,
+    recorder: canopy_controllers::events::Recorder,
+    metrics: canopy_cloud_controller::metrics::Metrics,
+    provider: Option<Arc<dyn canopy_cloud::CloudProvider>>,
+) {
+    let provider = match provider {
+        Some(provider) => provider,
+        None => {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match open_local(&args, &data_dir, api_port).await {
+                    Ok(provider) => break provider as Arc<dyn canopy_cloud::CloudProvider>,
+                    Err(error) => {
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            "opening the local cloud failed; retrying"
+                        );
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    };
+    canopy_cloud_controller::run(
+        client,
+        provider,
+        credentials,
+        controller_config(&args),
+        recorder,
+        metrics,
+    )
+    .await
+}
+
+/// `canopy cloud-controller`: the cloud controller alone, with leader election, against
+/// a `canopy server --disable-cloud-controller` on this machine.
+#[derive(clap::Args, Debug)]
+pub struct CloudControllerCmd {
+    /// Kubeconfig of the cloud controller's identity (`canopy server` writes
+    /// <data-dir>/cloud-controller.kubeconfig).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// The server's data directory: its cluster CA signs the VMs' node credentials, and the
+    /// local cloud keeps its state in <data-dir>/cloud (replicas share it; only the leader
+    /// uses it).
+    #[arg(long, default_value = "./canopy-data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub cloud: CloudArgs,
+    #[command(flatten)]
+    pub leader_election: crate::leader::LeaderElectionArgs,
+    /// Address of the plain-HTTP endpoint with /metrics, /healthz, /livez and /readyz
+    /// (upstream's cloud-controller-manager port; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:10258")]
+    pub metrics_bind_address: std::net::SocketAddr,
+}
+
+/// Runs `canopy cloud-controller` until SIGTERM; with `--cleanup`, the cloud is destroyed
+/// on the way out.
+pub async fn run_standalone(cmd: CloudControllerCmd) -> Result<()> {
+    if cmd.cloud.kind() != CloudKind::Local {
+        bail!("the cloud controller needs a cloud: --cloud local (as root)");
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("--cloud local needs root: VMs are network namespaces with their own cgroups");
+    }
+    let pki = Pki::new(&cmd.data_dir);
+    if !pki.ca_cert_path().exists() {
+        bail!(
+            "no cluster CA in {}: give the data directory of the `canopy server` this controller serves",
+            cmd.data_dir.display()
+        );
+    }
+    let ca = pki.ensure_ca()?;
+    let client = crate::server::client_from(&cmd.kubeconfig).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = canopy_cloud_controller::metrics::Metrics::register(&mut registry);
+    let served =
+        crate::component_http::serve(cmd.metrics_bind_address, Arc::new(registry), client.clone())
+            .await?;
+    tracing::info!(address = %served, "serving /metrics, /healthz and /readyz");
+    let vm_url = format!(
+        "https://{}:{}",
+        cmd.cloud.control_plane_ip(),
+        cmd.cloud.cloud_api_port
+    );
+    let credentials: Arc<dyn canopy_cloud_controller::NodeCredentials> = Arc::new(CaCredentials {
+        pki: Pki::new(&cmd.data_dir),
+        ca_pem: ca.cert_pem,
+        server_url: vm_url,
+    });
+    let events = canopy_controllers::events::EventSink::default();
+    let recorder = events.recorder("cloud-controller");
+    let event_writer = {
+        let client = client.clone();
+        tokio::spawn(async move { events.run(client).await })
+    };
+    let args = cmd.cloud.clone();
+    let data_dir = cmd.data_dir.clone();
+    crate::leader::run_elected(
+        client.clone(),
+        "cloud-controller",
+        cmd.leader_election,
+        crate::server::shutdown_signal(),
+        move || {
+            run_controller_term(
+                client.clone(),
+                args.clone(),
+                data_dir.clone(),
+                args.cloud_api_port,
+                credentials.clone(),
+                recorder.clone(),
+                metrics.clone(),
+                None,
+            )
+        },
+    )
+    .await;
+    event_writer.abort();
+    if cmd.cloud.cleanup {
+        tracing::info!("--cleanup: deleting the local cloud's VMs, networks and ports");
+        open_local(&cmd.cloud, &cmd.data_dir, cmd.cloud.cloud_api_port)
+            .await?
+            .destroy_all()
+            .await
+            .context("cleaning up the local cloud")?;
+    }
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// Node credentials issued by the cluster CA, for the API server at `server_url` as VMs

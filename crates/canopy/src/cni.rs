@@ -153,12 +153,18 @@ async fn run(
                 let netns = netns_path(get(env, "CNI_NETNS")?)?;
                 let port = pod_port(&conf, &cni_args(env)).await?;
                 let attached = canopy_agent::cni::add(&netns, ifname, &port).await?;
+                let mut ips = vec![
+                    json!({"address": format!("{}/{}", attached.ip, attached.prefix),
+                    "gateway": attached.gateway.to_string(), "interface": 0}),
+                ];
+                if let Some(public) = attached.public_ip {
+                    ips.push(json!({"address": format!("{public}/32"), "interface": 0}));
+                }
                 Ok(Some(json!({
                     "cniVersion": version,
                     "interfaces": [{"name": attached.interface, "mac": attached.mac,
                         "sandbox": netns.display().to_string()}],
-                    "ips": [{"address": format!("{}/{}", attached.ip, attached.prefix),
-                        "gateway": attached.gateway.to_string(), "interface": 0}],
+                    "ips": ips,
                     "routes": [{"dst": "0.0.0.0/0", "gw": attached.gateway.to_string()}],
                     "dns": {}
                 })))

@@ -57,6 +57,10 @@ enum Command {
     /// Run the controller manager alone against an API server (`canopy server` runs one
     /// itself unless given --disable-controllers).
     ControllerManager(ControllerManagerCmd),
+    /// Run the cloud controller alone (`canopy server` runs one itself unless given
+    /// --disable-cloud-controller): tenants' VMs and pods' NICs on the local cloud, with
+    /// leader election among replicas.
+    CloudController(Box<cloud::CloudControllerCmd>),
     /// Run the node agent (Canopy's kubelet): register this machine as a Node and run the
     /// pods bound to it in OCI containers.
     Agent(agent::AgentArgs),
@@ -213,6 +217,7 @@ fn main() -> Result<()> {
                 )
                 .await
             }
+            Command::CloudController(cmd) => cloud::run_standalone(*cmd).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Image(cmd) => agent::image(cmd),
             Command::Shim { .. } => Ok(()),

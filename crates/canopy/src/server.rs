@@ -55,6 +55,10 @@ pub struct ServerArgs {
     /// Do not run the scheduler in this process (run `canopy scheduler` elsewhere).
     #[arg(long)]
     pub disable_scheduler: bool,
+    /// Do not run the cloud controller in this process (run `canopy cloud-controller`
+    /// elsewhere). The API server still listens where VMs reach it.
+    #[arg(long)]
+    pub disable_cloud_controller: bool,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
     #[command(flatten)]
@@ -302,7 +306,13 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if !args.disable_scheduler {
         config.extra_metrics.push(Arc::new(scheduler_registry));
     }
+    // The cloud controller's metrics, likewise.
+    let mut cloud_registry = prometheus_client::registry::Registry::default();
+    let cloud_metrics = canopy_cloud_controller::metrics::Metrics::register(&mut cloud_registry);
     let cloud_kind = args.cloud.kind();
+    if cloud_kind == crate::cloud::CloudKind::Local && !args.disable_cloud_controller {
+        config.extra_metrics.push(Arc::new(cloud_registry));
+    }
     if cloud_kind == crate::cloud::CloudKind::Local {
         crate::cloud::prepare_host(&args.cloud).await?;
         // A wildcard --bind on the same port already covers the management address.
@@ -316,7 +326,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let server = ApiServer::new(config, store.clone()).await?;
     let url = local_url(server.local_addr());
     let cloud = match cloud_kind {
-        crate::cloud::CloudKind::Local => {
+        crate::cloud::CloudKind::Local if !args.disable_cloud_controller => {
             let port = server
                 .extra_local_addrs()
                 .first()
@@ -328,7 +338,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 format!("https://{}:{port}", args.cloud.control_plane_ip()),
             ))
         }
-        crate::cloud::CloudKind::None => None,
+        _ => None,
     };
 
     // Credentials: the administrator's kubeconfig, and the controllers' own identity.
@@ -454,7 +464,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 server_url: vm_url.clone(),
             });
         let provider: Arc<dyn canopy_cloud::CloudProvider> = provider.clone();
-        let config = crate::cloud::controller_config(&args.cloud);
+        let cloud_args = args.cloud.clone();
+        let data_dir = args.data_dir.clone();
         components
             .lock()
             .await
@@ -464,12 +475,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 args.leader_election.clone(),
                 stop.clone().cancelled_owned(),
                 move || {
-                    canopy_cloud_controller::run(
+                    crate::cloud::run_controller_term(
                         client.clone(),
-                        provider.clone(),
+                        cloud_args.clone(),
+                        data_dir.clone(),
+                        cloud_args.cloud_api_port,
                         credentials.clone(),
-                        config.clone(),
                         recorder.clone(),
+                        cloud_metrics.clone(),
+                        Some(provider.clone()),
                     )
                 },
             )));

@@ -189,6 +189,7 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 fn cloud_cluster(scratch: &Path, management_octet: u32) -> Cluster {
     let images = image_store(scratch);
     let management = format!("100.{}.0.0/16", 64 + management_octet % 60);
+    let public = public_network(management_octet);
     Cluster::with_scheduler_and(
         common::Backend::Embedded,
         &[
@@ -201,10 +202,93 @@ fn cloud_cluster(scratch: &Path, management_octet: u32) -> Cluster {
             "5s",
             "--cloud-management-cidr",
             &management,
+            "--cloud-public-cidr",
+            &public,
             "--cloud-image-store",
             images.to_str().unwrap(),
         ],
     )
+}
+
+/// The public network of a test's cloud: its own (tests run side by side).
+fn public_network(octet: u32) -> String {
+    format!("198.18.{}.0/24", 64 + octet % 60)
+}
+
+/// Plugs a client namespace of the test's into the public network of the cloud `tag` (its
+/// switch-side link named `pub…`, as the local provider wants), at `address/24`.
+fn public_client(tag: &str, address: Ipv4Addr) -> String {
+    let client = format!("tpub-{tag}");
+    let switch = format!("cnp-{tag}-sw");
+    let link = format!("pubt{tag}");
+    let run = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = Command::new("ip").args(["netns", "del", &client]).status();
+    run(&["netns", "add", &client]);
+    run(&[
+        "link", "add", &link, "netns", &switch, "type", "veth", "peer", "name", "eth0", "netns",
+        &client,
+    ]);
+    run(&["-n", &switch, "link", "set", &link, "master", "bpub", "up"]);
+    run(&[
+        "-n",
+        &client,
+        "addr",
+        "add",
+        &format!("{address}/24"),
+        "dev",
+        "eth0",
+    ]);
+    run(&["-n", &client, "link", "set", "eth0", "up"]);
+    client
+}
+
+/// The body of `GET /index.html` from `ip:port`, asked with busybox nc from inside a
+/// namespace (Debian's static busybox's wget crashes on the host).
+fn fetch_from(netns: &str, ip: Ipv4Addr, port: u16) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "nc", "-w", "2"])
+        .arg(ip.to_string())
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    http_body(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The body of a 200 response.
+fn http_body(response: &str) -> Option<String> {
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    (status == "200").then(|| body.to_string())
+}
+
+/// The same from this machine, which is on the public network too.
+fn fetch(ip: Ipv4Addr, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&(ip, port).into(), timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    http_body(&response)
 }
 
 /// The local cloud's instance tag of a server: a hash of its data directory, as the server
@@ -298,9 +382,11 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
         "{link} / {record}"
     );
 
-    // A server in a pod answers on its pod IP, to another pod of the tenant.
+    // A server in a pod answers on its pod IP, to another pod of the tenant, and on its
+    // public IP, to the public network.
     let httpd: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "httpd", "labels": {"app": "httpd"}},
+        "metadata": {"name": "httpd", "labels": {"app": "httpd"},
+            "annotations": {"canopy.io/public-ip": "true"}},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "main", "image": IMAGE,
             "command": ["sh", "-c", "mkdir -p /www && echo served on the pod IP > /www/index.html && exec httpd -f -p 8080 -h /www"],
             "resources": {"requests": {"cpu": "100m"}}}]}
@@ -322,7 +408,55 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     )
     .await;
     assert_eq!(page, "served on the pod IP\n");
+    let public_ip: Ipv4Addr = httpd[0].metadata.annotations.as_ref().unwrap()
+        [canopy_api::POD_PUBLIC_IP_ADDRESS_ANNOTATION]
+        .parse()
+        .unwrap();
+    let public: Vec<u8> = public_network(std::process::id())
+        .split(['.', '/'])
+        .take(3)
+        .map(|o| o.parse().unwrap())
+        .collect();
+    assert_eq!(public_ip.octets()[..3], public[..], "{public_ip}");
+    let addresses = cluster.kubectl_ok(&[
+        "-n", "shop", "exec", "httpd", "--", "ip", "addr", "show", "eth0",
+    ]);
+    assert!(
+        addresses.contains(&format!("inet {public_ip}/32")),
+        "the pod sees its public IP: {addresses}"
+    );
+    let tag = instance_of(&cluster);
+    let client = public_client(&tag, Ipv4Addr::new(public[0], public[1], public[2], 250));
+    let page = wait_logged(
+        &cluster,
+        "the page from the public IP",
+        Duration::from_secs(20),
+        async || fetch_from(&client, public_ip, 8080),
+    )
+    .await;
+    assert_eq!(page, "served on the pod IP\n");
+    assert_eq!(
+        fetch(public_ip, 8080).as_deref(),
+        Some("served on the pod IP\n"),
+        "this machine reaches the public IP"
+    );
+    // The pod's fixed address is not on the public network.
+    assert!(fetch_from(&client, pod_ip(&httpd[0]), 8080).is_none());
     shop.delete("httpd", &Default::default()).await.unwrap();
+    // The public IP goes with the pod.
+    wait_logged(
+        &cluster,
+        "the public IP to be released",
+        Duration::from_secs(30),
+        async || {
+            let dir = cluster.data_dir().join("cloud/public-ips");
+            let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(fetch_from(&client, public_ip, 8080).is_none());
+    let _ = Command::new("ip").args(["netns", "del", &client]).status();
 
     // Tenant B, with the same address range, reaches none of A's pods.
     // Made with kubectl (a protobuf body, whose template carries Go's empty nodeName).
@@ -389,7 +523,6 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     );
 
     // --cleanup on shutdown: nothing of the cloud is left on the machine.
-    let tag = instance_of(&cluster);
     assert!(!namespaces_with(&format!("cnp-{tag}-")).is_empty());
     drop(cluster);
     let after = namespaces_with(&format!("cnp-{tag}-"));
@@ -401,6 +534,14 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains(&format!("canopy_{tag}")),
         "nft table left"
+    );
+    let links = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(&format!("v{tag}pub")),
+        "the host's public link is left"
     );
 }
 
@@ -483,4 +624,180 @@ async fn a_crash_while_provisioning_leaves_no_orphans() {
             .all(|p| !p.to_string_lossy().starts_with("pod-")),
         "pods' ports left: {ports:?}"
     );
+}
+
+/// The pid in the holder identity (`host_pid_suffix`) of a Lease in kube-system.
+async fn leader_pid(admin: &kube::Client, lease: &str) -> Option<u32> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), "kube-system");
+    let holder = leases.get(lease).await.ok()?.spec?.holder_identity?;
+    holder.split('_').nth(1)?.parse().ok()
+}
+
+/// `canopy cloud-controller` alone, twice, against a server that runs none: one leads; it is
+/// killed (SIGKILL) as soon as it starts making a VM; the other takes over, finishes the
+/// work with nothing orphaned, reports its IaaS calls on /metrics, and cleans the cloud
+/// up when stopped with SIGTERM and `--cleanup`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_cloud_controllers_fail_over_without_orphans() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let octet = std::process::id() + 33;
+    let images = image_store(scratch.path());
+    let management = format!("100.{}.0.0/16", 64 + octet % 60);
+    let public = public_network(octet);
+    let cluster = Cluster::with_scheduler_and(
+        common::Backend::Embedded,
+        &[
+            "--cloud",
+            "local",
+            "--disable-cloud-controller",
+            "--cloud-management-cidr",
+            &management,
+        ],
+    );
+    let admin = cluster.client().await;
+    let data_dir = cluster.data_dir().to_path_buf();
+    let replica = |name: &str| {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = std::fs::File::create(scratch.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(common::canopy_exe())
+            .arg("cloud-controller")
+            .arg("--kubeconfig")
+            .arg(data_dir.join("cloud-controller.kubeconfig"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args([
+                "--cloud-flavors",
+                "c1m1:1:1024",
+                "--cloud-idle-timeout",
+                "5s",
+            ])
+            .args(["--cloud-management-cidr", &management])
+            .args(["--cloud-public-cidr", &public])
+            .arg("--cloud-image-store")
+            .arg(&images)
+            .args(["--cleanup", "--metrics-bind-address", &addr.to_string()])
+            .args(["--leader-elect-lease-duration", "4s"])
+            .args(["--leader-elect-renew-deadline", "3s"])
+            .args(["--leader-elect-retry-period", "500ms"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        (common::Child(child), addr)
+    };
+    let mut replicas = vec![replica("first"), replica("second")];
+    for (_, addr) in &replicas {
+        common::wait_for("a cloud controller's /readyz", async || {
+            common::http_get(*addr, "/readyz").filter(|a| *a == (200, "ok".to_string()))
+        })
+        .await;
+    }
+    let leader = common::wait_for("a cloud-controller leader", async || {
+        leader_pid(&admin, "cloud-controller").await
+    })
+    .await;
+    let leader_at = replicas
+        .iter()
+        .position(|(child, _)| child.0.id() == leader)
+        .expect("the leader is one of the replicas");
+
+    tenant_namespace(&admin, "shop", "acme").await;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
+    deployments
+        .create(&PostParams::default(), &deployment("web", 2, "600m"))
+        .await
+        .unwrap();
+    // Killed as soon as a VM is being made (its record is written before it is built).
+    let servers_dir = data_dir.join("cloud/servers");
+    common::wait_for("the leader to start making a VM", async || {
+        std::fs::read_dir(&servers_dir)
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .then_some(())
+    })
+    .await;
+    let (mut killed, _) = replicas.remove(leader_at);
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    let (survivor, survivor_addr) = replicas.remove(0);
+
+    let shop: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    let web = running_pods(&cluster, &shop, "app=web", 2).await;
+    assert_eq!(
+        leader_pid(&admin, "cloud-controller").await,
+        Some(survivor.0.id()),
+        "the survivor leads"
+    );
+    let vms: Vec<String> = Api::<Node>::all(admin.clone())
+        .list(&ListParams::default().labels("canopy.io/tenant=acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert_eq!(vms.len(), 2, "two VMs for two pods, none orphaned: {vms:?}");
+    let tag = instance_of(&cluster);
+    let vm_namespaces = || {
+        namespaces_with(&format!("cnp-{tag}-"))
+            .into_iter()
+            .filter(|n| !n.ends_with("-sw"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(vm_namespaces().len(), 2, "{:?}", vm_namespaces());
+    for pod in &web {
+        assert!(
+            pod.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(canopy_api::POD_PORT_ANNOTATION)
+        );
+    }
+    let (status, exposition) = common::http_get(survivor_addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let created = common::sample(
+        &exposition,
+        "cloudprovider_api_request_duration_seconds_count",
+        &[r#"request="create_server""#, r#"result="ok""#],
+    );
+    assert!(created >= Some(1.0), "{exposition}");
+    assert!(
+        common::sample(
+            &exposition,
+            "cloud_controller_reconcile_duration_seconds_count",
+            &[]
+        ) >= Some(1.0),
+        "{exposition}"
+    );
+
+    // SIGTERM with --cleanup: the cloud goes with the controller.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(survivor.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut survivor = survivor;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if let Some(status) = survivor.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cloud controller did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(scratch.path().join("second.log")).unwrap_or_default()
+        + &std::fs::read_to_string(scratch.path().join("first.log")).unwrap_or_default();
+    assert!(exited.success(), "{exited}: {log}");
+    let left = namespaces_with(&format!("cnp-{tag}-"));
+    assert!(left.is_empty(), "namespaces left: {left:?}");
 }

@@ -34,8 +34,8 @@ use async_trait::async_trait;
 use nix::{sys::signal, unistd::Pid};
 
 use crate::{
-    CloudError, CloudProvider, Network, NetworkSpec, Port, PortSpec, Server, ServerSpec,
-    ServerStatus, Subnet,
+    CloudError, CloudProvider, Network, NetworkSpec, Port, PortSpec, PublicIp, PublicIpSpec,
+    Server, ServerSpec, ServerStatus, Subnet,
 };
 use cmd::Cmd;
 use state::{AgentProcess, Kind, NetworkRecord, Phase, PortRecord, ServerRecord, State, Store};
@@ -63,6 +63,9 @@ pub struct LocalConfig {
     /// An agent image store directory, hard-linked (`cp -al`) into each new server's
     /// `root/images` so that servers boot with its images present; `None`: empty.
     pub image_seed: Option<PathBuf>,
+    /// The public network public IPs come from; its first address is the host's (on a
+    /// link to the switch), its second the switch's. `None`: no public IPs.
+    pub public: Option<Subnet>,
 }
 
 impl LocalConfig {
@@ -84,6 +87,19 @@ impl LocalConfig {
                 "management network {} leaves no address for servers",
                 self.management
             );
+        }
+        if let Some(public) = self.public {
+            ipam::check_subnet(public).map_err(|e| anyhow!("public network: {e}"))?;
+            if public.prefix > 29 {
+                bail!("public network {public} leaves no address for public IPs");
+            }
+            if public.contains(self.management.address) || self.management.contains(public.address)
+            {
+                bail!(
+                    "public network {public} overlaps the management network {}",
+                    self.management
+                );
+            }
         }
         Ok(())
     }
@@ -143,6 +159,7 @@ impl LocalProvider {
                 switch: names::switch_netns(&config.instance),
                 control_plane: config.control_plane_ip(),
                 control_plane_ports: config.control_plane_ports.clone(),
+                public: config.public,
             },
             cgroups: cgroup::Layout::detect(),
             store,
@@ -222,6 +239,7 @@ impl LocalProvider {
         self.kernel
             .check_management_free(self.config.management)
             .await?;
+        self.kernel.check_public_free().await?;
         self.kernel.ensure_host().await?;
         let (networks, ports, attached) = {
             let state = self.state.lock();
@@ -241,8 +259,27 @@ impl LocalProvider {
                 attached,
             )
         };
+        // A public IP bound to a port that is gone (a crash while deleting it) is unbound.
+        let dangling: Vec<PublicIp> = {
+            let state = self.state.lock();
+            state
+                .public_ips
+                .values()
+                .filter(|ip| {
+                    ip.port
+                        .as_ref()
+                        .is_some_and(|p| !state.ports.contains_key(p))
+                })
+                .cloned()
+                .collect()
+        };
+        for mut ip in dangling {
+            ip.port = None;
+            self.put_public_ip(ip).await?;
+        }
+        let bindings = self.bindings();
         self.kernel
-            .ensure_switch(&networks, &ports, &attached)
+            .ensure_switch(&networks, &ports, &attached, &bindings)
             .await?;
         let servers: Vec<ServerRecord> = self.state.lock().servers.values().cloned().collect();
         for rec in servers {
@@ -403,6 +440,64 @@ impl LocalProvider {
             .networks
             .insert(rec.network.name.clone(), rec);
         Ok(())
+    }
+
+    async fn put_public_ip(&self, rec: PublicIp) -> Result<()> {
+        self.store.save(Kind::PublicIp, &rec.name, &rec).await?;
+        self.state.lock().public_ips.insert(rec.name.clone(), rec);
+        Ok(())
+    }
+
+    async fn drop_public_ip(&self, name: &str) -> Result<()> {
+        self.store.remove(Kind::PublicIp, name).await?;
+        self.state.lock().public_ips.remove(name);
+        Ok(())
+    }
+
+    /// Every bound public IP with its port, as the switch needs them. A binding whose
+    /// port record is gone (a crash in between) is left out; `open` unbinds it.
+    fn bindings(&self) -> Vec<net::Binding> {
+        let state = self.state.lock();
+        state
+            .public_ips
+            .values()
+            .filter_map(|ip| {
+                let port = state.ports.get(ip.port.as_ref()?)?;
+                Some(net::Binding {
+                    address: ip.address,
+                    port: port.port.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Unbinds the public IPs bound to a port (the port is going).
+    async fn unbind_port_public_ips(&self, port: &PortRecord) -> Result<()> {
+        let bound: Vec<PublicIp> = self
+            .state
+            .lock()
+            .public_ips
+            .values()
+            .filter(|ip| ip.port.as_deref() == Some(port.port.name.as_str()))
+            .cloned()
+            .collect();
+        for mut ip in bound {
+            self.kernel
+                .unbind_public(&net::Binding {
+                    address: ip.address,
+                    port: port.port.clone(),
+                })
+                .await?;
+            ip.port = None;
+            self.put_public_ip(ip).await?;
+        }
+        Ok(())
+    }
+
+    fn public_network(&self) -> Result<Subnet, CloudError> {
+        self.config.public.ok_or_else(|| {
+            CloudError::Invalid("this cloud has no public network (no public IPs)".into())
+        })
     }
 
     async fn drop_network(&self, name: &str) -> Result<()> {
@@ -818,6 +913,7 @@ impl LocalProvider {
                 "port {name:?} is the NIC of server {server:?}: delete the server"
             )));
         }
+        self.unbind_port_public_ips(&rec).await.map_err(failed)?;
         self.kernel.unplug(name).await.map_err(failed)?;
         self.kernel.unguard_port(&rec.port).await.map_err(failed)?;
         self.drop_port(name).await.map_err(failed)
@@ -1167,6 +1263,104 @@ impl CloudProvider for LocalProvider {
             .map(|p| p.port.clone())
             .collect())
     }
+
+    async fn create_public_ip(&self, spec: &PublicIpSpec) -> Result<PublicIp, CloudError> {
+        names::check_object_name("public IP", &spec.name).map_err(CloudError::Invalid)?;
+        let public = self.public_network()?;
+        let _ops = self.ops.lock().await;
+        let rec = {
+            let state = self.state.lock();
+            if let Some(existing) = state.public_ips.get(&spec.name) {
+                return Ok(existing.clone());
+            }
+            let used: HashSet<Ipv4Addr> = state.public_ips.values().map(|p| p.address).collect();
+            let address = ipam::allocate(public, &net::public_reserved(public), &used)
+                .ok_or_else(|| CloudError::Exhausted("public".into()))?;
+            PublicIp {
+                name: spec.name.clone(),
+                address,
+                port: None,
+                tags: spec.tags.clone(),
+            }
+        };
+        self.put_public_ip(rec.clone()).await.map_err(failed)?;
+        tracing::info!(public_ip = %rec.name, address = %rec.address, "public IP allocated");
+        Ok(rec)
+    }
+
+    async fn bind_public_ip(&self, name: &str, port: &str) -> Result<PublicIp, CloudError> {
+        let _ops = self.ops.lock().await;
+        let (mut rec, port_rec) = {
+            let state = self.state.lock();
+            let rec = state
+                .public_ips
+                .get(name)
+                .cloned()
+                .ok_or_else(|| CloudError::not_found("public IP", name))?;
+            let port_rec = state
+                .ports
+                .get(port)
+                .cloned()
+                .ok_or_else(|| CloudError::not_found("port", port))?;
+            (rec, port_rec)
+        };
+        match rec.port.as_deref() {
+            Some(current) if current == port => {
+                // Bound: make sure the kernel says so too (idempotent).
+            }
+            Some(current) => {
+                return Err(CloudError::Conflict(format!(
+                    "public IP {name:?} is bound to port {current:?}"
+                )));
+            }
+            None => {
+                rec.port = Some(port.to_string());
+                // Recorded first: a crash before the kernel has it is repaired by `open`.
+                self.put_public_ip(rec.clone()).await.map_err(failed)?;
+            }
+        }
+        self.kernel
+            .bind_public(&net::Binding {
+                address: rec.address,
+                port: port_rec.port,
+            })
+            .await
+            .map_err(failed)?;
+        tracing::info!(public_ip = %name, address = %rec.address, port, "public IP bound");
+        Ok(rec)
+    }
+
+    async fn delete_public_ip(&self, name: &str) -> Result<(), CloudError> {
+        let _ops = self.ops.lock().await;
+        let (rec, port) = {
+            let state = self.state.lock();
+            let Some(rec) = state.public_ips.get(name).cloned() else {
+                return Ok(());
+            };
+            let port = rec
+                .port
+                .as_ref()
+                .and_then(|p| state.ports.get(p))
+                .map(|p| p.port.clone());
+            (rec, port)
+        };
+        if let Some(port) = port {
+            self.kernel
+                .unbind_public(&net::Binding {
+                    address: rec.address,
+                    port,
+                })
+                .await
+                .map_err(failed)?;
+        }
+        self.drop_public_ip(name).await.map_err(failed)?;
+        tracing::info!(public_ip = %name, address = %rec.address, "public IP released");
+        Ok(())
+    }
+
+    async fn list_public_ips(&self) -> Result<Vec<PublicIp>, CloudError> {
+        Ok(self.state.lock().public_ips.values().cloned().collect())
+    }
 }
 
 #[cfg(test)]
@@ -1181,6 +1375,7 @@ mod tests {
             management: Subnet::parse("100.64.0.0/16").unwrap(),
             control_plane_ports: vec![6443],
             image_seed: None,
+            public: None,
         }
     }
 
@@ -1208,6 +1403,7 @@ mod tests {
             state_dir: "data/cloud".into(),
             agent_binary: "target/canopy".into(),
             image_seed: Some("seed".into()),
+            public: None,
             ..config()
         }
         .absolute()

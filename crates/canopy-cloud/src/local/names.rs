@@ -20,6 +20,24 @@ pub fn bridge(network: &str) -> String {
     format!("b{}", short_hash(network))
 }
 
+/// The public network's bridge, inside the switch namespace (tenant bridges are
+/// `b<8 hex>`, so never this).
+pub const PUBLIC_BRIDGE: &str = "bpub";
+
+/// The switch end of the host's link to the public network.
+pub const PUBLIC_SWITCH_LINK: &str = "pubhost";
+
+/// The links of the public network's bridge: the host's, and any client plugged in (a
+/// test's namespace, an uplink) must be named so. The public network is not a tenant's:
+/// its frames are not checked against ports (tenant port links are `p<8 hex>`, never
+/// `pub…`).
+pub const PUBLIC_PORT_PATTERN: &str = "pub*";
+
+/// The host end of its link to the public network.
+pub fn public_host_link(instance: &str) -> String {
+    format!("v{instance}pub")
+}
+
 /// The switch end of a port's veth pair, plugged into its network's bridge.
 pub fn port_switch_link(port: &str) -> String {
     format!("p{}", short_hash(port))

@@ -10,6 +10,15 @@
 //!   (addresses are `noprefixroute`), so an unmarked packet has nowhere to go.
 //! * `table bridge guard` admits a frame from a port only with that port's MAC and IPv4
 //!   address (ARP: sender hardware and protocol address too): one set element per port.
+//! * The public network (when configured) is one more bridge in the switch namespace,
+//!   `bpub`, linked to the host, which holds its first address (the host stands for the
+//!   internet). A public IP bound to a port is routed there 1:1, without NAT: the main
+//!   table (which only unmarked packets, i.e. the public bridge's, reach) sends it to the
+//!   port's fixed address, the pod carries it as a second address, and `proxy_arp` on the
+//!   public bridge answers ARP for it. Every network's table routes the public subnet to
+//!   the public bridge for the replies. Forwarding is on, and the forward chain passes
+//!   exactly the public IPs, each only to and from its own port's bridge
+//!   (`set floating`); the port's guard admits the public address from its port only.
 //! * In the host, each server's management link ends in a `/32` route to the server, and
 //!   `table inet canopy_<i>` lets servers reach the control plane's ports and nothing
 //!   else, and never each other.
@@ -34,6 +43,24 @@ pub struct Kernel {
     pub switch: String,
     pub control_plane: Ipv4Addr,
     pub control_plane_ports: Vec<u16>,
+    /// The public network, if any.
+    pub public: Option<Subnet>,
+}
+
+/// The host's address on the public network (its first) and the switch's (its second, the
+/// source of the switch's ARP requests there); public IPs come from the rest.
+pub fn public_reserved(public: Subnet) -> [Ipv4Addr; 2] {
+    [
+        public.nth(1).unwrap_or(public.address),
+        public.nth(2).unwrap_or(public.address),
+    ]
+}
+
+/// A public IP bound to a port, as the switch needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub address: Ipv4Addr,
+    pub port: Port,
 }
 
 /// A server NIC's configuration inside the server.
@@ -146,11 +173,24 @@ fn network_elements(rec: &NetworkRecord) -> (String, String) {
 }
 
 fn port_element(port: &Port) -> String {
+    port_element_with(port, port.ip)
+}
+
+/// A port's guard element for one of its addresses (its own, or a public IP bound to it).
+fn port_element_with(port: &Port, ip: Ipv4Addr) -> String {
     format!(
         "\"{}\" . {} . {}",
         names::port_switch_link(&port.name),
         port.mac,
-        port.ip
+        ip
+    )
+}
+
+fn floating_element(binding: &Binding) -> String {
+    format!(
+        "{} . \"{}\"",
+        binding.address,
+        names::bridge(&binding.port.network)
     )
 }
 
@@ -301,8 +341,45 @@ impl Kernel {
                 .await?;
         }
         for link in links(None).await? {
-            if names::is_mgmt_host_link(&self.instance, &link) {
+            if names::is_mgmt_host_link(&self.instance, &link)
+                || link == names::public_host_link(&self.instance)
+            {
                 delete_link(None, &link).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails if the host uses addresses of the public network other than through this
+    /// instance's public link.
+    pub async fn check_public_free(&self) -> Result<()> {
+        let Some(public) = self.public else {
+            return Ok(());
+        };
+        let ours = names::public_host_link(&self.instance);
+        let out = Cmd::ip(None)
+            .args(["-4", "-j", "addr", "show"])
+            .run()
+            .await?;
+        let links: Vec<serde_json::Value> =
+            serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
+        for link in &links {
+            let ifname = link.get("ifname").and_then(|n| n.as_str()).unwrap_or("");
+            if ifname == ours {
+                continue;
+            }
+            let addresses = link.get("addr_info").and_then(|a| a.as_array());
+            for address in addresses.into_iter().flatten() {
+                let local = address
+                    .get("local")
+                    .and_then(|l| l.as_str())
+                    .and_then(|l| l.parse::<Ipv4Addr>().ok());
+                if local.is_some_and(|l| public.contains(l)) {
+                    bail!(
+                        "the public network {public} is in use on this host: address {} on {ifname}",
+                        local.unwrap_or(public.address)
+                    );
+                }
             }
         }
         Ok(())
@@ -318,13 +395,22 @@ impl Kernel {
         networks: &[NetworkRecord],
         ports: &[Port],
         attached: &HashSet<String>,
+        bindings: &[Binding],
     ) -> Result<()> {
         ensure_netns(&self.switch).await?;
+        // Without a public network nothing is ever routed; with one, the forward chain
+        // passes public IPs' traffic only.
+        let forward = if self.public.is_some() { "1" } else { "0" };
         sysctls(
             &self.switch,
             &[
-                // Never route between networks (the nft forward chain drops, too).
-                ("net.ipv4.ip_forward", "0"),
+                ("net.ipv4.ip_forward", forward),
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.default.send_redirects", "0"),
+                // Clients of the public network have no route back in the main table;
+                // the guard checks sources, not the reverse path.
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
                 // Replies carry the mark of the packet they answer: see the module doc.
                 ("net.ipv4.fwmark_reflect", "1"),
                 // A gateway answers ARP only on its own bridge: another network's
@@ -345,11 +431,17 @@ impl Kernel {
             .args(["link", "set", "lo", "up"])
             .run()
             .await?;
-        Cmd::nft(Some(&self.switch), switch_script(networks, ports))
+        Cmd::nft(Some(&self.switch), switch_script(networks, ports, bindings))
             .run()
             .await?;
         let present = links(Some(&self.switch)).await?;
         let mut expected: HashSet<String> = HashSet::from(["lo".to_string()]);
+        if self.public.is_some() {
+            expected.insert(names::PUBLIC_BRIDGE.to_string());
+            expected.insert(names::PUBLIC_SWITCH_LINK.to_string());
+            // Clients someone plugged into the public network stay.
+            expected.extend(self.bridge_ports(names::PUBLIC_BRIDGE).await?);
+        }
         for rec in networks {
             expected.insert(names::bridge(&rec.network.name));
         }
@@ -360,11 +452,185 @@ impl Kernel {
             tracing::info!(link, "removing a link no network or port accounts for");
             delete_link(Some(&self.switch), link).await?;
         }
+        if self.public.is_some() {
+            self.ensure_public(&present).await?;
+        }
         let rules = self.rules().await?;
         for rec in networks {
             self.ensure_bridge(rec, &present, &rules).await?;
         }
+        if let Some(public) = self.public {
+            // Routes of public IPs: exactly the bound ones.
+            let out = Cmd::ip(Some(&self.switch))
+                .args(["-4", "-j", "route", "show", "table", "main"])
+                .run()
+                .await?;
+            let routes: Vec<serde_json::Value> =
+                serde_json::from_str(&out).context("parsing `ip -j route show`")?;
+            let bound: HashSet<Ipv4Addr> = bindings.iter().map(|b| b.address).collect();
+            for route in &routes {
+                let Some(dst) = route.get("dst").and_then(|d| d.as_str()) else {
+                    continue;
+                };
+                let Some(subnet) = parse_route_dst(dst) else {
+                    continue;
+                };
+                if subnet.prefix == 32
+                    && public.contains(subnet.address)
+                    && !bound.contains(&subnet.address)
+                {
+                    Cmd::ip(Some(&self.switch))
+                        .args(["route", "del"])
+                        .arg(format!("{}/32", subnet.address))
+                        .run_absent_ok()
+                        .await?;
+                }
+            }
+            for binding in bindings {
+                self.route_public(binding).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// The links enslaved to a bridge of the switch.
+    async fn bridge_ports(&self, bridge: &str) -> Result<Vec<String>> {
+        if !link_exists(Some(&self.switch), bridge).await? {
+            return Ok(Vec::new());
+        }
+        let out = Cmd::ip(Some(&self.switch))
+            .args(["-j", "link", "show", "master", bridge])
+            .run()
+            .await?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&out).context("parsing `ip -j link show`")?;
+        Ok(list
+            .iter()
+            .filter_map(|l| l.get("ifname")?.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// The public bridge, with proxy ARP for the public IPs routed behind it, and the
+    /// host's link to it carrying the public network's first address.
+    async fn ensure_public(&self, present: &HashSet<String>) -> Result<()> {
+        let Some(public) = self.public else {
+            return Ok(());
+        };
+        let sw = Some(self.switch.as_str());
+        let [host_ip, switch_ip] = public_reserved(public);
+        if !present.contains(names::PUBLIC_BRIDGE) {
+            Cmd::ip(sw)
+                .args(["link", "add", names::PUBLIC_BRIDGE, "type", "bridge"])
+                .run()
+                .await?;
+        }
+        // The bridge exists only in the switch namespace: `sysctls` would look for its key
+        // in the host's /proc and leave it out.
+        Cmd::new("ip")
+            .args(["netns", "exec", &self.switch, "sysctl", "-q", "-w"])
+            .arg(format!(
+                "net.ipv4.conf.{}.proxy_arp=1",
+                names::PUBLIC_BRIDGE
+            ))
+            .run()
+            .await?;
+        Cmd::ip(sw)
+            .args(["addr", "replace"])
+            .arg(format!("{switch_ip}/{}", public.prefix))
+            .args(["dev", names::PUBLIC_BRIDGE, "noprefixroute"])
+            .run()
+            .await?;
+        Cmd::ip(sw)
+            .args(["link", "set", names::PUBLIC_BRIDGE, "up"])
+            .run()
+            .await?;
+        let host_link = names::public_host_link(&self.instance);
+        let host_has = link_exists(None, &host_link).await?;
+        let switch_has = present.contains(names::PUBLIC_SWITCH_LINK);
+        if !(host_has && switch_has) {
+            delete_link(None, &host_link).await?;
+            delete_link(sw, names::PUBLIC_SWITCH_LINK).await?;
+            Cmd::ip(None)
+                .args(["link", "add", &host_link, "type", "veth", "peer", "name"])
+                .arg(names::PUBLIC_SWITCH_LINK)
+                .args(["netns", &self.switch])
+                .run()
+                .await?;
+        }
+        Cmd::ip(sw)
+            .args(["link", "set", names::PUBLIC_SWITCH_LINK, "master"])
+            .arg(names::PUBLIC_BRIDGE)
+            .arg("up")
+            .run()
+            .await?;
+        Cmd::ip(None)
+            .args(["addr", "replace"])
+            .arg(format!("{host_ip}/{}", public.prefix))
+            .args(["dev", &host_link])
+            .run()
+            .await?;
+        Cmd::ip(None)
+            .args(["link", "set", &host_link, "up"])
+            .run()
+            .await?;
+        Ok(())
+    }
+
+    /// The main-table route of a public IP to its port's fixed address.
+    async fn route_public(&self, binding: &Binding) -> Result<()> {
+        Cmd::ip(Some(&self.switch))
+            .args(["route", "replace"])
+            .arg(format!("{}/32", binding.address))
+            .arg("via")
+            .arg(binding.port.ip.to_string())
+            .arg("dev")
+            .arg(names::bridge(&binding.port.network))
+            // The main table has no route to the subnet: the port is on the bridge.
+            .arg("onlink")
+            .run()
+            .await
+            .map(drop)
+    }
+
+    /// Lets a public IP through to its port and out of it.
+    pub async fn bind_public(&self, binding: &Binding) -> Result<()> {
+        Cmd::nft(
+            Some(&self.switch),
+            format!(
+                "add element bridge guard ports {{ {} }}\n\
+                 add element inet guard floating {{ {} }}\n",
+                port_element_with(&binding.port, binding.address),
+                floating_element(binding)
+            ),
+        )
+        .run()
+        .await?;
+        self.route_public(binding).await
+    }
+
+    pub async fn unbind_public(&self, binding: &Binding) -> Result<()> {
+        if !netns_exists(&self.switch) {
+            return Ok(());
+        }
+        Cmd::ip(Some(&self.switch))
+            .args(["route", "del"])
+            .arg(format!("{}/32", binding.address))
+            .run_absent_ok()
+            .await?;
+        let guard = port_element_with(&binding.port, binding.address);
+        let floating = floating_element(binding);
+        Cmd::nft(
+            Some(&self.switch),
+            format!(
+                "add element bridge guard ports {{ {guard} }}\n\
+                 add element inet guard floating {{ {floating} }}\n\
+                 delete element bridge guard ports {{ {guard} }}\n\
+                 delete element inet guard floating {{ {floating} }}\n"
+            ),
+        )
+        .run()
+        .await
+        .map(drop)
     }
 
     /// Whether the network with this mark has its rule in the switch namespace.
@@ -440,6 +706,15 @@ impl Kernel {
             .args(["dev", &bridge, "table", &mark])
             .run()
             .await?;
+        if let Some(public) = self.public {
+            // Replies from public IPs to the public network's clients.
+            Cmd::ip(sw)
+                .args(["route", "replace"])
+                .arg(public.to_string())
+                .args(["dev", names::PUBLIC_BRIDGE, "table", &mark])
+                .run()
+                .await?;
+        }
         Ok(())
     }
 
@@ -674,10 +949,16 @@ fn parse_route_dst(dst: &str) -> Option<Subnet> {
 
 /// The switch namespace's nftables tables, whole. Deleting and defining them in one
 /// transaction swaps them atomically: no frame ever passes unguarded.
-fn switch_script(networks: &[NetworkRecord], ports: &[Port]) -> String {
+fn switch_script(networks: &[NetworkRecord], ports: &[Port], bindings: &[Binding]) -> String {
     let (marks, gateways): (Vec<String>, Vec<String>) =
         networks.iter().map(network_elements).unzip();
-    let ports: Vec<String> = ports.iter().map(port_element).collect();
+    let mut ports: Vec<String> = ports.iter().map(port_element).collect();
+    ports.extend(
+        bindings
+            .iter()
+            .map(|b| port_element_with(&b.port, b.address)),
+    );
+    let floating: Vec<String> = bindings.iter().map(floating_element).collect();
     format!(
         "add table inet guard\n\
          delete table inet guard\n\
@@ -692,6 +973,10 @@ fn switch_script(networks: &[NetworkRecord], ports: &[Port]) -> String {
          \t\ttype ifname . ipv4_addr\n\
          {gateways}\
          \t}}\n\
+         \tset floating {{\n\
+         \t\ttype ipv4_addr . ifname\n\
+         {floating}\
+         \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
          \t\tmeta mark set iifname map @networks\n\
@@ -702,6 +987,8 @@ fn switch_script(networks: &[NetworkRecord], ports: &[Port]) -> String {
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tiifname \"{public}\" ip daddr . oifname @floating accept\n\
+         \t\toifname \"{public}\" ip saddr . iifname @floating accept\n\
          \t}}\n\
          \tchain output {{\n\
          \t\ttype filter hook output priority filter; policy drop;\n\
@@ -715,6 +1002,7 @@ fn switch_script(networks: &[NetworkRecord], ports: &[Port]) -> String {
          \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority filter; policy drop;\n\
+         \t\tiifname \"{public_ports}\" accept\n\
          \t\tether type ip iifname . ether saddr . ip saddr @ports accept\n\
          \t\tether type arp iifname . ether saddr . arp saddr ip @ports iifname . arp saddr ether . arp saddr ip @ports accept\n\
          \t}}\n\
@@ -722,6 +1010,9 @@ fn switch_script(networks: &[NetworkRecord], ports: &[Port]) -> String {
         marks = nft_set_elements(&marks),
         gateways = nft_set_elements(&gateways),
         ports = nft_set_elements(&ports),
+        floating = nft_set_elements(&floating),
+        public = names::PUBLIC_BRIDGE,
+        public_ports = names::PUBLIC_PORT_PATTERN,
     )
 }
 
@@ -750,8 +1041,24 @@ mod tests {
             device: names::port_device("p"),
             tags: Default::default(),
         };
-        let script = switch_script(&[rec], std::slice::from_ref(&port));
+        let binding = Binding {
+            address: "198.18.0.7".parse().unwrap(),
+            port: port.clone(),
+        };
+        let script = switch_script(&[rec], std::slice::from_ref(&port), &[binding]);
         let bridge = names::bridge("n");
+        assert!(
+            script.contains(&format!("198.18.0.7 . \"{bridge}\"")),
+            "the public IP passes to its port's bridge only: {script}"
+        );
+        assert!(
+            script.contains(&format!(
+                "\"{}\" . {} . 198.18.0.7",
+                names::port_switch_link("p"),
+                port.mac
+            )),
+            "its port may send from it: {script}"
+        );
         assert!(script.contains(&format!("\"{bridge}\" : 1001")), "{script}");
         assert!(
             script.contains(&format!("\"{bridge}\" . 10.0.0.1")),
@@ -765,7 +1072,7 @@ mod tests {
             )),
             "{script}"
         );
-        let empty = switch_script(&[], &[]);
+        let empty = switch_script(&[], &[], &[]);
         assert!(!empty.contains("elements"), "{empty}");
     }
 

@@ -5,6 +5,7 @@
 //! ```text
 //! <state_dir>/networks/<name>.json
 //! <state_dir>/ports/<name>.json
+//! <state_dir>/public-ips/<name>.json
 //! <state_dir>/servers/<name>.json     the record (written before the server is built)
 //! <state_dir>/servers/<name>/         the server's files: kubeconfig, root, state, logs
 //! ```
@@ -20,7 +21,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::{Flavor, Network, Port};
+use crate::{Flavor, Network, Port, PublicIp};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NetworkRecord {
@@ -85,6 +86,7 @@ pub struct State {
     pub networks: BTreeMap<String, NetworkRecord>,
     pub ports: BTreeMap<String, PortRecord>,
     pub servers: BTreeMap<String, ServerRecord>,
+    pub public_ips: BTreeMap<String, PublicIp>,
 }
 
 #[derive(Clone, Copy)]
@@ -92,6 +94,7 @@ pub enum Kind {
     Network,
     Port,
     Server,
+    PublicIp,
 }
 
 impl Kind {
@@ -100,6 +103,7 @@ impl Kind {
             Kind::Network => "networks",
             Kind::Port => "ports",
             Kind::Server => "servers",
+            Kind::PublicIp => "public-ips",
         }
     }
 }
@@ -133,7 +137,7 @@ impl Store {
     /// silently forgotten, since forgetting it would orphan its kernel objects.
     pub fn load(&self) -> Result<State> {
         let mut state = State::default();
-        for kind in [Kind::Network, Kind::Port, Kind::Server] {
+        for kind in [Kind::Network, Kind::Port, Kind::Server, Kind::PublicIp] {
             let dir = self.root.join(kind.dir());
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -157,6 +161,9 @@ impl Store {
                     }
                     Kind::Server => {
                         state.servers.insert(name, read(&path)?);
+                    }
+                    Kind::PublicIp => {
+                        state.public_ips.insert(name, read(&path)?);
                     }
                 }
             }
