@@ -12,6 +12,9 @@
 //!   port goes when the pod does. A pod annotated `canopy.io/public-ip: "true"` also gets a
 //!   public IP bound to its port (recorded in the port record and in
 //!   [`canopy_api::POD_PUBLIC_IP_ADDRESS_ANNOTATION`]), released with the pod.
+//! - **Warm pool.** A configured number of spare VMs of one flavor wait, booted but bound
+//!   to no tenant; a tenant that needs a VM of that flavor takes a spare (its NIC and
+//!   agent are added) instead of booting one, and the pool is filled up again.
 //! - **Scale-down.** A VM that ran no pods for the idle time is cordoned and deleted with its
 //!   Node; a VM whose Node never became Ready in the boot time is replaced.
 //!
@@ -33,7 +36,7 @@ use anyhow::{Context as _, Result};
 use canopy_api::tenant::{TENANT_LABEL, Tenant};
 use canopy_cloud::{
     Bootstrap, CloudProvider, Flavor, Network, NetworkSpec, NicSpec, PortSpec, PublicIpSpec,
-    Server, ServerSpec, ServerStatus, Subnet,
+    Server, ServerSpec, ServerStatus, SpareSpec, Subnet,
 };
 use canopy_controllers::{
     events::Recorder,
@@ -73,6 +76,10 @@ pub struct Config {
     pub max_pods: u64,
     /// Further arguments for every VM's agent.
     pub agent_args: Vec<String>,
+    /// Spare VMs kept ready for any tenant (0: none).
+    pub warm_pool: usize,
+    /// The spares' flavor (one of `flavors`); `None`: the smallest.
+    pub warm_pool_flavor: Option<String>,
 }
 
 impl Default for Config {
@@ -92,6 +99,8 @@ impl Default for Config {
             resync: Duration::from_secs(10),
             max_pods: 110,
             agent_args: Vec::new(),
+            warm_pool: 0,
+            warm_pool_flavor: None,
         }
     }
 }
@@ -373,6 +382,7 @@ impl Controller {
         self.release_ports(&pods).await?;
         self.scale_down(&servers, &nodes, &pods).await?;
         self.forget_nodes(&servers, &nodes).await?;
+        self.replenish().await?;
         Ok(())
     }
 
@@ -398,6 +408,10 @@ impl Controller {
         nodes: &HashMap<String, Arc<Node>>,
         pods: &[Arc<Pod>],
     ) -> Result<()> {
+        let mut spares: Vec<&Server> = servers
+            .iter()
+            .filter(|s| s.status == ServerStatus::Spare)
+            .collect();
         let mut waiting: BTreeMap<&str, Vec<&Arc<Pod>>> = BTreeMap::new();
         for pod in pods.iter().filter(|p| waits_for_capacity(p)) {
             if let Some(tenant) = pod_tenant(pod) {
@@ -476,23 +490,73 @@ impl Controller {
                 .await
                 .with_context(|| format!("the network of tenant {tenant}"))?;
             for _ in 0..new_vms {
-                let name = format!("{}-{}", name_part(tenant), random_suffix());
                 let started = Instant::now();
-                let server = self
-                    .create_vm(&name, tenant, &flavor, &network.name)
-                    .await?;
-                tracing::info!(server = %server.name, tenant, flavor = %flavor.name, elapsed_ms = started.elapsed().as_millis() as u64, "created a VM");
+                let spare = spares
+                    .iter()
+                    .position(|s| s.flavor == flavor)
+                    .map(|at| spares.swap_remove(at));
+                let (server, source) = match spare {
+                    Some(spare) => {
+                        let spec = self.server_spec(&spare.name, tenant, &flavor, &network.name)?;
+                        (self.cloud.claim_spare(&spec).await?, "from the warm pool")
+                    }
+                    None => {
+                        let name = format!("{}-{}", name_part(tenant), random_suffix());
+                        let spec = self.server_spec(&name, tenant, &flavor, &network.name)?;
+                        (self.cloud.create_server(&spec).await?, "new")
+                    }
+                };
+                tracing::info!(server = %server.name, tenant, flavor = %flavor.name, source, elapsed_ms = started.elapsed().as_millis() as u64, "created a VM");
                 for pod in &waiting {
                     self.recorder.normal(
                         pod.as_ref(),
                         "TriggeredScaleUp",
                         format!(
-                            "pod triggered scale-up: VM {} ({}) for tenant {tenant}",
+                            "pod triggered scale-up: VM {} ({}, {source}) for tenant {tenant}",
                             server.name, flavor.name
                         ),
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The warm pool's flavor.
+    fn pool_flavor(&self) -> Option<&Flavor> {
+        match &self.config.warm_pool_flavor {
+            Some(name) => self.config.flavors.iter().find(|f| &f.name == name),
+            None => self.config.flavors.first(),
+        }
+    }
+
+    /// Fills the warm pool up to its size (after this pass's claims), or trims it.
+    async fn replenish(&self) -> Result<()> {
+        let Some(flavor) = self.pool_flavor().cloned() else {
+            return Ok(());
+        };
+        let spares: Vec<Server> = self
+            .cloud
+            .list_servers()
+            .await?
+            .into_iter()
+            .filter(|s| s.status == ServerStatus::Spare)
+            .collect();
+        for extra in spares.iter().skip(self.config.warm_pool) {
+            tracing::info!(server = %extra.name, "removing a spare VM the warm pool no longer needs");
+            self.cloud.delete_server(&extra.name).await?;
+        }
+        for _ in spares.len()..self.config.warm_pool {
+            let name = format!("vm-{}", random_suffix());
+            let started = Instant::now();
+            self.cloud
+                .create_spare(&SpareSpec {
+                    name: name.clone(),
+                    flavor: flavor.clone(),
+                    tags: BTreeMap::from([("pool".to_string(), "warm".to_string())]),
+                })
+                .await?;
+            tracing::info!(server = %name, flavor = %flavor.name, elapsed_ms = started.elapsed().as_millis() as u64, "added a spare VM to the warm pool");
         }
         Ok(())
     }
@@ -519,13 +583,14 @@ impl Controller {
         room
     }
 
-    async fn create_vm(
+    /// What a tenant's VM is made from.
+    fn server_spec(
         &self,
         name: &str,
         tenant: &str,
         flavor: &Flavor,
         network: &str,
-    ) -> Result<Server> {
+    ) -> Result<ServerSpec> {
         let kubeconfig = self
             .credentials
             .kubeconfig(name, tenant)
@@ -558,7 +623,7 @@ impl Controller {
             },
             tags: BTreeMap::from([("tenant".to_string(), tenant.to_string())]),
         };
-        Ok(self.cloud.create_server(&spec).await?)
+        Ok(spec)
     }
 
     /// Ports for pods bound to the cloud's VMs that have none yet.
@@ -722,7 +787,7 @@ impl Controller {
         pods: &[Arc<Pod>],
     ) -> Result<()> {
         let now = Instant::now();
-        for server in servers {
+        for server in servers.iter().filter(|s| s.status != ServerStatus::Spare) {
             let node = nodes.get(&server.name);
             let age = chrono::Utc::now()
                 .signed_duration_since(server.created_at)

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Instant};
 use async_trait::async_trait;
 use canopy_cloud::{
     CloudError, CloudProvider, Network, NetworkSpec, Port, PortSpec, PublicIp, PublicIpSpec,
-    Server, ServerSpec,
+    Server, ServerSpec, SpareSpec,
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -138,6 +138,14 @@ impl CloudProvider for Instrumented {
     }
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server, CloudError> {
         self.timed("create_server", self.inner.create_server(spec))
+            .await
+    }
+    async fn create_spare(&self, spec: &SpareSpec) -> Result<Server, CloudError> {
+        self.timed("create_spare", self.inner.create_spare(spec))
+            .await
+    }
+    async fn claim_spare(&self, spec: &ServerSpec) -> Result<Server, CloudError> {
+        self.timed("claim_spare", self.inner.claim_spare(spec))
             .await
     }
     async fn delete_server(&self, name: &str) -> Result<(), CloudError> {

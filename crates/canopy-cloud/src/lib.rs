@@ -31,6 +31,15 @@ pub trait CloudProvider: Send + Sync {
     /// the server of that name. Returns once the server exists; it is `Active` when it
     /// booted.
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server, CloudError>;
+    /// Boots a spare server for the warm pool (tenant and network empty, status
+    /// [`ServerStatus::Spare`]), or returns the server of that name.
+    async fn create_spare(&self, spec: &SpareSpec) -> Result<Server, CloudError>;
+    /// Gives a spare server to a tenant: its NIC in `spec.nic.network`, its agent started
+    /// with `spec.bootstrap`, its tags. `spec.name` is the spare's (a server keeps its name)
+    /// and `spec.flavor` must be its flavor. Claiming a server that `spec` already
+    /// describes returns it; claiming any other server that is not a spare is a
+    /// [`CloudError::Conflict`].
+    async fn claim_spare(&self, spec: &ServerSpec) -> Result<Server, CloudError>;
     /// Stops and deletes a server with its NIC; ports attached to it are detached (not
     /// deleted).
     async fn delete_server(&self, name: &str) -> Result<(), CloudError>;

@@ -127,12 +127,24 @@ pub struct ServerSpec {
     pub tags: BTreeMap<String, String>,
 }
 
+/// A spare server of the warm pool: sized, booted, on the management network, nothing of
+/// any tenant's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareSpec {
+    pub name: String,
+    pub flavor: Flavor,
+    pub tags: BTreeMap<String, String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerStatus {
     /// Created, not yet running its agent.
     Building,
     /// Running.
     Active,
+    /// Built and waiting in the warm pool: no tenant, no NIC, no agent yet
+    /// ([`crate::CloudProvider::claim_spare`]).
+    Spare,
     /// Stopped without being deleted (its agent exited, the host rebooted).
     Shutoff,
     /// Could not be created or started.

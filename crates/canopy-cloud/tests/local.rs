@@ -14,7 +14,7 @@ use std::{
 
 use canopy_cloud::{
     Bootstrap, CloudError, CloudProvider, Flavor, NetworkSpec, NicSpec, Port, PortSpec,
-    PublicIpSpec, Server, ServerSpec, ServerStatus, Subnet,
+    PublicIpSpec, Server, ServerSpec, ServerStatus, SpareSpec, Subnet,
     local::{LocalConfig, LocalProvider, names},
 };
 use tokio::{io::AsyncWriteExt, net::TcpListener, process::Command};
@@ -1578,4 +1578,106 @@ async fn no_public_network_no_public_ips() {
         .unwrap_err();
     assert!(matches!(err, CloudError::Invalid(_)), "{err}");
     assert!(err.to_string().contains("no public network"), "{err}");
+}
+
+/// The warm pool's spares: built (namespace, management link, cgroup) with no tenant, NIC
+/// or agent; kept by a reopen; claimed by a tenant, they become that tenant's server on its
+/// network with its agent running; claims that do not fit are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_wait_without_a_tenant_and_are_claimed() {
+    let mut cloud = Cloud::new().await;
+    let p = cloud.p();
+    let network = p
+        .ensure_network(&network_spec("net", "t", "10.60.0.0/24"))
+        .await
+        .unwrap();
+    let spare_spec = SpareSpec {
+        name: "vm-a".into(),
+        flavor: flavor(1, 256),
+        tags: BTreeMap::from([("canopy.io/pool".to_string(), "warm".to_string())]),
+    };
+    let started = Instant::now();
+    let spare = p.create_spare(&spare_spec).await.unwrap();
+    eprintln!("create_spare took {} ms", started.elapsed().as_millis());
+    assert_eq!(spare.status, ServerStatus::Spare);
+    assert_eq!(spare.tenant, "");
+    assert_eq!(spare.ip, None);
+    assert!(spare.management_ip.is_some());
+    assert_eq!(
+        p.create_spare(&spare_spec).await.unwrap(),
+        spare,
+        "idempotent"
+    );
+    let netns = cloud.netns("vm-a");
+    assert!(netns_exists(&netns));
+    assert!(link_in(Some(&netns), names::MGMT_DEVICE).await.is_some());
+    assert!(link_in(Some(&netns), names::NIC_DEVICE).await.is_none());
+    let pid_file = cloud.config.state_dir.join("servers/vm-a/agent.pid");
+    assert!(!pid_file.exists(), "a spare runs no agent");
+    // Reachable over management like any server.
+    assert_reaches(None, spare.management_ip.unwrap()).await;
+
+    // Kept across a reopen, still a spare.
+    cloud.reopen().await;
+    let p = cloud.p();
+    assert_eq!(
+        p.server("vm-a").await.unwrap().map(|s| s.status),
+        Some(ServerStatus::Spare)
+    );
+    // Not a name for a regular server; claims that do not fit are refused.
+    assert!(matches!(
+        p.create_server(&server_spec("vm-a", "t", "net", None))
+            .await,
+        Err(CloudError::Conflict(_))
+    ));
+    let mut wrong = server_spec("vm-a", "t", "net", None);
+    wrong.flavor = flavor(2, 512);
+    assert!(matches!(
+        p.claim_spare(&wrong).await,
+        Err(CloudError::Conflict(_))
+    ));
+    assert!(matches!(
+        p.claim_spare(&server_spec("vm-nope", "t", "net", None))
+            .await,
+        Err(CloudError::NotFound { .. })
+    ));
+
+    let started = Instant::now();
+    let claimed = p
+        .claim_spare(&server_spec("vm-a", "t", "net", None))
+        .await
+        .unwrap();
+    eprintln!("claim_spare took {} ms", started.elapsed().as_millis());
+    assert_eq!(claimed.tenant, "t");
+    assert_eq!(claimed.network, "net");
+    assert_eq!(
+        claimed.management_ip, spare.management_ip,
+        "it keeps its address"
+    );
+    let ip = claimed.ip.expect("an address in the tenant's network");
+    assert!(network.subnet.contains(ip));
+    assert_server_running(&cloud, &claimed).await;
+    assert_reaches(Some(&netns), network.gateway).await;
+    // Claiming again is a no-op; it is no spare any more.
+    assert_eq!(
+        p.claim_spare(&server_spec("vm-a", "t", "net", None))
+            .await
+            .unwrap()
+            .name,
+        "vm-a"
+    );
+    assert!(matches!(
+        p.claim_spare(&server_spec("vm-a", "u", "net", None)).await,
+        Err(CloudError::Conflict(_))
+    ));
+
+    // A spare is deleted like any server.
+    let other = SpareSpec {
+        name: "vm-b".into(),
+        ..spare_spec
+    };
+    p.create_spare(&other).await.unwrap();
+    p.delete_server("vm-b").await.unwrap();
+    assert!(!netns_exists(&cloud.netns("vm-b")));
+    assert!(p.server("vm-b").await.unwrap().is_none());
 }

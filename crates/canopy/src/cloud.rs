@@ -35,6 +35,13 @@ pub struct CloudArgs {
     /// fits the pods waiting for them.
     #[arg(long, value_delimiter = ',', default_value = "c1m2:1:2048,c2m4:2:4096,c4m8:4:8192", value_parser = parse_flavor)]
     pub cloud_flavors: Vec<Flavor>,
+    /// Spare VMs kept booted for any tenant: a tenant that needs a VM of their flavor takes
+    /// one (its NIC and agent are added) instead of booting one. 0: no warm pool.
+    #[arg(long, default_value_t = 0)]
+    pub cloud_warm_pool: usize,
+    /// The warm pool's flavor, one of --cloud-flavors (default: the smallest).
+    #[arg(long)]
+    pub cloud_warm_pool_flavor: Option<String>,
     /// A tenant's network when its Tenant names none; tenants' ranges may overlap.
     #[arg(long, default_value = "10.0.0.0/16", value_parser = parse_subnet)]
     pub cloud_default_cidr: Subnet,
@@ -111,6 +118,23 @@ fn parse_public(text: &str) -> Result<PublicNetwork, String> {
 }
 
 impl CloudArgs {
+    /// Checks what clap cannot: the warm pool's flavor is one of the flavors.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.cloud_warm_pool_flavor
+            && !self.cloud_flavors.iter().any(|f| &f.name == name)
+        {
+            bail!(
+                "--cloud-warm-pool-flavor {name:?} is not one of --cloud-flavors ({})",
+                self.cloud_flavors
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// The cloud to run, resolving the default.
     pub fn kind(&self) -> CloudKind {
         self.cloud.unwrap_or_else(|| {
@@ -191,6 +215,8 @@ pub fn controller_config(args: &CloudArgs) -> canopy_cloud_controller::Config {
         default_subnet: args.cloud_default_cidr,
         idle_timeout: args.cloud_idle_timeout,
         boot_timeout: args.cloud_boot_timeout,
+        warm_pool: args.cloud_warm_pool,
+        warm_pool_flavor: args.cloud_warm_pool_flavor.clone(),
         ..Default::default()
     }
 }
@@ -265,6 +291,7 @@ pub struct CloudControllerCmd {
 /// Runs `canopy cloud-controller` until SIGTERM; with `--cleanup`, the cloud is destroyed
 /// on the way out.
 pub async fn run_standalone(cmd: CloudControllerCmd) -> Result<()> {
+    cmd.cloud.validate()?;
     if cmd.cloud.kind() != CloudKind::Local {
         bail!("the cloud controller needs a cloud: --cloud local (as root)");
     }

@@ -309,6 +309,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     // The cloud controller's metrics, likewise.
     let mut cloud_registry = prometheus_client::registry::Registry::default();
     let cloud_metrics = canopy_cloud_controller::metrics::Metrics::register(&mut cloud_registry);
+    args.cloud.validate()?;
     let cloud_kind = args.cloud.kind();
     if cloud_kind == crate::cloud::CloudKind::Local && !args.disable_cloud_controller {
         config.extra_metrics.push(Arc::new(cloud_registry));

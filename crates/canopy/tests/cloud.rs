@@ -187,27 +187,30 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 /// A server with the local cloud: 1-vCPU VMs, a short idle time, the test image preloaded,
 /// a management network of its own (tests run side by side), and `--cleanup`.
 fn cloud_cluster(scratch: &Path, management_octet: u32) -> Cluster {
+    cloud_cluster_with(scratch, management_octet, &[])
+}
+
+fn cloud_cluster_with(scratch: &Path, management_octet: u32, extra: &[&str]) -> Cluster {
     let images = image_store(scratch);
     let management = format!("100.{}.0.0/16", 64 + management_octet % 60);
     let public = public_network(management_octet);
-    Cluster::with_scheduler_and(
-        common::Backend::Embedded,
-        &[
-            "--cloud",
-            "local",
-            "--cleanup",
-            "--cloud-flavors",
-            "c1m1:1:1024",
-            "--cloud-idle-timeout",
-            "5s",
-            "--cloud-management-cidr",
-            &management,
-            "--cloud-public-cidr",
-            &public,
-            "--cloud-image-store",
-            images.to_str().unwrap(),
-        ],
-    )
+    let mut flags = vec![
+        "--cloud",
+        "local",
+        "--cleanup",
+        "--cloud-flavors",
+        "c1m1:1:1024",
+        "--cloud-idle-timeout",
+        "5s",
+        "--cloud-management-cidr",
+        &management,
+        "--cloud-public-cidr",
+        &public,
+        "--cloud-image-store",
+        images.to_str().unwrap(),
+    ];
+    flags.extend_from_slice(extra);
+    Cluster::with_scheduler_and(common::Backend::Embedded, &flags)
 }
 
 /// The public network of a test's cloud: its own (tests run side by side).
@@ -798,6 +801,80 @@ async fn standalone_cloud_controllers_fail_over_without_orphans() {
     let log = std::fs::read_to_string(scratch.path().join("second.log")).unwrap_or_default()
         + &std::fs::read_to_string(scratch.path().join("first.log")).unwrap_or_default();
     assert!(exited.success(), "{exited}: {log}");
+    let left = namespaces_with(&format!("cnp-{tag}-"));
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
+
+/// The spare VMs of the local cloud, by their records.
+fn spares(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("cloud/servers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let name = name.strip_suffix(".json")?.to_string();
+            let record: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+            (record["phase"] == "Spare").then_some(name)
+        })
+        .collect()
+}
+
+/// A warm pool of one: a spare VM waits with no Node; a tenant's pod that needs a VM takes
+/// it (the pod runs on it, the Event says so), and the pool is filled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_takes_the_warm_pools_spare_and_the_pool_refills() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let cluster = cloud_cluster_with(
+        scratch.path(),
+        std::process::id() + 49,
+        &["--cloud-warm-pool", "1"],
+    );
+    let admin = cluster.client().await;
+    let first = wait_logged(
+        &cluster,
+        "a spare VM",
+        Duration::from_secs(60),
+        async || spares(cluster.data_dir()).pop(),
+    )
+    .await;
+    let node_api: Api<Node> = Api::all(admin.clone());
+    assert!(
+        node_api.get_opt(&first).await.unwrap().is_none(),
+        "a spare has no Node"
+    );
+    let shop = tenant_namespace(&admin, "shop", "acme").await;
+    Api::<Deployment>::namespaced(admin.clone(), "shop")
+        .create(&PostParams::default(), &deployment("web", 1, "600m"))
+        .await
+        .unwrap();
+    let web = running_pods(&cluster, &shop, "app=web", 1).await;
+    assert_eq!(
+        web[0].spec.as_ref().unwrap().node_name.as_deref(),
+        Some(first.as_str()),
+        "the pod runs on the spare"
+    );
+    let node = node_api.get(&first).await.unwrap();
+    assert_eq!(node.metadata.labels.unwrap()["canopy.io/tenant"], "acme");
+    let events = cluster.kubectl_ok(&["-n", "shop", "get", "events"]);
+    assert!(
+        events.contains(&format!("VM {first} (c1m1, from the warm pool)")),
+        "{events}"
+    );
+    let second = wait_logged(
+        &cluster,
+        "the pool to be filled again",
+        Duration::from_secs(60),
+        async || spares(cluster.data_dir()).into_iter().find(|s| *s != first),
+    )
+    .await;
+    assert_ne!(second, first);
+    // The spare is torn down with the rest by --cleanup.
+    let tag = instance_of(&cluster);
+    assert!(namespaces_with(&format!("cnp-{tag}-{second}")).len() == 1);
+    drop(cluster);
     let left = namespaces_with(&format!("cnp-{tag}-"));
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }

@@ -35,7 +35,7 @@ use nix::{sys::signal, unistd::Pid};
 
 use crate::{
     CloudError, CloudProvider, Network, NetworkSpec, Port, PortSpec, PublicIp, PublicIpSpec,
-    Server, ServerSpec, ServerStatus, Subnet,
+    Server, ServerSpec, ServerStatus, SpareSpec, Subnet,
 };
 use cmd::Cmd;
 use state::{AgentProcess, Kind, NetworkRecord, Phase, PortRecord, ServerRecord, State, Store};
@@ -296,6 +296,11 @@ impl LocalProvider {
                         tracing::error!(server = %rec.name, error = %format!("{e:#}"), "could not bring the server back");
                     }
                 }
+                Phase::Spare => {
+                    if let Err(e) = self.build_kernel(&rec).await {
+                        tracing::error!(server = %rec.name, error = %format!("{e:#}"), "could not bring the spare server back");
+                    }
+                }
                 Phase::Failed(_) => {}
             }
         }
@@ -514,6 +519,7 @@ impl LocalProvider {
             Phase::Failed(msg) => ServerStatus::Error(msg.clone()),
             Phase::Ready if rec.agent.as_ref().is_some_and(agent::is_alive) => ServerStatus::Active,
             Phase::Ready => ServerStatus::Shutoff,
+            Phase::Spare => ServerStatus::Spare,
         };
         Server {
             name: rec.name.clone(),
@@ -533,18 +539,7 @@ impl LocalProvider {
         if spec.tenant.is_empty() {
             return Err(CloudError::Invalid("the server has no tenant".into()));
         }
-        if spec.flavor.vcpus == 0 || spec.flavor.memory_mib == 0 {
-            return Err(CloudError::Invalid(format!(
-                "flavor {:?} must have at least one vCPU and some memory",
-                spec.flavor.name
-            )));
-        }
-        if spec.flavor.memory_mib > u64::MAX >> 20 {
-            return Err(CloudError::Invalid(format!(
-                "flavor {:?}: {} MiB is not a memory size",
-                spec.flavor.name, spec.flavor.memory_mib
-            )));
-        }
+        Self::check_flavor(&spec.flavor)?;
         if spec.bootstrap.node_name.is_empty() || spec.bootstrap.kubeconfig.is_empty() {
             return Err(CloudError::Invalid(
                 "the bootstrap needs a node name and a kubeconfig".into(),
@@ -619,11 +614,11 @@ impl LocalProvider {
 
     /// The server's files: its directory (0700: it holds the node's credential), the
     /// kubeconfig (0600, never logged), and the seeded image store.
-    async fn prepare_files(&self, name: &str, kubeconfig: &str) -> Result<()> {
+    async fn prepare_files(&self, name: &str, kubeconfig: Option<&str>) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.store.server_dir(name);
         let seed = self.config.image_seed.clone();
-        let kubeconfig = kubeconfig.as_bytes().to_vec();
+        let kubeconfig = kubeconfig.map(|k| k.as_bytes().to_vec());
         let seeding = dir.join("root/.images.seeding");
         let images = dir.join("root/images");
         let interrupted = seeding.clone();
@@ -633,7 +628,9 @@ impl LocalProvider {
             for sub in ["root", "state", "logs"] {
                 std::fs::create_dir_all(dir.join(sub))?;
             }
-            state::write_atomic(&dir.join("kubeconfig"), &kubeconfig, 0o600)?;
+            if let Some(kubeconfig) = kubeconfig {
+                state::write_atomic(&dir.join("kubeconfig"), &kubeconfig, 0o600)?;
+            }
             // An interrupted seeding is redone whole.
             remove_dir_all(&interrupted)?;
             Ok(())
@@ -683,20 +680,26 @@ impl LocalProvider {
         let netns = names::server_netns(instance, &rec.name);
         net::ensure_netns(&netns).await?;
         self.kernel.check_netns(&netns).await?;
-        let (nic, network, attached) = {
+        // A spare has no NIC until it is claimed.
+        let (nic, attached) = {
             let state = self.state.lock();
-            let nic = state
-                .ports
-                .get(&names::nic_port(&rec.name))
-                .map(|p| p.port.clone())
-                .with_context(|| format!("server {} has no NIC port", rec.name))?;
-            let network = state
-                .networks
-                .get(&nic.network)
-                .map(|n| n.network.clone())
-                .with_context(|| {
-                    format!("the network {} of server {} is gone", nic.network, rec.name)
-                })?;
+            let nic = if rec.phase == Phase::Spare {
+                None
+            } else {
+                let nic = state
+                    .ports
+                    .get(&names::nic_port(&rec.name))
+                    .map(|p| p.port.clone())
+                    .with_context(|| format!("server {} has no NIC port", rec.name))?;
+                let network = state
+                    .networks
+                    .get(&nic.network)
+                    .map(|n| n.network.clone())
+                    .with_context(|| {
+                        format!("the network {} of server {} is gone", nic.network, rec.name)
+                    })?;
+                Some((nic, network))
+            };
             let attached: Vec<Port> = state
                 .ports
                 .values()
@@ -705,28 +708,27 @@ impl LocalProvider {
                 })
                 .map(|p| p.port.clone())
                 .collect();
-            (nic, network, attached)
+            (nic, attached)
         };
         let management_ip = rec
             .management_ip
             .with_context(|| format!("server {} has no management address", rec.name))?;
-        self.kernel.guard_port(&nic).await?;
-        let has_nic = self.kernel.port_plugged(&nic.name).await?
-            && net::link_exists(Some(&netns), names::NIC_DEVICE).await?;
-        if !has_nic {
-            net::delete_link(Some(&netns), names::NIC_DEVICE).await?;
-            self.kernel.plug(&nic, &netns, names::NIC_DEVICE).await?;
+        if let Some((nic, _)) = &nic {
+            self.kernel.guard_port(nic).await?;
+            let has_nic = self.kernel.port_plugged(&nic.name).await?
+                && net::link_exists(Some(&netns), names::NIC_DEVICE).await?;
+            if !has_nic {
+                net::delete_link(Some(&netns), names::NIC_DEVICE).await?;
+                self.kernel.plug(nic, &netns, names::NIC_DEVICE).await?;
+            }
         }
+        let nic_config = nic.as_ref().map(|(nic, network)| net::NicConfig {
+            ip: nic.ip,
+            subnet: network.subnet,
+            gateway: network.gateway,
+        });
         self.kernel
-            .ensure_server_links(
-                &rec.name,
-                management_ip,
-                Some(&net::NicConfig {
-                    ip: nic.ip,
-                    subnet: network.subnet,
-                    gateway: network.gateway,
-                }),
-            )
+            .ensure_server_links(&rec.name, management_ip, nic_config.as_ref())
             .await?;
         self.cgroups.ensure_server(
             instance,
@@ -824,7 +826,11 @@ impl LocalProvider {
 
     /// Allocates a server's addresses and records the server (phase Building) and its
     /// NIC port, in that order: a crash after this is cleaned up by `open`.
-    async fn record_new_server(&self, spec: &ServerSpec) -> Result<ServerRecord, CloudError> {
+    async fn record_new_server(
+        &self,
+        spec: &ServerSpec,
+        spare: Option<&ServerRecord>,
+    ) -> Result<ServerRecord, CloudError> {
         let nic_name = names::nic_port(&spec.name);
         let (rec, nic) = {
             let state = self.state.lock();
@@ -854,14 +860,11 @@ impl LocalProvider {
                 )));
             }
             let ip = port_address(&state, &network.network, spec.nic.ip)?;
-            let used: HashSet<Ipv4Addr> = state
-                .servers
-                .values()
-                .filter_map(|s| s.management_ip)
-                .collect();
-            let control_plane = self.config.control_plane_ip();
-            let management_ip = ipam::allocate(self.config.management, &[control_plane], &used)
-                .ok_or_else(|| CloudError::Exhausted("management".into()))?;
+            // A claimed spare keeps its management address.
+            let management_ip = match spare.and_then(|s| s.management_ip) {
+                Some(ip) => ip,
+                None => self.allocate_management_ip(&state)?,
+            };
             let rec = ServerRecord {
                 name: spec.name.clone(),
                 tenant: spec.tenant.clone(),
@@ -896,10 +899,70 @@ impl LocalProvider {
     }
 
     async fn build_server(&self, rec: &ServerRecord, spec: &ServerSpec) -> Result<AgentProcess> {
-        self.prepare_files(&rec.name, &spec.bootstrap.kubeconfig)
+        self.prepare_files(&rec.name, Some(&spec.bootstrap.kubeconfig))
             .await?;
         self.build_kernel(rec).await?;
         self.start_agent(rec)
+    }
+
+    fn allocate_management_ip(&self, state: &State) -> Result<Ipv4Addr, CloudError> {
+        let used: HashSet<Ipv4Addr> = state
+            .servers
+            .values()
+            .filter_map(|s| s.management_ip)
+            .collect();
+        let control_plane = self.config.control_plane_ip();
+        ipam::allocate(self.config.management, &[control_plane], &used)
+            .ok_or_else(|| CloudError::Exhausted("management".into()))
+    }
+
+    fn check_flavor(flavor: &crate::Flavor) -> Result<(), CloudError> {
+        if flavor.vcpus == 0 || flavor.memory_mib == 0 {
+            return Err(CloudError::Invalid(format!(
+                "flavor {:?} must have at least one vCPU and some memory",
+                flavor.name
+            )));
+        }
+        if flavor.memory_mib > u64::MAX >> 20 {
+            return Err(CloudError::Invalid(format!(
+                "flavor {:?}: {} MiB is not a memory size",
+                flavor.name, flavor.memory_mib
+            )));
+        }
+        Ok(())
+    }
+
+    /// Builds a recorded server (its files, kernel objects and agent) and records it
+    /// Ready; a failure is cleaned up and recorded.
+    async fn finish_server(
+        &self,
+        rec: ServerRecord,
+        spec: &ServerSpec,
+        started: Instant,
+    ) -> Result<Server, CloudError> {
+        match self.build_server(&rec, spec).await {
+            Ok(process) => {
+                let mut rec = rec;
+                rec.phase = Phase::Ready;
+                rec.agent = Some(process);
+                self.put_server(rec.clone()).await.map_err(failed)?;
+                tracing::info!(
+                    server = %rec.name,
+                    tenant = %rec.tenant,
+                    management_ip = ?rec.management_ip,
+                    ip = ?rec.ip,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "server created"
+                );
+                Ok(Self::server_view(&rec))
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::error!(server = %spec.name, error = %msg, "server creation failed");
+                self.fail_server(rec, msg.clone()).await.map_err(failed)?;
+                Err(CloudError::Failed(msg))
+            }
+        }
     }
 
     // ----- ports -----
@@ -1077,7 +1140,10 @@ impl CloudProvider for LocalProvider {
                 // that cleanup itself failed, then start afresh with this spec.
                 self.teardown_server(&spec.name).await.map_err(failed)?;
                 self.drop_server(&spec.name).await.map_err(failed)?;
-            } else if existing.tenant != spec.tenant || existing.network != spec.nic.network {
+            } else if existing.phase == Phase::Spare
+                || existing.tenant != spec.tenant
+                || existing.network != spec.nic.network
+            {
                 return Err(CloudError::Conflict(format!(
                     "server {:?} exists for tenant {:?} on network {:?}",
                     spec.name, existing.tenant, existing.network
@@ -1087,30 +1153,118 @@ impl CloudProvider for LocalProvider {
             }
         }
         let started = Instant::now();
-        let rec = self.record_new_server(spec).await?;
-        match self.build_server(&rec, spec).await {
-            Ok(process) => {
-                let mut rec = rec;
-                rec.phase = Phase::Ready;
-                rec.agent = Some(process);
-                self.put_server(rec.clone()).await.map_err(failed)?;
+        let rec = self.record_new_server(spec, None).await?;
+        self.finish_server(rec, spec, started).await
+    }
+
+    async fn create_spare(&self, spec: &SpareSpec) -> Result<Server, CloudError> {
+        names::check_server_name(&spec.name).map_err(CloudError::Invalid)?;
+        Self::check_flavor(&spec.flavor)?;
+        let _ops = self.ops.lock().await;
+        let started = Instant::now();
+        let rec = {
+            let state = self.state.lock();
+            if let Some(existing) = state.servers.get(&spec.name) {
+                return match existing.phase {
+                    Phase::Spare if existing.flavor == spec.flavor => {
+                        Ok(Self::server_view(existing))
+                    }
+                    _ => Err(CloudError::Conflict(format!(
+                        "server {:?} exists and is not a spare of flavor {:?}",
+                        spec.name, spec.flavor.name
+                    ))),
+                };
+            }
+            let link = names::mgmt_host_link(&self.config.instance, &spec.name);
+            if let Some(other) = state
+                .servers
+                .keys()
+                .find(|s| names::mgmt_host_link(&self.config.instance, s) == link)
+            {
+                return Err(CloudError::Conflict(format!(
+                    "server names {:?} and {other:?} hash to the same management link {link}; choose another name",
+                    spec.name
+                )));
+            }
+            ServerRecord {
+                name: spec.name.clone(),
+                tenant: String::new(),
+                flavor: spec.flavor.clone(),
+                network: String::new(),
+                tags: spec.tags.clone(),
+                created_at: chrono::Utc::now(),
+                phase: Phase::Building,
+                management_ip: Some(self.allocate_management_ip(&state)?),
+                ip: None,
+                node_name: String::new(),
+                agent_args: Vec::new(),
+                agent: None,
+            }
+        };
+        self.put_server(rec.clone()).await.map_err(failed)?;
+        let built = async {
+            self.prepare_files(&rec.name, None).await?;
+            let mut spare = rec.clone();
+            spare.phase = Phase::Spare;
+            self.build_kernel(&spare).await?;
+            Ok::<_, anyhow::Error>(spare)
+        };
+        match built.await {
+            Ok(spare) => {
+                self.put_server(spare.clone()).await.map_err(failed)?;
                 tracing::info!(
-                    server = %rec.name,
-                    tenant = %rec.tenant,
-                    management_ip = ?rec.management_ip,
-                    ip = ?rec.ip,
+                    server = %spare.name,
+                    flavor = %spare.flavor.name,
                     elapsed_ms = started.elapsed().as_millis() as u64,
-                    "server created"
+                    "spare server created"
                 );
-                Ok(Self::server_view(&rec))
+                Ok(Self::server_view(&spare))
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                tracing::error!(server = %spec.name, error = %msg, "server creation failed");
+                tracing::error!(server = %spec.name, error = %msg, "spare server creation failed");
                 self.fail_server(rec, msg.clone()).await.map_err(failed)?;
                 Err(CloudError::Failed(msg))
             }
         }
+    }
+
+    async fn claim_spare(&self, spec: &ServerSpec) -> Result<Server, CloudError> {
+        Self::check_server_spec(spec)?;
+        let _ops = self.ops.lock().await;
+        let started = Instant::now();
+        let existing = self
+            .state
+            .lock()
+            .servers
+            .get(&spec.name)
+            .cloned()
+            .ok_or_else(|| CloudError::not_found("server", &spec.name))?;
+        match existing.phase {
+            Phase::Spare => {}
+            Phase::Ready | Phase::Building
+                if existing.tenant == spec.tenant && existing.network == spec.nic.network =>
+            {
+                return Ok(Self::server_view(&existing));
+            }
+            _ => {
+                return Err(CloudError::Conflict(format!(
+                    "server {:?} is not a spare",
+                    spec.name
+                )));
+            }
+        }
+        if existing.flavor != spec.flavor {
+            return Err(CloudError::Conflict(format!(
+                "spare {:?} is of flavor {:?}, not {:?}",
+                spec.name, existing.flavor.name, spec.flavor.name
+            )));
+        }
+        // From here it is a new server of the tenant's (created now, for boot timeouts),
+        // built on what the spare already has; a crash midway cleans it up like any
+        // creation cut short.
+        let rec = self.record_new_server(spec, Some(&existing)).await?;
+        self.finish_server(rec, spec, started).await
     }
 
     async fn delete_server(&self, name: &str) -> Result<(), CloudError> {

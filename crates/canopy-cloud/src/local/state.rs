@@ -47,6 +47,9 @@ pub enum Phase {
     Building,
     /// Built: its kernel objects are kept (repaired by `open`), its agent restarted.
     Ready,
+    /// Built as a spare of the warm pool: namespace, management link, cgroups and files,
+    /// no NIC and no agent until it is claimed.
+    Spare,
     /// Creation failed and was cleaned up; the next create of that name starts afresh.
     Failed(String),
 }

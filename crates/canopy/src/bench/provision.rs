@@ -1,9 +1,11 @@
 //! `canopy bench provision`: how fast a tenant's pod runs on the single-machine cloud. It
-//! starts a `canopy server` with the local cloud (root), then times pod create → Running
-//! (a) on a warm VM that has room, and (c) when the pod needs a brand-new VM (create → VM →
-//! Node Ready → scheduled → port plugged → container running), and the VM's own part:
-//! create → Node Ready. Each new-VM round uses a pod that fills a whole VM, so that every
-//! round creates one; VMs go again after a short idle time.
+//! starts a `canopy server` with the local cloud (root) and a warm pool of one spare VM,
+//! then times pod create → Running (a) on a warm VM that has room, (b) when the pod needs a
+//! VM and takes the warm pool's spare, and (c) when the pod needs a brand-new VM (create →
+//! VM → Node Ready → scheduled → port plugged → container running), and the VM's own part:
+//! create → Node Ready. Each VM round uses a pod that fills a whole VM, so that every
+//! round needs one; VMs go again after a short idle time. The spares are of the 1-vCPU
+//! flavor; brand-new VMs are made for pods that need the 2-vCPU one.
 
 use std::{
     path::Path,
@@ -30,9 +32,38 @@ pub struct ProvisionArgs {
     /// Pods timed on a warm VM, one after another.
     #[arg(long, default_value_t = 50)]
     warm: usize,
+    /// Pods timed that each take the warm pool's spare VM, one after another.
+    #[arg(long, default_value_t = 20)]
+    pool: usize,
     /// Pods timed that each need a new VM, one after another.
     #[arg(long, default_value_t = 20)]
     cold: usize,
+}
+
+/// Whether the server's local cloud has a spare VM ready (its record says so).
+fn spare_ready(cloud_dir: &Path) -> bool {
+    std::fs::read_dir(cloud_dir.join("servers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .is_some_and(|record| record["phase"] == "Spare")
+        })
+}
+
+async fn wait_spare(cloud_dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !spare_ready(cloud_dir) {
+        if Instant::now() > deadline {
+            bail!("no spare VM in the warm pool after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 fn pod(name: &str, cpu: &str) -> Pod {
@@ -94,8 +125,9 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
         bail!("canopy bench provision creates VMs (network namespaces): run it as root");
     }
     println!(
-        "canopy bench provision: {} pods on a warm VM, {} pods needing a new VM; machine {}",
+        "canopy bench provision: {} pods on a warm VM, {} taking a spare VM, {} needing a new VM; machine {}",
         args.warm,
+        args.pool,
         args.cold,
         machine()
     );
@@ -112,7 +144,9 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
             "local",
             "--cleanup",
             "--cloud-flavors",
-            "c1m1:1:1024",
+            "c1m1:1:1024,c2m1:2:1024",
+            "--cloud-warm-pool",
+            "1",
             "--cloud-idle-timeout",
             "2s",
             "--cloud-management-cidr",
@@ -131,13 +165,41 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
     let nodes: Api<Node> = Api::all(admin.clone());
 
-    // (c) Brand-new VMs: a pod that fills a whole VM, each round after the previous VM went.
+    let cloud_dir = dir.path().join("server/cloud");
+    // (b) The warm pool's spare: a pod that fills a 1-vCPU VM, each round once the previous
+    // VM went and the pool has a spare again.
+    let mut pool = Vec::new();
+    for i in 0..args.pool {
+        wait_spare(&cloud_dir).await?;
+        let name = format!("pool-{i}");
+        let started = Instant::now();
+        pods.create(&PostParams::default(), &pod(&name, "1"))
+            .await?;
+        let running = wait_running(&pods, &name, Duration::from_secs(60)).await?;
+        pool.push(started.elapsed().as_secs_f64() * 1000.0);
+        let node = running
+            .spec
+            .and_then(|s| s.node_name)
+            .context("a running pod without a node")?;
+        pods.delete(&name, &DeleteParams::default().grace_period(0))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while nodes.get_opt(&node).await?.is_some() {
+            if Instant::now() > deadline {
+                bail!("VM {node} not removed after its idle time");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // (c) Brand-new VMs: a pod that only a 2-vCPU VM takes (the spare has one), each round
+    // after the previous VM went.
     let mut cold = Vec::new();
     let mut boot = Vec::new();
     for i in 0..args.cold {
         let name = format!("cold-{i}");
         let started = Instant::now();
-        pods.create(&PostParams::default(), &pod(&name, "1"))
+        pods.create(&PostParams::default(), &pod(&name, "1500m"))
             .await?;
         // The VM's part: from the moment its Node appears Ready.
         let mut node_ready = None;
@@ -202,13 +264,16 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
     if !warm.is_empty() {
         report("(a) pod create → Running, warm VM", &mut warm);
     }
+    if !pool.is_empty() {
+        report("(b) pod create → Running, warm-pool VM", &mut pool);
+    }
     if !cold.is_empty() {
         report("(c) pod create → Running, new VM", &mut cold);
     }
     if !boot.is_empty() {
         report("    of which pod create → VM's Node Ready", &mut boot);
     }
-    println!("VMs at the end: {vms} (the warm one)");
+    println!("VMs at the end: {vms} (the warm one; the spare has no Node)");
     drop(server);
     Ok(())
 }
