@@ -682,6 +682,7 @@ impl Controller {
                 name: port_name(&uid),
                 network: network.name.clone(),
                 ip: None,
+                mac: None,
                 tags: BTreeMap::from([
                     (
                         "pod".to_string(),

@@ -172,6 +172,9 @@ pub struct PortSpec {
     pub network: String,
     /// An address of the network's subnet; allocated by the provider when absent.
     pub ip: Option<Ipv4Addr>,
+    /// A unicast MAC (`aa:bb:cc:dd:ee:ff`); chosen by the provider when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -204,4 +207,37 @@ pub struct PublicIp {
     /// the port sends from it.
     pub port: Option<String>,
     pub tags: BTreeMap<String, String>,
+}
+
+/// Whether `mac` is a unicast MAC written `aa:bb:cc:dd:ee:ff` (lowercase or not).
+pub fn valid_unicast_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
+        && mac != "00:00:00:00:00:00"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_checked() {
+        assert!(valid_unicast_mac("02:aa:bb:cc:dd:ee"));
+        assert!(valid_unicast_mac("FA:16:3E:00:00:01"));
+        for bad in [
+            "",
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+            "02:aa:bb:cc:dd",
+            "02:aa:bb:cc:dd:eg",
+            "02-aa-bb-cc-dd-ee",
+        ] {
+            assert!(!valid_unicast_mac(bad), "{bad}");
+        }
+    }
 }

@@ -691,6 +691,7 @@ async fn tenants_with_the_same_subnet_are_isolated() {
             name: "b-port".into(),
             network: "b-net".into(),
             ip: None,
+            mac: None,
             tags: BTreeMap::new(),
         })
         .await
@@ -727,6 +728,7 @@ async fn ports_attach_move_into_pods_and_are_guarded() {
         name: name.into(),
         network: "net".into(),
         ip,
+        mac: None,
         tags: BTreeMap::from([("pod".to_string(), name.to_string())]),
     };
     let a = p.create_port(&port_spec("pod-a", None)).await.unwrap();
@@ -766,6 +768,29 @@ async fn ports_attach_move_into_pods_and_are_guarded() {
         p.attach_port("pod-a", "nope").await,
         Err(CloudError::NotFound { .. })
     ));
+    // A requested MAC is the port's; unique in its network; checked.
+    let with_mac = |name: &str, mac: &str| PortSpec {
+        mac: Some(mac.into()),
+        ..port_spec(name, None)
+    };
+    let m = p
+        .create_port(&with_mac("pod-m", "02:12:34:56:78:9A"))
+        .await
+        .unwrap();
+    assert_eq!(m.mac, "02:12:34:56:78:9a");
+    assert!(matches!(
+        p.create_port(&with_mac("pod-n", "02:12:34:56:78:9a")).await,
+        Err(CloudError::Conflict(_))
+    ));
+    assert!(matches!(
+        p.create_port(&with_mac("pod-m", "02:00:00:00:00:01")).await,
+        Err(CloudError::Conflict(_))
+    ));
+    assert!(matches!(
+        p.create_port(&with_mac("pod-n", "01:00:5e:00:00:01")).await,
+        Err(CloudError::Invalid(_))
+    ));
+    p.delete_port("pod-m").await.unwrap();
     let b = p
         .create_port(&port_spec("pod-b", Some(ip("10.40.0.77"))))
         .await
@@ -934,6 +959,7 @@ async fn state_survives_restarts_and_open_repairs_servers() {
         name: "pod".into(),
         network: "net".into(),
         ip: None,
+        mac: None,
         tags: BTreeMap::new(),
     })
     .await
@@ -1003,6 +1029,7 @@ async fn delete_server_and_destroy_all_leave_nothing() {
         name: "pod".into(),
         network: "net".into(),
         ip: None,
+        mac: None,
         tags: BTreeMap::new(),
     })
     .await
@@ -1194,6 +1221,7 @@ async fn open_after_a_reboot_restores_everything_and_removes_orphans() {
         name: "pod".into(),
         network: "net".into(),
         ip: None,
+        mac: None,
         tags: BTreeMap::new(),
     })
     .await
@@ -1334,6 +1362,7 @@ async fn public_ips_reach_their_port_only() {
                 name: port.into(),
                 network: net.into(),
                 ip: Some(ip("10.50.0.50")),
+                mac: None,
                 tags: BTreeMap::new(),
             })
             .await

@@ -6,12 +6,17 @@ use std::{ffi::OsStr, process::Stdio};
 use anyhow::{Context, Result, bail};
 use tokio::{io::AsyncWriteExt, process::Command};
 
+/// How long one `ip`, `nft` or `cp` may take (copying an image seed falls back to a full
+/// copy across file systems, the slowest of them).
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A command line, kept for error messages. Arguments are never secret: secrets travel in
 /// files only.
 pub struct Cmd {
     program: String,
     args: Vec<String>,
     stdin: Option<String>,
+    timeout: std::time::Duration,
 }
 
 impl Cmd {
@@ -20,7 +25,14 @@ impl Cmd {
             program: program.to_string(),
             args: Vec::new(),
             stdin: None,
+            timeout: COMMAND_TIMEOUT,
         }
+    }
+
+    #[cfg(test)]
+    fn timeout(mut self, timeout: std::time::Duration) -> Cmd {
+        self.timeout = timeout;
+        self
     }
 
     /// `ip [-n <netns>] …`
@@ -97,7 +109,17 @@ impl Cmd {
             // Dropping stdin here is the end of the input.
             Ok::<(), std::io::Error>(())
         };
-        let (fed, output) = tokio::join!(feed, child.wait_with_output());
+        // A command that hangs (a kernel lock held elsewhere, a wedged namespace) fails the
+        // call instead of the cloud: the child is killed when the future is dropped, and
+        // the controller retries on its next pass.
+        let (fed, output) = match tokio::time::timeout(self.timeout, async {
+            tokio::join!(feed, child.wait_with_output())
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => bail!("`{}` did not finish within {:?}", self.line(), self.timeout),
+        };
         let output = output.with_context(|| format!("waiting for `{}`", self.line()))?;
         if let Err(e) = fed
             && output.status.success()
@@ -156,6 +178,20 @@ impl Cmd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_command_that_hangs_fails_and_is_killed() {
+        let started = std::time::Instant::now();
+        let err = Cmd::new("sleep")
+            .arg("30")
+            .timeout(std::time::Duration::from_millis(200))
+            .run()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`sleep 30` did not finish"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
 
     #[tokio::test]
     async fn failures_name_the_command_and_its_stderr() {

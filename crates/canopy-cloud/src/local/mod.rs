@@ -1288,15 +1288,37 @@ impl CloudProvider for LocalProvider {
         let _ops = self.ops.lock().await;
         let rec = {
             let state = self.state.lock();
+            let mac = match &spec.mac {
+                Some(mac) if !crate::valid_unicast_mac(mac) => {
+                    return Err(CloudError::Invalid(format!(
+                        "{mac:?} is not a unicast MAC address (aa:bb:cc:dd:ee:ff)"
+                    )));
+                }
+                Some(mac) => mac.to_ascii_lowercase(),
+                None => names::port_mac(&spec.name),
+            };
             if let Some(existing) = state.ports.get(&spec.name) {
                 let p = &existing.port;
-                if p.network != spec.network || spec.ip.is_some_and(|ip| ip != p.ip) {
+                if p.network != spec.network
+                    || spec.ip.is_some_and(|ip| ip != p.ip)
+                    || spec.mac.is_some() && mac != p.mac
+                {
                     return Err(CloudError::Conflict(format!(
-                        "port {:?} exists on network {:?} with address {}",
-                        spec.name, p.network, p.ip
+                        "port {:?} exists on network {:?} with address {} and MAC {}",
+                        spec.name, p.network, p.ip, p.mac
                     )));
                 }
                 return Ok(p.clone());
+            }
+            if let Some(other) = state
+                .ports
+                .values()
+                .find(|p| p.port.network == spec.network && p.port.mac == mac)
+            {
+                return Err(CloudError::Conflict(format!(
+                    "MAC {mac} is in use by port {:?} on network {:?}",
+                    other.port.name, spec.network
+                )));
             }
             let link = names::port_switch_link(&spec.name);
             if let Some(other) = state
@@ -1319,7 +1341,7 @@ impl CloudProvider for LocalProvider {
                     name: spec.name.clone(),
                     network: spec.network.clone(),
                     ip,
-                    mac: names::port_mac(&spec.name),
+                    mac,
                     server: None,
                     device: names::port_device(&spec.name),
                     tags: spec.tags.clone(),
