@@ -232,6 +232,16 @@ pub enum ImageCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Write an OCI archive of a runnable busybox image made from this machine's static
+    /// busybox (/bin/busybox, Debian's busybox-static), to try Canopy without a registry:
+    /// `canopy image busybox busybox.tar`, then `canopy image import busybox.tar`.
+    Busybox {
+        /// Where to write the archive.
+        output: PathBuf,
+        /// The image's name.
+        #[arg(long, default_value = "busybox:latest")]
+        name: String,
+    },
     /// Remove an image (by name or ID).
     Remove {
         reference: String,
@@ -287,6 +297,15 @@ pub fn image(command: ImageCommand) -> Result<()> {
                     image.names.join(", ")
                 );
             }
+        }
+        ImageCommand::Busybox { output, name } => {
+            canopy_image::testing::busybox_oci_archive(&output, &name).with_context(|| {
+                format!(
+                    "writing {} (needs /bin/busybox, a static build: Debian's busybox-static)",
+                    output.display()
+                )
+            })?;
+            println!("wrote {} ({name})", output.display());
         }
         ImageCommand::Remove { reference, store } => {
             store.open()?.remove(&reference)?;

@@ -186,14 +186,14 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 
 /// A server with the local cloud: 1-vCPU VMs, a short idle time, the test image preloaded,
 /// a management network of its own (tests run side by side), and `--cleanup`.
-fn cloud_cluster(scratch: &Path, management_octet: u32) -> Cluster {
-    cloud_cluster_with(scratch, management_octet, &[])
+fn cloud_cluster(scratch: &Path, nets: &TestNetworks) -> Cluster {
+    cloud_cluster_with(scratch, nets, &[])
 }
 
-fn cloud_cluster_with(scratch: &Path, management_octet: u32, extra: &[&str]) -> Cluster {
+fn cloud_cluster_with(scratch: &Path, nets: &TestNetworks, extra: &[&str]) -> Cluster {
     let images = image_store(scratch);
-    let management = format!("100.{}.0.0/16", 64 + management_octet % 60);
-    let public = public_network(management_octet);
+    let management = nets.management();
+    let public = nets.public();
     let mut flags = vec![
         "--cloud",
         "local",
@@ -213,9 +213,44 @@ fn cloud_cluster_with(scratch: &Path, management_octet: u32, extra: &[&str]) -> 
     Cluster::with_scheduler_and(common::Backend::Embedded, &flags)
 }
 
-/// The public network of a test's cloud: its own (tests run side by side).
-fn public_network(octet: u32) -> String {
-    format!("198.18.{}.0/24", 64 + octet % 60)
+/// A management network (a /16 of 100.64.0.0/10) and a public network (a /24 of
+/// 198.18.0.0/16) of the test's own: tests run side by side, each in its own process, and
+/// two clouds on one machine must not share addresses. Each slot is held by an exclusive
+/// lock on a file for the test's life (the kernel drops it when the process ends, however it
+/// ends). Slot 0, the servers' default 100.64.0.0/16 and 198.18.0.0/24, is left to people.
+struct TestNetworks {
+    _lock: std::fs::File,
+    slot: u32,
+}
+
+impl TestNetworks {
+    fn take() -> TestNetworks {
+        // 100.65–100.95: the local provider's own tests take /24s of 100.96.0.0/11 and
+        // public /24s of 198.18.128.0/17.
+        let start = std::process::id() % 31;
+        for i in 0..31 {
+            let slot = 1 + (start + i) % 31;
+            let path = std::env::temp_dir().join(format!("canopy-test-cloud-{slot}.lock"));
+            let file = std::fs::File::create(&path).unwrap();
+            if file.try_lock().is_ok() {
+                return TestNetworks { _lock: file, slot };
+            }
+        }
+        panic!("every test network slot is taken");
+    }
+
+    fn management(&self) -> String {
+        format!("100.{}.0.0/16", 64 + self.slot)
+    }
+
+    fn public(&self) -> String {
+        format!("198.18.{}.0/24", self.slot)
+    }
+
+    /// The public network's first three octets.
+    fn public_prefix(&self) -> [u8; 3] {
+        [198, 18, self.slot as u8]
+    }
 }
 
 /// Plugs a client namespace of the test's into the public network of the cloud `tag` (its
@@ -307,7 +342,8 @@ fn instance_of(cluster: &Cluster) -> String {
 async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     require_root_tools();
     let scratch = tempfile::tempdir().unwrap();
-    let cluster = cloud_cluster(scratch.path(), std::process::id());
+    let nets = TestNetworks::take();
+    let cluster = cloud_cluster(scratch.path(), &nets);
     let admin = cluster.client().await;
     let shop = tenant_namespace(&admin, "shop", "acme").await;
     let rival = tenant_namespace(&admin, "rival", "globex").await;
@@ -415,11 +451,7 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
         [canopy_api::POD_PUBLIC_IP_ADDRESS_ANNOTATION]
         .parse()
         .unwrap();
-    let public: Vec<u8> = public_network(std::process::id())
-        .split(['.', '/'])
-        .take(3)
-        .map(|o| o.parse().unwrap())
-        .collect();
+    let public = nets.public_prefix();
     assert_eq!(public_ip.octets()[..3], public[..], "{public_ip}");
     let addresses = cluster.kubectl_ok(&[
         "-n", "shop", "exec", "httpd", "--", "ip", "addr", "show", "eth0",
@@ -530,6 +562,12 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
     drop(cluster);
     let after = namespaces_with(&format!("cnp-{tag}-"));
     assert!(after.is_empty(), "namespaces left: {after:?}");
+    // Tenant B's pod ran until the end: its namespace's file goes with its VM.
+    let spy_uid = spy[0].metadata.uid.clone().unwrap();
+    assert!(
+        !Path::new(&format!("/run/netns/canopy-{spy_uid}")).exists(),
+        "the namespace file of a pod of a destroyed VM is left"
+    );
     let tables = Command::new("nft")
         .args(["list", "tables"])
         .output()
@@ -552,7 +590,8 @@ async fn tenants_get_vms_pods_get_nics_and_idle_vms_go() {
 async fn a_crash_while_provisioning_leaves_no_orphans() {
     require_root_tools();
     let scratch = tempfile::tempdir().unwrap();
-    let mut cluster = cloud_cluster(scratch.path(), std::process::id() + 17);
+    let nets = TestNetworks::take();
+    let mut cluster = cloud_cluster(scratch.path(), &nets);
     let admin = cluster.client().await;
     tenant_namespace(&admin, "shop", "acme").await;
     Api::<Deployment>::namespaced(admin.clone(), "shop")
@@ -645,10 +684,10 @@ async fn leader_pid(admin: &kube::Client, lease: &str) -> Option<u32> {
 async fn standalone_cloud_controllers_fail_over_without_orphans() {
     require_root_tools();
     let scratch = tempfile::tempdir().unwrap();
-    let octet = std::process::id() + 33;
+    let nets = TestNetworks::take();
     let images = image_store(scratch.path());
-    let management = format!("100.{}.0.0/16", 64 + octet % 60);
-    let public = public_network(octet);
+    let management = nets.management();
+    let public = nets.public();
     let cluster = Cluster::with_scheduler_and(
         common::Backend::Embedded,
         &[
@@ -827,11 +866,8 @@ fn spares(data_dir: &Path) -> Vec<String> {
 async fn a_pod_takes_the_warm_pools_spare_and_the_pool_refills() {
     require_root_tools();
     let scratch = tempfile::tempdir().unwrap();
-    let cluster = cloud_cluster_with(
-        scratch.path(),
-        std::process::id() + 49,
-        &["--cloud-warm-pool", "1"],
-    );
+    let nets = TestNetworks::take();
+    let cluster = cloud_cluster_with(scratch.path(), &nets, &["--cloud-warm-pool", "1"]);
     let admin = cluster.client().await;
     let first = wait_logged(
         &cluster,

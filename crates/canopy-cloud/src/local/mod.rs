@@ -794,7 +794,11 @@ impl LocalProvider {
         }
         self.kernel.remove_server_links(name).await?;
         let dir = self.store.server_dir(name);
-        state::blocking(move || remove_dir_all(&dir)).await
+        state::blocking(move || {
+            remove_pod_netns_files(&dir);
+            remove_dir_all(&dir)
+        })
+        .await
     }
 
     /// Cleans up after a failed creation and records the failure.
@@ -1011,6 +1015,26 @@ fn port_address(
         }
         None => ipam::allocate(network.subnet, &[network.gateway], &used)
             .ok_or_else(|| CloudError::Exhausted(network.name.clone())),
+    }
+}
+
+/// The agent pins each pod's network namespace at `/run/netns/canopy-<pod uid>`; the
+/// mount lives in the server's own mount namespace and went with it, but the file is the
+/// host's. A server torn down with pods still running leaves them: its agent's sandboxes
+/// (`state/sandboxes/<pod uid>`) name them.
+fn remove_pod_netns_files(server_dir: &Path) {
+    let sandboxes = server_dir.join("state/sandboxes");
+    for entry in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+        let uid = entry.file_name().to_string_lossy().into_owned();
+        let file = Path::new("/run/netns").join(format!("canopy-{uid}"));
+        // Mounted here only if someone bound it in the host's namespace; detach then.
+        let _ = nix::mount::umount2(&file, nix::mount::MntFlags::MNT_DETACH);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %file.display(), error = %e, "could not remove a pod's network namespace file");
+            }
+            _ => {}
+        }
     }
 }
 
