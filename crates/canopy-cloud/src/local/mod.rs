@@ -1024,7 +1024,11 @@ fn port_address(
 /// (`state/sandboxes/<pod uid>`) name them.
 fn remove_pod_netns_files(server_dir: &Path) {
     let sandboxes = server_dir.join("state/sandboxes");
-    for entry in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(&sandboxes)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let uid = entry.file_name().to_string_lossy().into_owned();
         let file = Path::new("/run/netns").join(format!("canopy-{uid}"));
         // Mounted here only if someone bound it in the host's namespace; detach then.
