@@ -205,7 +205,7 @@ pub async fn run(
         tokio::select! {
             _ = wake.notified() => {
                 // Changes come in bursts (a Deployment's pods): take them together.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
             _ = tokio::time::sleep(controller.config.resync) => {}
         }
@@ -377,12 +377,21 @@ impl Controller {
                 .lock()
                 .retain(|name, _| names.contains(name.as_str()));
         }
-        self.provision(&servers, &nodes, &pods).await?;
-        self.plug_ports(&servers, &pods).await?;
+        let made_vms = self.provision(&servers, &nodes, &pods).await?;
+        let ports_needed = self.plug_ports(&servers, &pods).await?;
         self.release_ports(&pods).await?;
         self.scale_down(&servers, &nodes, &pods).await?;
         self.forget_nodes(&servers, &nodes).await?;
-        self.replenish().await?;
+        // The pool is filled when the cloud is quiet: a spare being built holds the IaaS
+        // (and the machine) while a tenant's new VM boots and its pods' ports wait.
+        let booting = servers.iter().any(|s| {
+            matches!(s.status, ServerStatus::Building | ServerStatus::Active)
+                && !s.tenant.is_empty()
+                && !nodes.get(&s.name).is_some_and(|n| node_ready(n))
+        });
+        if !made_vms && ports_needed == 0 && !booting {
+            self.replenish().await?;
+        }
         Ok(())
     }
 
@@ -407,7 +416,8 @@ impl Controller {
         servers: &[Server],
         nodes: &HashMap<String, Arc<Node>>,
         pods: &[Arc<Pod>],
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut made_vms = false;
         let mut spares: Vec<&Server> = servers
             .iter()
             .filter(|s| s.status == ServerStatus::Spare)
@@ -506,6 +516,7 @@ impl Controller {
                         (self.cloud.create_server(&spec).await?, "new")
                     }
                 };
+                made_vms = true;
                 tracing::info!(server = %server.name, tenant, flavor = %flavor.name, source, elapsed_ms = started.elapsed().as_millis() as u64, "created a VM");
                 for pod in &waiting {
                     self.recorder.normal(
@@ -519,7 +530,7 @@ impl Controller {
                 }
             }
         }
-        Ok(())
+        Ok(made_vms)
     }
 
     /// The warm pool's flavor.
@@ -626,8 +637,9 @@ impl Controller {
         Ok(spec)
     }
 
-    /// Ports for pods bound to the cloud's VMs that have none yet.
-    async fn plug_ports(&self, servers: &[Server], pods: &[Arc<Pod>]) -> Result<()> {
+    /// Ports for pods bound to the cloud's VMs that have none yet; how many needed one.
+    async fn plug_ports(&self, servers: &[Server], pods: &[Arc<Pod>]) -> Result<usize> {
+        let mut needed = 0;
         let by_name: HashMap<&str, &Server> =
             servers.iter().map(|s| (s.name.as_str(), s)).collect();
         let mut networks: Option<HashMap<String, Network>> = None;
@@ -647,6 +659,7 @@ impl Controller {
             {
                 continue;
             }
+            needed += 1;
             // The networks are read once per pass, and only when a pod needs a port.
             if networks.is_none() {
                 networks = Some(
@@ -671,7 +684,7 @@ impl Controller {
                 );
             }
         }
-        Ok(())
+        Ok(needed)
     }
 
     async fn plug_port(&self, pod: &Pod, server: &Server, network: &Network) -> Result<()> {

@@ -166,6 +166,10 @@ impl CloudProvider for Instrumented {
         self.timed("attach_port", self.inner.attach_port(port, server))
             .await
     }
+    async fn detach_port(&self, port: &str) -> Result<Port, CloudError> {
+        self.timed("detach_port", self.inner.detach_port(port))
+            .await
+    }
     async fn delete_port(&self, name: &str) -> Result<(), CloudError> {
         self.timed("delete_port", self.inner.delete_port(name))
             .await

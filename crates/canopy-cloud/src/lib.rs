@@ -54,6 +54,11 @@ pub trait CloudProvider: Send + Sync {
     /// Plugs a port into a server: its device appears inside the server as
     /// [`Port::device`]. Attaching it again to the same server is a no-op.
     async fn attach_port(&self, port: &str, server: &str) -> Result<Port, CloudError>;
+    /// Unplugs a port from its server (its device disappears from the server, or from the
+    /// pod it was moved into); the port and its address are kept, to be attached again.
+    /// Detaching a port attached nowhere is a no-op; a server's own NIC is a
+    /// [`CloudError::Conflict`].
+    async fn detach_port(&self, port: &str) -> Result<Port, CloudError>;
     /// Deletes a port (detaching it first).
     async fn delete_port(&self, name: &str) -> Result<(), CloudError>;
     /// Every port of this cluster.

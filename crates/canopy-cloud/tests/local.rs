@@ -890,6 +890,28 @@ async fn ports_attach_move_into_pods_and_are_guarded() {
     .await;
     assert_reaches(pod_a, s1.ip.unwrap()).await;
 
+    // Detach: pod-b's device leaves its pod, the port stays with its address; attached
+    // again (to the other server), it is plugged there.
+    let detached = p.detach_port("pod-b").await.unwrap();
+    assert_eq!(detached.server, None);
+    assert_eq!(detached.ip, b.ip);
+    assert_eq!(
+        p.detach_port("pod-b").await.unwrap(),
+        detached,
+        "idempotent"
+    );
+    assert!(
+        link_in(Some(&pods[1]), &b.device).await.is_none(),
+        "the device left the pod"
+    );
+    assert!(matches!(
+        p.detach_port("s1-nic").await,
+        Err(CloudError::Conflict(_))
+    ));
+    let moved = p.attach_port("pod-b", "s1").await.unwrap();
+    assert_eq!(moved.server.as_deref(), Some("s1"));
+    assert!(link_in(Some(&ns1), &b.device).await.is_some());
+
     // Delete: the pair goes (from the pod too), the guard entry and the address with it.
     p.delete_port("pod-a").await.unwrap();
     p.delete_port("pod-a").await.unwrap();

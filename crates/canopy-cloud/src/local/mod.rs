@@ -1453,6 +1453,28 @@ impl CloudProvider for LocalProvider {
         Ok(rec.port)
     }
 
+    async fn detach_port(&self, port: &str) -> Result<Port, CloudError> {
+        let _ops = self.ops.lock().await;
+        let mut rec = self
+            .state
+            .lock()
+            .ports
+            .get(port)
+            .cloned()
+            .ok_or_else(|| CloudError::not_found("port", port))?;
+        if let Some(server) = &rec.nic_of {
+            return Err(CloudError::Conflict(format!(
+                "port {port:?} is the NIC of server {server:?}"
+            )));
+        }
+        // Deleting the switch end takes the other end wherever it is (server or pod).
+        self.kernel.unplug(port).await.map_err(failed)?;
+        if rec.port.server.take().is_some() {
+            self.put_port(rec.clone()).await.map_err(failed)?;
+        }
+        Ok(rec.port)
+    }
+
     async fn delete_port(&self, name: &str) -> Result<(), CloudError> {
         let _ops = self.ops.lock().await;
         self.delete_port_locked(name).await
