@@ -103,6 +103,26 @@ async fn wait_ready_since(nodes: &Api<Node>, name: &str) -> Option<Instant> {
         .then(Instant::now)
 }
 
+/// Deletes a round's pod and waits until its VM is gone after the idle time, so that the
+/// next round finds no VM with room.
+async fn release_vm(pods: &Api<Pod>, nodes: &Api<Node>, running: Pod) -> Result<()> {
+    let name = running.metadata.name.clone().unwrap_or_default();
+    let node = running
+        .spec
+        .and_then(|s| s.node_name)
+        .context("a running pod without a node")?;
+    pods.delete(&name, &DeleteParams::default().grace_period(0))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes.get_opt(&node).await?.is_some() {
+        if Instant::now() > deadline {
+            bail!("VM {node} not removed after its idle time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 fn image_store(dir: &Path) -> Result<std::path::PathBuf> {
     let root = dir.join("vm-image");
     let archive = dir.join("image.tar");
@@ -177,19 +197,7 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
             .await?;
         let running = wait_running(&pods, &name, Duration::from_secs(60)).await?;
         pool.push(started.elapsed().as_secs_f64() * 1000.0);
-        let node = running
-            .spec
-            .and_then(|s| s.node_name)
-            .context("a running pod without a node")?;
-        pods.delete(&name, &DeleteParams::default().grace_period(0))
-            .await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while nodes.get_opt(&node).await?.is_some() {
-            if Instant::now() > deadline {
-                bail!("VM {node} not removed after its idle time");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        release_vm(&pods, &nodes, running).await?;
     }
 
     // (c) Brand-new VMs: a pod that only a 2-vCPU VM takes (the spare has one), each round
@@ -224,20 +232,7 @@ pub async fn run(args: ProvisionArgs) -> Result<()> {
         if let Some(ready) = node_ready {
             boot.push(ready.duration_since(started).as_secs_f64() * 1000.0);
         }
-        let node = running
-            .spec
-            .and_then(|s| s.node_name)
-            .context("a running pod without a node")?;
-        pods.delete(&name, &DeleteParams::default().grace_period(0))
-            .await?;
-        // The next round must find no VM with room: wait until this one is gone.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while nodes.get_opt(&node).await?.is_some() {
-            if Instant::now() > deadline {
-                bail!("VM {node} not removed after its idle time");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        release_vm(&pods, &nodes, running).await?;
     }
 
     // (a) A warm VM with room: small pods, one after another.
