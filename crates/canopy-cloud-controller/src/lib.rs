@@ -390,7 +390,8 @@ impl Controller {
                 && !nodes.get(&s.name).is_some_and(|n| node_ready(n))
         });
         if !made_vms && ports_needed == 0 && !booting {
-            self.replenish().await?;
+            // No spare was claimed in this pass: the list's spares are the pool.
+            self.replenish(&servers).await?;
         }
         Ok(())
     }
@@ -541,16 +542,13 @@ impl Controller {
         }
     }
 
-    /// Fills the warm pool up to its size (after this pass's claims), or trims it.
-    async fn replenish(&self) -> Result<()> {
+    /// Fills the warm pool up to its size, or trims it.
+    async fn replenish(&self, servers: &[Server]) -> Result<()> {
         let Some(flavor) = self.pool_flavor().cloned() else {
             return Ok(());
         };
-        let spares: Vec<Server> = self
-            .cloud
-            .list_servers()
-            .await?
-            .into_iter()
+        let spares: Vec<&Server> = servers
+            .iter()
             .filter(|s| s.status == ServerStatus::Spare)
             .collect();
         for extra in spares.iter().skip(self.config.warm_pool) {
@@ -807,6 +805,14 @@ impl Controller {
                 .signed_duration_since(server.created_at)
                 .to_std()
                 .unwrap_or_default();
+            if let ServerStatus::Error(why) = &server.status {
+                // A creation that failed (or was cut short by a crash) is final: its Node,
+                // if its agent got as far as registering one, goes now rather than after
+                // the boot timeout, with any pod placed on it.
+                tracing::warn!(server = %server.name, error = %why, "removing a VM whose creation failed");
+                self.remove_vm(&server.name).await?;
+                continue;
+            }
             if !node.is_some_and(|n| node_ready(n)) {
                 if age > self.config.boot_timeout {
                     tracing::warn!(server = %server.name, status = ?server.status, "the VM's node never became Ready; replacing it");
@@ -844,10 +850,42 @@ impl Controller {
             .patch(name, &PatchParams::default(), &Patch::Merge(&cordon))
             .await;
         self.cloud.delete_server(name).await?;
-        match nodes.delete(name, &DeleteParams::default()).await {
+        self.forget_node(name).await
+    }
+
+    /// Deletes the Node of a VM that is gone, and the pods still bound to it: they died
+    /// with the VM, and their controllers make new ones only once these are gone
+    /// (upstream's pod GC does the same for pods of vanished nodes, after a quarantine the
+    /// IaaS's word makes needless here).
+    async fn forget_node(&self, name: &str) -> Result<()> {
+        match Api::<Node>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(error) => return Err(error).context("deleting the VM's Node"),
+        }
+        for pod in self.pods.list().iter().filter(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name)
+                && p.metadata.deletion_timestamp.is_none()
+        }) {
+            let namespace = pod.namespace().unwrap_or_default();
+            let mut params = DeleteParams::default().grace_period(0);
+            params.preconditions = Some(kube::api::Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            });
+            match Api::<Pod>::namespaced(self.client.clone(), &namespace)
+                .delete(&pod.name_any(), &params)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(pod = %format!("{namespace}/{}", pod.name_any()), node = name, "deleted a pod of a VM that is gone");
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+                Err(error) => return Err(error).context("deleting a pod of a VM that is gone"),
+            }
         }
         Ok(())
     }
@@ -866,14 +904,7 @@ impl Controller {
                 continue;
             }
             tracing::info!(node = %name, "deleting the Node of a VM that is gone");
-            match Api::<Node>::all(self.client.clone())
-                .delete(name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(error).context("deleting a Node"),
-            }
+            self.forget_node(name).await?;
         }
         Ok(())
     }

@@ -60,6 +60,7 @@ use nix::mount::{MsFlags, mount};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub use sandbox::recorded_netns_files;
 pub use shim::{ShimArgs, run_shim};
 pub use types::*;
 

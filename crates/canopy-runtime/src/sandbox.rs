@@ -61,6 +61,22 @@ pub fn netns_name(pod_uid: &str) -> String {
     format!("canopy-{pod_uid}")
 }
 
+/// The network-namespace files of the sandboxes a runtime state directory records, for
+/// whoever tears a node down without its agent (the files are the host's even when the
+/// agent's mounts lived in a mount namespace of its own).
+pub fn recorded_netns_files(state_dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(state_dir.join("sandboxes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let uid = entry.file_name().to_str()?.to_string();
+            validate_name("pod uid", &uid).ok()?;
+            Some(SandboxPaths::new(state_dir, &uid).netns)
+        })
+        .collect()
+}
+
 pub fn hosts_content(hosts: &[(String, Vec<String>)]) -> String {
     let mut s = String::from(
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",

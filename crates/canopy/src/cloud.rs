@@ -221,48 +221,53 @@ pub fn controller_config(args: &CloudArgs) -> canopy_cloud_controller::Config {
     }
 }
 
-/// One term of a cloud controller as leader: opens the local provider (only the leader
-/// touches the IaaS; a replica on the same machine shares its state directory) and runs
-/// the controller until the term ends. A provider that cannot be opened is retried.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_controller_term(
-    client: kube::Client,
-    args: CloudArgs,
-    data_dir: PathBuf,
+/// What every term of a cloud controller as leader runs with, in `canopy server` and in
+/// `canopy cloud-controller`.
+#[derive(Clone)]
+pub struct ControllerTerm {
+    pub client: kube::Client,
+    pub credentials: Arc<dyn canopy_cloud_controller::NodeCredentials>,
+    pub recorder: canopy_controllers::events::Recorder,
+    pub metrics: canopy_cloud_controller::metrics::Metrics,
+    pub config: canopy_cloud_controller::Config,
+}
+
+impl ControllerTerm {
+    /// Runs the controller on `provider` until the term ends.
+    pub async fn run(self, provider: Arc<dyn canopy_cloud::CloudProvider>) {
+        canopy_cloud_controller::run(
+            self.client,
+            provider,
+            self.credentials,
+            self.config,
+            self.recorder,
+            self.metrics,
+        )
+        .await
+    }
+}
+
+/// Opens the local cloud, retrying with backoff: a standalone controller's term as leader
+/// starts so (only the leader touches the cloud; replicas share its state directory).
+async fn open_local_retrying(
+    args: &CloudArgs,
+    data_dir: &std::path::Path,
     api_port: u16,
-    credentials: Arc<dyn canopy_cloud_controller::NodeCredentials>,
-    recorder: canopy_controllers::events::Recorder,
-    metrics: canopy_cloud_controller::metrics::Metrics,
-    provider: Option<Arc<dyn canopy_cloud::CloudProvider>>,
-) {
-    let provider = match provider {
-        Some(provider) => provider,
-        None => {
-            let mut delay = Duration::from_secs(1);
-            loop {
-                match open_local(&args, &data_dir, api_port).await {
-                    Ok(provider) => break provider as Arc<dyn canopy_cloud::CloudProvider>,
-                    Err(error) => {
-                        tracing::error!(
-                            error = format!("{error:#}"),
-                            "opening the local cloud failed; retrying"
-                        );
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                }
+) -> Arc<dyn canopy_cloud::CloudProvider> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match open_local(args, data_dir, api_port).await {
+            Ok(provider) => return provider,
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "opening the local cloud failed; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
-    };
-    canopy_cloud_controller::run(
-        client,
-        provider,
-        credentials,
-        controller_config(&args),
-        recorder,
-        metrics,
-    )
-    .await
+    }
 }
 
 /// `canopy cloud-controller`: the cloud controller alone, with leader election, against
@@ -329,24 +334,26 @@ pub async fn run_standalone(cmd: CloudControllerCmd) -> Result<()> {
         let client = client.clone();
         tokio::spawn(async move { events.run(client).await })
     };
+    let term = ControllerTerm {
+        client: client.clone(),
+        credentials,
+        recorder,
+        metrics,
+        config: controller_config(&cmd.cloud),
+    };
     let args = cmd.cloud.clone();
     let data_dir = cmd.data_dir.clone();
     crate::leader::run_elected(
-        client.clone(),
+        client,
         "cloud-controller",
         cmd.leader_election,
         crate::server::shutdown_signal(),
         move || {
-            run_controller_term(
-                client.clone(),
-                args.clone(),
-                data_dir.clone(),
-                args.cloud_api_port,
-                credentials.clone(),
-                recorder.clone(),
-                metrics.clone(),
-                None,
-            )
+            let (term, args, data_dir) = (term.clone(), args.clone(), data_dir.clone());
+            async move {
+                let provider = open_local_retrying(&args, &data_dir, args.cloud_api_port).await;
+                term.run(provider).await
+            }
         },
     )
     .await;

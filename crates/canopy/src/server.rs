@@ -465,28 +465,22 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 server_url: vm_url.clone(),
             });
         let provider: Arc<dyn canopy_cloud::CloudProvider> = provider.clone();
-        let cloud_args = args.cloud.clone();
-        let data_dir = args.data_dir.clone();
+        let term = crate::cloud::ControllerTerm {
+            client: client.clone(),
+            credentials,
+            recorder,
+            metrics: cloud_metrics,
+            config: crate::cloud::controller_config(&args.cloud),
+        };
         components
             .lock()
             .await
             .push(tokio::spawn(crate::leader::run_elected(
-                client.clone(),
+                client,
                 "cloud-controller",
                 args.leader_election.clone(),
                 stop.clone().cancelled_owned(),
-                move || {
-                    crate::cloud::run_controller_term(
-                        client.clone(),
-                        cloud_args.clone(),
-                        data_dir.clone(),
-                        cloud_args.cloud_api_port,
-                        credentials.clone(),
-                        recorder.clone(),
-                        cloud_metrics.clone(),
-                        Some(provider.clone()),
-                    )
-                },
+                move || term.clone().run(provider.clone()),
             )));
         tracing::info!(vm_api = %vm_url, "local cloud ready: tenants' pods get VMs on this machine");
     }

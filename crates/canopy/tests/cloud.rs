@@ -132,8 +132,17 @@ async fn wait_logged<T>(
     }
 }
 
+/// The VMs' agents' logs, after those of cloud controllers running alone
+/// (`cloud-controller-*.log` in the data directory).
 fn agent_logs(data_dir: &Path) -> String {
     let mut out = String::new();
+    for entry in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("cloud-controller-") && name.ends_with(".log") {
+            out.push_str(&format!("== {}\n", entry.path().display()));
+            out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
     for entry in std::fs::read_dir(data_dir.join("cloud/servers"))
         .into_iter()
         .flatten()
@@ -705,7 +714,8 @@ async fn standalone_cloud_controllers_fail_over_without_orphans() {
             .unwrap()
             .local_addr()
             .unwrap();
-        let log = std::fs::File::create(scratch.path().join(format!("{name}.log"))).unwrap();
+        let log =
+            std::fs::File::create(data_dir.join(format!("cloud-controller-{name}.log"))).unwrap();
         let child = Command::new(common::canopy_exe())
             .arg("cloud-controller")
             .arg("--kubeconfig")
@@ -837,9 +847,7 @@ async fn standalone_cloud_controllers_fail_over_without_orphans() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let log = std::fs::read_to_string(scratch.path().join("second.log")).unwrap_or_default()
-        + &std::fs::read_to_string(scratch.path().join("first.log")).unwrap_or_default();
-    assert!(exited.success(), "{exited}: {log}");
+    assert!(exited.success(), "{exited}: {}", agent_logs(&data_dir));
     let left = namespaces_with(&format!("cnp-{tag}-"));
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }

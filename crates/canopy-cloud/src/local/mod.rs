@@ -854,15 +854,7 @@ impl LocalProvider {
                     nic_name, port.port.network
                 )));
             }
-            let link = names::mgmt_host_link(&self.config.instance, &spec.name);
-            if let Some(other) = state.servers.keys().find(|s| {
-                *s != &spec.name && names::mgmt_host_link(&self.config.instance, s) == link
-            }) {
-                return Err(CloudError::Conflict(format!(
-                    "server names {:?} and {other:?} hash to the same management link {link}; choose another name",
-                    spec.name
-                )));
-            }
+            self.check_mgmt_link_free(&state, &spec.name)?;
             let ip = port_address(&state, &network.network, spec.nic.ip)?;
             // A claimed spare keeps its management address.
             let management_ip = match spare.and_then(|s| s.management_ip) {
@@ -907,6 +899,21 @@ impl LocalProvider {
             .await?;
         self.build_kernel(rec).await?;
         self.start_agent(rec)
+    }
+
+    /// Refuses a server name whose management link name another server's already has.
+    fn check_mgmt_link_free(&self, state: &State, name: &str) -> Result<(), CloudError> {
+        let link = names::mgmt_host_link(&self.config.instance, name);
+        match state
+            .servers
+            .keys()
+            .find(|s| *s != name && names::mgmt_host_link(&self.config.instance, s) == link)
+        {
+            Some(other) => Err(CloudError::Conflict(format!(
+                "server names {name:?} and {other:?} hash to the same management link {link}; choose another name"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn allocate_management_ip(&self, state: &State) -> Result<Ipv4Addr, CloudError> {
@@ -1018,19 +1025,11 @@ fn port_address(
     }
 }
 
-/// The agent pins each pod's network namespace at `/run/netns/canopy-<pod uid>`; the
-/// mount lives in the server's own mount namespace and went with it, but the file is the
-/// host's. A server torn down with pods still running leaves them: its agent's sandboxes
-/// (`state/sandboxes/<pod uid>`) name them.
+/// The agent pins each pod's network namespace under `/run/netns`; the mount lives in the
+/// server's own mount namespace and went with it, but the file is the host's. A server torn
+/// down with pods still running leaves them: its agent's runtime state names them.
 fn remove_pod_netns_files(server_dir: &Path) {
-    let sandboxes = server_dir.join("state/sandboxes");
-    for entry in std::fs::read_dir(&sandboxes)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let uid = entry.file_name().to_string_lossy().into_owned();
-        let file = Path::new("/run/netns").join(format!("canopy-{uid}"));
+    for file in canopy_runtime::recorded_netns_files(&server_dir.join("state")) {
         // Mounted here only if someone bound it in the host's namespace; detach then.
         let _ = nix::mount::umount2(&file, nix::mount::MntFlags::MNT_DETACH);
         match std::fs::remove_file(&file) {
@@ -1203,17 +1202,7 @@ impl CloudProvider for LocalProvider {
                     ))),
                 };
             }
-            let link = names::mgmt_host_link(&self.config.instance, &spec.name);
-            if let Some(other) = state
-                .servers
-                .keys()
-                .find(|s| names::mgmt_host_link(&self.config.instance, s) == link)
-            {
-                return Err(CloudError::Conflict(format!(
-                    "server names {:?} and {other:?} hash to the same management link {link}; choose another name",
-                    spec.name
-                )));
-            }
+            self.check_mgmt_link_free(&state, &spec.name)?;
             ServerRecord {
                 name: spec.name.clone(),
                 tenant: String::new(),

@@ -269,52 +269,20 @@ impl Kernel {
     /// is allowed: it is ours from before, or put there by our user so that the API server
     /// could bind it before the provider opened.
     pub async fn check_management_free(&self, management: Subnet) -> Result<()> {
-        let out = Cmd::ip(None)
-            .args(["-4", "-j", "route", "show", "table", "main"])
-            .run()
-            .await?;
-        let routes: Vec<serde_json::Value> =
-            serde_json::from_str(&out).context("parsing `ip -j route show`")?;
-        for route in &routes {
-            let (Some(dst), Some(dev)) = (
-                route.get("dst").and_then(|d| d.as_str()),
-                route.get("dev").and_then(|d| d.as_str()),
-            ) else {
-                continue;
-            };
-            let Some(subnet) = parse_route_dst(dst) else {
-                continue;
-            };
+        for (subnet, dev) in routes(None).await? {
             let inside = subnet.prefix >= management.prefix && management.contains(subnet.address);
-            if inside && !names::is_mgmt_host_link(&self.instance, dev) {
+            if inside && !names::is_mgmt_host_link(&self.instance, &dev) {
                 bail!(
-                    "the management network {management} is in use on this host: route {dst} dev {dev}"
+                    "the management network {management} is in use on this host: route {subnet} dev {dev}"
                 );
             }
         }
-        let out = Cmd::ip(None)
-            .args(["-4", "-j", "addr", "show"])
-            .run()
-            .await?;
-        let links: Vec<serde_json::Value> =
-            serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
-        for link in &links {
-            let ifname = link.get("ifname").and_then(|n| n.as_str()).unwrap_or("");
-            let addresses = link.get("addr_info").and_then(|a| a.as_array());
-            for address in addresses.into_iter().flatten() {
-                let Some(local) = address
-                    .get("local")
-                    .and_then(|l| l.as_str())
-                    .and_then(|l| l.parse::<Ipv4Addr>().ok())
-                else {
-                    continue;
-                };
-                let control_plane = ifname == "lo" && local == self.control_plane;
-                if management.contains(local) && !control_plane {
-                    bail!(
-                        "the management network {management} is in use on this host: address {local} on {ifname}"
-                    );
-                }
+        for (ifname, local) in addresses(None).await? {
+            let control_plane = ifname == "lo" && local == self.control_plane;
+            if management.contains(local) && !control_plane {
+                bail!(
+                    "the management network {management} is in use on this host: address {local} on {ifname}"
+                );
             }
         }
         Ok(())
@@ -357,29 +325,11 @@ impl Kernel {
             return Ok(());
         };
         let ours = names::public_host_link(&self.instance);
-        let out = Cmd::ip(None)
-            .args(["-4", "-j", "addr", "show"])
-            .run()
-            .await?;
-        let links: Vec<serde_json::Value> =
-            serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
-        for link in &links {
-            let ifname = link.get("ifname").and_then(|n| n.as_str()).unwrap_or("");
-            if ifname == ours {
-                continue;
-            }
-            let addresses = link.get("addr_info").and_then(|a| a.as_array());
-            for address in addresses.into_iter().flatten() {
-                let local = address
-                    .get("local")
-                    .and_then(|l| l.as_str())
-                    .and_then(|l| l.parse::<Ipv4Addr>().ok());
-                if local.is_some_and(|l| public.contains(l)) {
-                    bail!(
-                        "the public network {public} is in use on this host: address {} on {ifname}",
-                        local.unwrap_or(public.address)
-                    );
-                }
+        for (ifname, local) in addresses(None).await? {
+            if ifname != ours && public.contains(local) {
+                bail!(
+                    "the public network {public} is in use on this host: address {local} on {ifname}"
+                );
             }
         }
         Ok(())
@@ -461,20 +411,8 @@ impl Kernel {
         }
         if let Some(public) = self.public {
             // Routes of public IPs: exactly the bound ones.
-            let out = Cmd::ip(Some(&self.switch))
-                .args(["-4", "-j", "route", "show", "table", "main"])
-                .run()
-                .await?;
-            let routes: Vec<serde_json::Value> =
-                serde_json::from_str(&out).context("parsing `ip -j route show`")?;
             let bound: HashSet<Ipv4Addr> = bindings.iter().map(|b| b.address).collect();
-            for route in &routes {
-                let Some(dst) = route.get("dst").and_then(|d| d.as_str()) else {
-                    continue;
-                };
-                let Some(subnet) = parse_route_dst(dst) else {
-                    continue;
-                };
+            for (subnet, _) in routes(Some(&self.switch)).await? {
                 if subnet.prefix == 32
                     && public.contains(subnet.address)
                     && !bound.contains(&subnet.address)
@@ -933,6 +871,49 @@ impl Kernel {
         }
         links(Some(netns)).await.map(drop)
     }
+}
+
+/// The IPv4 routes of a namespace's main table (`None`: the host's), as destination and
+/// device; routes without a device (blackholes) are left out.
+async fn routes(netns: Option<&str>) -> Result<Vec<(Subnet, String)>> {
+    let out = Cmd::ip(netns)
+        .args(["-4", "-j", "route", "show", "table", "main"])
+        .run()
+        .await?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&out).context("parsing `ip -j route show`")?;
+    Ok(list
+        .iter()
+        .filter_map(|route| {
+            let dst = parse_route_dst(route.get("dst")?.as_str()?)?;
+            Some((dst, route.get("dev")?.as_str()?.to_string()))
+        })
+        .collect())
+}
+
+/// Every IPv4 address of a namespace (`None`: the host's), with its interface.
+async fn addresses(netns: Option<&str>) -> Result<Vec<(String, Ipv4Addr)>> {
+    let out = Cmd::ip(netns)
+        .args(["-4", "-j", "addr", "show"])
+        .run()
+        .await?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
+    let mut found = Vec::new();
+    for link in &list {
+        let ifname = link.get("ifname").and_then(|n| n.as_str()).unwrap_or("");
+        let infos = link.get("addr_info").and_then(|a| a.as_array());
+        for info in infos.into_iter().flatten() {
+            if let Some(local) = info
+                .get("local")
+                .and_then(|l| l.as_str())
+                .and_then(|l| l.parse().ok())
+            {
+                found.push((ifname.to_string(), local));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// A route's destination as `ip -j` prints it (`10.0.0.0/24`, `10.0.0.5`, `default`).
