@@ -3,7 +3,8 @@
 //!
 //! `resources`, `node_info`, `filters`, `inter_pod_affinity`, `score` and `partition` are the
 //! scheduling core without I/O (what a pod asks for, what a node has left, upstream's filters
-//! and scores, a tenant's queue and decisions); `run` connects it to the API through kube-rs, `metrics` says how it goes.
+//! and scores, a tenant's queue and decisions); `run` connects it to the API through kube-rs, `metrics` says how it goes, `watched` is the
+//! slim pod its watch decodes.
 
 pub mod filters;
 pub mod inter_pod_affinity;
@@ -13,3 +14,4 @@ pub mod partition;
 pub mod resources;
 pub mod run;
 pub mod score;
+pub mod watched;

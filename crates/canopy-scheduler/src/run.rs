@@ -28,6 +28,7 @@ use crate::{
     node_info::{NodeInfo, pod_key},
     partition::{Decision, Partition, Timing},
     score::Strategy,
+    watched::WatchedPod,
 };
 
 /// The label that puts pods and nodes in a tenant's partition.
@@ -430,11 +431,12 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetr
         let shared = shared.clone();
         let mut seen: HashMap<String, String> = HashMap::new();
         let mut relisted: Option<HashMap<String, String>> = None;
-        watcher(Api::<Pod>::all(client), watcher::Config::default())
+        watcher(Api::<WatchedPod>::all(client), watcher::Config::default())
             .default_backoff()
             .for_each(move |event| {
                 match event {
-                    Ok(watcher::Event::Apply(pod)) | Ok(watcher::Event::InitApply(pod)) => {
+                    Ok(watcher::Event::Apply(WatchedPod(pod)))
+                    | Ok(watcher::Event::InitApply(WatchedPod(pod))) => {
                         let key = pod_key(&pod);
                         let tenant = tenant_of(&pod);
                         if let Some(fresh) = relisted.as_mut() {
@@ -443,7 +445,7 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: SchedulerMetr
                         seen.insert(key, tenant);
                         shared.on_pod(Arc::new(pod));
                     }
-                    Ok(watcher::Event::Delete(pod)) => {
+                    Ok(watcher::Event::Delete(WatchedPod(pod))) => {
                         let key = pod_key(&pod);
                         seen.remove(&key);
                         shared.pod_gone(&key, &tenant_of(&pod));
