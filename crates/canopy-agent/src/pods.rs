@@ -79,6 +79,7 @@ pub struct Context {
     pub pod_network: crate::PodNetwork,
     workers: Mutex<HashMap<String, Worker>>,
     probes: Arc<probe::Results>,
+    tokens: volumes::Tokens,
 }
 
 struct Worker {
@@ -120,6 +121,7 @@ impl Context {
             dns,
             pod_network,
             workers: Mutex::new(HashMap::new()),
+            tokens: volumes::Tokens::default(),
             probes: Arc::default(),
         })
     }
@@ -333,6 +335,7 @@ fn sweep_dirs(pods_dir: &std::path::Path, log_dir: &std::path::Path, known: &Has
 }
 
 fn remove_pod_dirs(ctx: &Context, uid: &str, pod: Option<&Pod>) {
+    ctx.tokens.forget(uid);
     let volumes = ctx.pods_dir.join(uid);
     volumes::unmount_all(&volumes);
     let _ = std::fs::remove_dir_all(&volumes);
@@ -956,7 +959,7 @@ async fn pod_network(
 
 /// Reads what the pod references and sets up (or refreshes) its volumes.
 async fn pod_config(ctx: &Arc<Context>, pod: &Arc<Pod>, uid: &str) -> PodConfig {
-    let sources = Sources::fetch(&ctx.client, pod)
+    let sources = Sources::fetch(&ctx.client, pod, &ctx.tokens)
         .await
         .map_err(|e| ConfigError(format!("{e:#}")))?;
     let dir = ctx.pods_dir.join(uid).join("volumes");

@@ -9,19 +9,24 @@
 //! they never touch the node's disk.
 //!
 //! The agent reads the referenced objects with its node identity, which the API server lets
-//! read exactly the ConfigMaps and Secrets its pods reference (upstream's node authorizer).
+//! read exactly the ConfigMaps and Secrets its pods reference (upstream's node authorizer),
+//! and asks for projected service-account tokens bound to the pod, which the API server
+//! issues to a node only for the pods bound to it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     os::unix::fs::{PermissionsExt, symlink},
     path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
 };
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, HostPathVolumeSource, KeyToPath, Pod, Secret,
-    Volume,
+    ServiceAccount, Volume,
 };
-use kube::{Api, Client};
+use kube::{Api, Client, api::PostParams};
+use parking_lot::Mutex;
 
 use crate::spec::{self, ConfigError, NodeAllocatable};
 
@@ -31,19 +36,124 @@ const DEFAULT_MODE: i32 = 0o644;
 const DATA_LINK: &str = "..data";
 const DATA_LINK_TMP: &str = "..data_tmp";
 
-/// The ConfigMaps and Secrets a pod references, read once per sync; `None` when missing.
+/// The ConfigMaps and Secrets a pod references, read once per sync (`None` when missing),
+/// and its service-account tokens by (audience, lifetime).
 #[derive(Debug, Default)]
 pub struct Sources {
     config_maps: HashMap<String, Option<ConfigMap>>,
     secrets: HashMap<String, Option<Secret>>,
+    tokens: HashMap<(String, i64), String>,
+}
+
+/// Upstream's default lifetime of a projected token, and the kubelet's refresh rule: a token
+/// is renewed once 80% of its lifetime has passed, or after 24 hours.
+const DEFAULT_TOKEN_SECONDS: i64 = 3600;
+const TOKEN_REFRESH_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Service-account tokens the agent holds for its pods (the kubelet's token manager), by
+/// pod UID, audience and lifetime. A token is asked for once and renewed before it expires,
+/// not on every sync.
+#[derive(Default)]
+pub struct Tokens {
+    held: Mutex<HashMap<(String, String, i64), HeldToken>>,
+}
+
+struct HeldToken {
+    token: String,
+    fetched: Instant,
+    lifetime: Duration,
+}
+
+impl HeldToken {
+    fn fresh(&self) -> bool {
+        let age = self.fetched.elapsed();
+        age < self.lifetime.mul_f64(0.8) && age < TOKEN_REFRESH_AFTER
+    }
+}
+
+impl Tokens {
+    /// A token for the pod's service account, bound to the pod.
+    async fn get(
+        &self,
+        client: &Client,
+        pod: &Pod,
+        audience: &str,
+        seconds: i64,
+    ) -> anyhow::Result<String> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let key = (uid.clone(), audience.to_string(), seconds);
+        {
+            let mut held = self.held.lock();
+            held.retain(|_, t| t.fetched.elapsed() < t.lifetime);
+            if let Some(token) = held.get(&key).filter(|t| t.fresh()) {
+                return Ok(token.token.clone());
+            }
+        }
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string());
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: if audience.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![audience.to_string()]
+                },
+                expiration_seconds: Some(seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(name),
+                    uid: Some(uid),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+        let issued = accounts
+            .create_token_request(&account, &PostParams::default(), &request)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("requesting a token for service account {namespace}/{account}: {e}")
+            })?;
+        let token = issued
+            .status
+            .map(|s| s.token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("the API server returned no token"))?;
+        self.held.lock().insert(
+            key,
+            HeldToken {
+                token: token.clone(),
+                fetched: Instant::now(),
+                lifetime: Duration::from_secs(seconds.max(0) as u64),
+            },
+        );
+        Ok(token)
+    }
+
+    /// Forgets the tokens of a pod that is gone.
+    pub fn forget(&self, pod_uid: &str) {
+        self.held.lock().retain(|(uid, _, _), _| uid != pod_uid);
+    }
 }
 
 impl Sources {
-    /// Reads every ConfigMap and Secret the pod's volumes and containers reference.
-    pub async fn fetch(client: &Client, pod: &Pod) -> anyhow::Result<Sources> {
+    /// Reads every ConfigMap and Secret the pod's volumes and containers reference, and gets
+    /// the service-account tokens its projected volumes ask for.
+    pub async fn fetch(client: &Client, pod: &Pod, tokens: &Tokens) -> anyhow::Result<Sources> {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let (config_map_names, secret_names) = references(pod);
         let mut sources = Sources::default();
+        for (audience, seconds) in token_requests(pod) {
+            let token = tokens.get(client, pod, &audience, seconds).await?;
+            sources.tokens.insert((audience, seconds), token);
+        }
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         for name in config_map_names {
             let found = config_maps
@@ -77,6 +187,7 @@ impl Sources {
                 .into_iter()
                 .map(|s| (name(&s.metadata), Some(s)))
                 .collect(),
+            tokens: HashMap::new(),
         }
     }
 
@@ -107,6 +218,22 @@ impl Sources {
                 .collect(),
         )
     }
+}
+
+/// The (audience, lifetime) of every service-account token the pod's projected volumes ask for.
+fn token_requests(pod: &Pod) -> BTreeSet<(String, i64)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .flat_map(|v| v.projected.iter().flat_map(|p| p.sources.iter().flatten()))
+        .filter_map(|source| source.service_account_token.as_ref())
+        .map(|t| {
+            (
+                t.audience.clone().unwrap_or_default(),
+                t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+            )
+        })
+        .collect()
 }
 
 /// Names of the ConfigMaps and Secrets a pod references.
@@ -306,9 +433,19 @@ fn prepare_one(
                 }
             } else if let Some(d) = &source.downward_api {
                 downward_files(host, pod, d.items.iter().flatten(), mode, &mut payload)?;
+            } else if let Some(t) = &source.service_account_token {
+                let key = (
+                    t.audience.clone().unwrap_or_default(),
+                    t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+                );
+                let token = sources.tokens.get(&key).ok_or_else(|| {
+                    ConfigError("no service-account token was issued for this pod".into())
+                })?;
+                check_path(&t.path)?;
+                payload.insert(t.path.clone(), (token.clone().into_bytes(), mode as u32));
             } else {
                 return Err(ConfigError(
-                    "projected sources other than configMap, secret and downwardAPI (service account tokens, trust bundles) are not supported by this agent yet".into(),
+                    "projected sources other than configMap, secret, downwardAPI and serviceAccountToken (cluster trust bundles, pod certificates) are not supported by this agent".into(),
                 ));
             }
         }

@@ -225,7 +225,8 @@ pub enum ProtoError {
 /// Decodes a Kubernetes protobuf body into the kind's JSON object.
 ///
 /// Accepts the served kinds, `DeleteOptions` (in any served group version or
-/// `meta.k8s.io/v1`), core/v1 `Binding` and autoscaling/v1 `Scale`.
+/// `meta.k8s.io/v1`), core/v1 `Binding`, authentication/v1 `TokenRequest` and
+/// autoscaling/v1 `Scale`.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, ProtoError> {
     let envelope = Envelope::parse(bytes)?;
     let definition = root_definition(&envelope.api_version, &envelope.kind).ok_or_else(|| {
@@ -269,6 +270,9 @@ fn root_definition(api_version: &str, kind: &str) -> Option<&'static str> {
             Some("io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions")
         }
         "Binding" if api_version == "v1" => Some("io.k8s.api.core.v1.Binding"),
+        "TokenRequest" if api_version == "authentication.k8s.io/v1" => {
+            Some("io.k8s.api.authentication.v1.TokenRequest")
+        }
         "Scale" if api_version == "autoscaling/v1" => Some("io.k8s.api.autoscaling.v1.Scale"),
         _ => None,
     }
@@ -918,6 +922,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use k8s_pb::api::apps::v1 as apps;
+    use k8s_pb::api::authentication::v1 as authentication;
     use k8s_pb::api::autoscaling::v1 as autoscaling;
     use k8s_pb::api::coordination::v1 as coordination;
     use k8s_pb::api::core::v1 as core;
@@ -1713,6 +1718,27 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
                    "target": {"kind": "Node", "name": "node-1", "apiVersion": "v1"}})
         );
+        let token_request = authentication::TokenRequest {
+            metadata: name("robot"),
+            spec: Some(authentication::TokenRequestSpec {
+                audiences: vec!["api".into()],
+                expiration_seconds: Some(600),
+                bound_object_ref: Some(authentication::BoundObjectReference {
+                    kind: s("Pod"),
+                    api_version: s("v1"),
+                    name: s("p"),
+                    u_id: s("u1"),
+                }),
+            }),
+            status: None,
+        };
+        assert_eq!(
+            object("authentication.k8s.io/v1", "TokenRequest", &token_request),
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                   "metadata": {"name": "robot"},
+                   "spec": {"audiences": ["api"], "expirationSeconds": 600,
+                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "p", "uid": "u1"}}})
+        );
         let scale = autoscaling::Scale {
             metadata: name("web"),
             spec: Some(autoscaling::ScaleSpec { replicas: Some(5) }),
@@ -2202,6 +2228,7 @@ mod tests {
             "io.k8s.apimachinery.pkg.apis.meta.v1.Status",
             "io.k8s.api.autoscaling.v1.Scale",
             "io.k8s.api.core.v1.Binding",
+            "io.k8s.api.authentication.v1.TokenRequest",
         ] {
             assert!(message(extra).is_some());
         }

@@ -24,6 +24,8 @@ pub enum Subresource {
     Attach,
     /// `pods/portforward`: TCP to a pod's ports (connect).
     PortForward,
+    /// `serviceaccounts/token`: issues a token (TokenRequest).
+    Token,
 }
 
 impl Subresource {
@@ -38,6 +40,7 @@ impl Subresource {
             Subresource::Exec => "exec",
             Subresource::Attach => "attach",
             Subresource::PortForward => "portforward",
+            Subresource::Token => "token",
         }
     }
 
@@ -274,7 +277,7 @@ pub static BUILTIN: &[ResourceDef] = &[
         short_names: &["sa"],
         categories: &[],
         definition: "io.k8s.api.core.v1.ServiceAccount",
-        subresources: &[],
+        subresources: &[Subresource::Token],
         field_selectors: &[],
         status: false,
         generation: false,
@@ -438,6 +441,7 @@ impl Registry {
             .add::<core::v1::ConfigMap>()
             .add::<core::v1::Secret>()
             .add::<core::v1::ServiceAccount>()
+            .add::<k8s_openapi::api::authentication::v1::TokenRequest>()
             .add::<core::v1::Event>()
             .add::<apps::v1::Deployment>()
             .add::<apps::v1::ReplicaSet>()

@@ -2,7 +2,7 @@
 //!
 //! Authentication: a client certificate signed by Canopy's CA names the user (CN) and their
 //! groups (O), as upstream's x509 authenticator; bearer tokens come from a static token file
-//! or Keystone. A request without credentials is anonymous; a request with credentials that
+//! or Keystone, or are service-account tokens this cluster signed. A request without credentials is anonymous; a request with credentials that
 //! do not authenticate is refused with 401.
 //!
 //! Non-resource paths: members of `system:masters` may read everything; anyone may read the
@@ -44,7 +44,7 @@ impl User {
 }
 
 /// The authentication chain: client certificates signed by Canopy's CA, then static
-/// tokens, then Keystone tokens. The first that recognizes the credential wins; a credential
+/// tokens, then service-account tokens, then Keystone tokens. The first that recognizes the credential wins; a credential
 /// none recognizes is refused with 401, and no credential at all is the anonymous user.
 #[derive(Default)]
 pub struct Authenticator {
@@ -52,6 +52,8 @@ pub struct Authenticator {
     pub tokens: Option<crate::tokenfile::TokenFile>,
     /// Keystone (`--keystone-url`).
     pub keystone: Option<std::sync::Arc<crate::keystone::Keystone>>,
+    /// Service-account tokens this cluster signed.
+    pub service_accounts: Option<crate::serviceaccount::TokenAuthenticator>,
 }
 
 /// The bearer token of an Authorization header (`Bearer` is case-insensitive, as upstream).
@@ -82,6 +84,11 @@ impl Authenticator {
         let token = bearer(authorization).ok_or_else(ApiError::unauthorized)?;
         if let Some(user) = self.tokens.as_ref().and_then(|t| t.user(token)) {
             return Ok(user.clone());
+        }
+        if let Some(service_accounts) = &self.service_accounts
+            && let Some(user) = service_accounts.authenticate(token).await
+        {
+            return user;
         }
         if let Some(keystone) = &self.keystone
             && let Some(user) = keystone.authenticate(token).await

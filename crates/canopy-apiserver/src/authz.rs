@@ -8,8 +8,12 @@
 //!   read their own Tenant and the nodes labelled with their tenant. Lists and watches across
 //!   namespaces show them only their tenant's objects: a private-cluster view;
 //! - a node agent (`system:node:<node>` in `system:nodes`) may touch only its own Node, its
-//!   Lease in `kube-node-lease` and the pods bound to it, and read (get, by name) the
-//!   ConfigMaps and Secrets those pods reference, as upstream's node authorizer;
+//!   Lease in `kube-node-lease` and the pods bound to it, read (get, by name) the
+//!   ConfigMaps and Secrets those pods reference, and ask for service-account tokens bound to
+//!   those pods, as upstream's node authorizer and NodeRestriction;
+//! - a service account (a token from `serviceaccounts/token`) may learn the API and nothing
+//!   more: upstream grants service accounts nothing by default, and Canopy has no RBAC to
+//!   grant them more;
 //! - a tenant's proxy (`system:canopy-proxy:<tenant>` in `canopy:proxies`) may only read that
 //!   tenant's services, endpoints and endpoint slices.
 //!
@@ -316,6 +320,13 @@ pub fn authorize(
                 {
                     own()
                 }
+                // Which pod and service account the token is for is checked when it is
+                // issued: a node gets tokens only for the pods bound to it.
+                ("", "serviceaccounts", Some(Subresource::Token), Verb::Create) => Ok(Access {
+                    principal: principal.clone(),
+                    scope: Scope::default(),
+                    referenced_by_pods_of: None,
+                }),
                 ("", "configmaps" | "secrets", None, Verb::Get) => Ok(Access {
                     principal: principal.clone(),
                     scope: Scope::default(),

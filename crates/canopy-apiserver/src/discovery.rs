@@ -40,6 +40,7 @@ fn subresource_info(
         Subresource::Exec => (&["create", "get"], ("", "v1", "PodExecOptions")),
         Subresource::Attach => (&["create", "get"], ("", "v1", "PodAttachOptions")),
         Subresource::PortForward => (&["create", "get"], ("", "v1", "PodPortForwardOptions")),
+        Subresource::Token => (&["create"], ("authentication.k8s.io", "v1", "TokenRequest")),
     }
 }
 

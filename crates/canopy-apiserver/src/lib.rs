@@ -20,6 +20,7 @@ pub mod pki;
 pub mod request;
 pub mod rest;
 pub mod server;
+pub mod serviceaccount;
 pub mod tokenfile;
 
 pub use server::{ApiServer, ServerConfig};

@@ -310,6 +310,14 @@ fn operations(def: &ResourceDef) -> Vec<(String, Vec<Op>, bool)> {
                 "io.k8s.api.core.v1.Binding".to_string(),
                 (String::new(), "v1".to_string(), "Binding".to_string()),
             ),
+            Subresource::Token => (
+                "io.k8s.api.authentication.v1.TokenRequest".to_string(),
+                (
+                    "authentication.k8s.io".to_string(),
+                    "v1".to_string(),
+                    "TokenRequest".to_string(),
+                ),
+            ),
             _ => (item.clone(), gvk.clone()),
         };
         let ops = match sub {
@@ -351,7 +359,7 @@ fn operations(def: &ResourceDef) -> Vec<(String, Vec<Op>, bool)> {
                     )
                 },
             ],
-            Subresource::Binding => vec![Op {
+            Subresource::Binding | Subresource::Token => vec![Op {
                 gvk: sub_gvk.clone(),
                 ..mk(
                     "post",

@@ -42,7 +42,12 @@ impl Pki {
         }
     }
 
-    /// The CA certificate file.
+    /// The directory of the cluster's keys and certificates.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate's path.
     pub fn ca_cert_path(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }

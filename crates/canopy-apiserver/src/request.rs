@@ -204,7 +204,11 @@ pub fn route(registry: &Registry, method: &Method, path: &str, query: &Query) ->
         (&Method::GET, false) => Verb::List,
         (&Method::POST, false) => Verb::Create,
         // pods/<name>/binding is created with POST on the item's subresource.
-        (&Method::POST, true) if subresource == Some(Subresource::Binding) => Verb::Create,
+        (&Method::POST, true)
+            if matches!(subresource, Some(Subresource::Binding | Subresource::Token)) =>
+        {
+            Verb::Create
+        }
         // Streams are opened with POST (kubectl) or GET (WebSocket clients).
         (&Method::POST, true) if subresource.is_some_and(Subresource::is_stream) => Verb::Create,
         (&Method::PUT, true) => Verb::Update,

@@ -67,10 +67,20 @@ pub struct ServerConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Keystone token authentication.
     pub keystone: Option<crate::keystone::KeystoneConfig>,
+    /// The ECDSA P-256 key that signs service-account tokens (PEM); generated in the PKI
+    /// directory when unset.
+    pub service_account_signing_key_file: Option<PathBuf>,
+    /// The `iss` of service-account tokens.
+    pub service_account_issuer: String,
+    /// Audiences the API accepts in service-account tokens (empty: the issuer).
+    pub api_audiences: Vec<String>,
     /// Metrics of components running in the same process (the scheduler, ...), shown on
     /// this server's `/metrics` after its own.
     pub extra_metrics: Vec<Arc<prometheus_client::registry::Registry>>,
 }
+
+/// The service-account token issuer kubeadm and k3s configure.
+pub const DEFAULT_SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 impl ServerConfig {
     /// A configuration with upstream's defaults.
@@ -88,6 +98,9 @@ impl ServerConfig {
             event_ttl: Duration::from_secs(3600),
             token_auth_file: None,
             keystone: None,
+            service_account_signing_key_file: None,
+            service_account_issuer: DEFAULT_SERVICE_ACCOUNT_ISSUER.to_string(),
+            api_audiences: Vec::new(),
             extra_metrics: Vec::new(),
         }
     }
@@ -170,6 +183,15 @@ impl ApiServer {
         let local = listener.local_addr()?;
         let discovery = Discovery::new(&registry, &local.to_string());
         let openapi = OpenApi::new(&registry);
+        let signing_key = config
+            .service_account_signing_key_file
+            .clone()
+            .unwrap_or_else(|| pki.dir().join("service-account.key"));
+        let service_accounts = Arc::new(crate::serviceaccount::TokenSigner::load_or_generate(
+            &signing_key,
+            &config.service_account_issuer,
+            &config.api_audiences,
+        )?);
         let ctx = Arc::new(Context {
             registry,
             store,
@@ -179,6 +201,7 @@ impl ApiServer {
             shutdown: CancellationToken::new(),
             quota_locks: Default::default(),
             nodes: Some(Arc::new(node_client(&pki)?)),
+            service_accounts: Some(service_accounts.clone()),
         });
         let tokens = match &config.token_auth_file {
             Some(path) => {
@@ -200,7 +223,14 @@ impl ApiServer {
             None => None,
         };
         let state = Arc::new(State {
-            authenticator: auth::Authenticator { tokens, keystone },
+            authenticator: auth::Authenticator {
+                tokens,
+                keystone,
+                service_accounts: Some(crate::serviceaccount::TokenAuthenticator {
+                    signer: service_accounts,
+                    ctx: ctx.clone(),
+                }),
+            },
             ctx,
             discovery,
             openapi,

@@ -71,6 +71,19 @@ pub struct ServerArgs {
     /// format), for bootstrap. Tenant members are in group `canopy:tenant:<tenant>`.
     #[arg(long)]
     pub token_auth_file: Option<PathBuf>,
+    /// PEM ECDSA P-256 private key (PKCS#8) that signs service-account tokens. Every API
+    /// server of a cluster needs the same key. Default: `<data-dir>/pki/service-account.key`,
+    /// generated on first start.
+    #[arg(long)]
+    pub service_account_signing_key_file: Option<PathBuf>,
+    /// The `iss` claim of service-account tokens, and the only issuer whose tokens are
+    /// accepted.
+    #[arg(long, default_value = canopy_apiserver::server::DEFAULT_SERVICE_ACCOUNT_ISSUER)]
+    pub service_account_issuer: String,
+    /// Audiences the API accepts in service-account tokens, comma-separated; tokens
+    /// requested without an audience get these. Default: the issuer.
+    #[arg(long, value_delimiter = ',')]
+    pub api_audiences: Vec<String>,
     /// Keystone identity v3 endpoint whose tokens authenticate users, e.g.
     /// `http://127.0.0.1:5000/v3`. A user with role `member` on a project belongs to that
     /// project's tenant; role `admin` on the admin project makes a cluster admin.
@@ -281,6 +294,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     config.compaction_interval = Duration::from_secs(args.compaction_interval_seconds);
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.token_auth_file = args.token_auth_file.clone();
+    config.service_account_signing_key_file = args.service_account_signing_key_file.clone();
+    config.service_account_issuer = args.service_account_issuer.clone();
+    config.api_audiences = args.api_audiences.clone();
     if let Some(url) = &args.keystone_url {
         config.keystone = Some(canopy_apiserver::keystone::KeystoneConfig {
             url: url.trim_end_matches('/').to_string(),

@@ -1791,3 +1791,81 @@ async fn kubectl_run_and_attach() {
     let _ = tokio::time::timeout(Duration::from_secs(10), session.join()).await;
     assert!(container_log(&agent, &done, "main", 0).contains("on a terminal"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_a_projected_service_account_token() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-sa", "acme");
+    ready_node(&admin, &agent, "node-sa").await;
+    let pods = tenant_namespace(&admin, "sa", "acme").await;
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(admin.clone(), "sa");
+    let robot = serde_json::from_value(json!({"metadata": {"name": "robot"}})).unwrap();
+    accounts
+        .create(&PostParams::default(), &robot)
+        .await
+        .unwrap();
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "holder"},
+        "spec": {
+            "serviceAccountName": "robot",
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "token", "projected": {"sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}},
+                {"serviceAccountToken": {"path": "vault-token", "audience": "vault"}}]}}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c",
+                "echo token=$(cat /var/run/secrets/tokens/token); echo mode=$(stat -L -c %a /var/run/secrets/tokens/token); echo vault=$(cat /var/run/secrets/tokens/vault-token); sleep 3600"],
+                "volumeMounts": [{"name": "token", "mountPath": "/var/run/secrets/tokens"}]}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let running = wait_phase(&pods, "holder", "Running").await;
+    let log = wait_for("the pod to print its tokens", async || {
+        let log = container_log(&agent, &running, "main", 0);
+        log.contains("vault=").then_some(log)
+    })
+    .await;
+    let field = |name: &str| {
+        log.lines()
+            .find_map(|l| {
+                l.split_once(&format!("{name}="))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {log}"))
+    };
+    let (token, vault) = (field("token"), field("vault"));
+    assert_eq!(token.split('.').count(), 3, "{log}");
+    assert_eq!(field("mode"), "644");
+    assert_ne!(token, vault);
+
+    // The pod's token is the service account's, for the API; the other audience's is not.
+    let as_pod = common::token_client(cluster.kubeconfig(), &token).await;
+    let (code, _, body) =
+        common::raw(&as_pod, "GET", "/api/v1/namespaces/sa/pods", None, vec![]).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("system:serviceaccount:sa:robot")
+    );
+    let as_vault = common::token_client(cluster.kubeconfig(), &vault).await;
+    assert_eq!(
+        common::raw(&as_vault, "GET", "/api", None, vec![]).await.0,
+        401
+    );
+
+    // Deleting the pod ends its token.
+    pods.delete("holder", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until(
+        "the deleted pod's token to stop authenticating",
+        Duration::from_secs(30),
+        async || (common::raw(&as_pod, "GET", "/api", None, vec![]).await.0 == 401).then_some(()),
+    )
+    .await;
+}

@@ -128,6 +128,42 @@ pub static PROTO_MESSAGES: &[MessageDef] = &[
         ],
     },
     MessageDef {
+        definition: "io.k8s.api.authentication.v1.BoundObjectReference",
+        special: None,
+        fields: &[
+            Field { tag: 1, json: "kind", kind: Kind::String, label: Label::Single },
+            Field { tag: 2, json: "apiVersion", kind: Kind::String, label: Label::Single },
+            Field { tag: 3, json: "name", kind: Kind::String, label: Label::Single },
+            Field { tag: 4, json: "uid", kind: Kind::String, label: Label::Single },
+        ],
+    },
+    MessageDef {
+        definition: "io.k8s.api.authentication.v1.TokenRequest",
+        special: None,
+        fields: &[
+            Field { tag: 1, json: "metadata", kind: Kind::Message("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"), label: Label::Single },
+            Field { tag: 2, json: "spec", kind: Kind::Message("io.k8s.api.authentication.v1.TokenRequestSpec"), label: Label::Single },
+            Field { tag: 3, json: "status", kind: Kind::Message("io.k8s.api.authentication.v1.TokenRequestStatus"), label: Label::Single },
+        ],
+    },
+    MessageDef {
+        definition: "io.k8s.api.authentication.v1.TokenRequestSpec",
+        special: None,
+        fields: &[
+            Field { tag: 1, json: "audiences", kind: Kind::String, label: Label::Repeated },
+            Field { tag: 3, json: "boundObjectRef", kind: Kind::Message("io.k8s.api.authentication.v1.BoundObjectReference"), label: Label::Single },
+            Field { tag: 4, json: "expirationSeconds", kind: Kind::Int64, label: Label::Single },
+        ],
+    },
+    MessageDef {
+        definition: "io.k8s.api.authentication.v1.TokenRequestStatus",
+        special: None,
+        fields: &[
+            Field { tag: 1, json: "token", kind: Kind::String, label: Label::Single },
+            Field { tag: 2, json: "expirationTimestamp", kind: Kind::Message("io.k8s.apimachinery.pkg.apis.meta.v1.Time"), label: Label::Single },
+        ],
+    },
+    MessageDef {
         definition: "io.k8s.api.autoscaling.v1.Scale",
         special: None,
         fields: &[

@@ -69,6 +69,8 @@ pub struct Context {
     pub quota_locks: QuotaLocks,
     /// The API server's credential towards node agents (`pods/log`).
     pub nodes: Option<Arc<crate::nodeproxy::NodeClient>>,
+    /// Signs service-account tokens (`serviceaccounts/token`).
+    pub service_accounts: Option<Arc<crate::serviceaccount::TokenSigner>>,
 }
 
 impl Context {
@@ -397,6 +399,7 @@ pub async fn serve(call: &Call<'_>, body: hyper::body::Incoming) -> ApiResult<Re
             subresource::write_scale(call, body).await
         }
         (Some(Subresource::Binding), Verb::Create) => subresource::bind(call, body).await,
+        (Some(Subresource::Token), Verb::Create) => subresource::token(call, body).await,
         (Some(Subresource::Log), Verb::Get) => subresource::log(call).await,
         (Some(sub), Verb::Get | Verb::Create) if sub.is_stream() => subresource::stream(call).await,
         _ => Err(ApiError::method_not_allowed()),

@@ -1,4 +1,5 @@
-//! Subresources with their own representation: `scale`, `pods/binding`, `pods/log`.
+//! Subresources with their own representation: `scale`, `pods/binding`, `pods/log`,
+//! `serviceaccounts/token`.
 //! (`status` and `namespaces/finalize` are updates of the object itself, in `write`.)
 
 use canopy_api::{
@@ -647,4 +648,209 @@ fn stream_logs(
         http::HeaderValue::from_static("text/plain"),
     );
     response
+}
+
+/// `serviceaccounts/<name>/token`: issues a token for the service account, bound to a pod
+/// when the request names one (upstream's TokenRequest REST).
+pub(super) async fn token(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+) -> ApiResult<Response<Body>> {
+    use crate::serviceaccount::{
+        Claims, DEFAULT_EXPIRATION_SECONDS, KubernetesClaims, MIN_EXPIRATION_SECONDS, ObjectRef,
+    };
+    let def = call.req.def;
+    let name = call.name();
+    let namespace = call.req.namespace.clone().unwrap_or_default();
+    let output = call.output()?;
+    let Some(signer) = call.ctx.service_accounts.clone() else {
+        return Err(ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "this server issues no service-account tokens",
+        ));
+    };
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let request = body::by_type(request::body_type(content_type), &bytes)
+        .unwrap_or_else(|| Err("unsupported media type".into()))
+        .map_err(|e| ApiError::bad_request(format!("error decoding TokenRequest: {e}")))?
+        .value;
+    let invalid = |causes: Vec<Cause>| {
+        ApiError::invalid("authentication.k8s.io", "TokenRequest", name, causes)
+    };
+    let spec = meta::path(&request, "spec").cloned().unwrap_or(json!({}));
+    let expiration = match spec.get("expirationSeconds") {
+        None | Some(Value::Null) => DEFAULT_EXPIRATION_SECONDS,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            invalid(vec![Cause::invalid(
+                "spec.expirationSeconds",
+                v,
+                "must be an integer",
+            )])
+        })?,
+    };
+    if expiration < MIN_EXPIRATION_SECONDS {
+        return Err(invalid(vec![Cause::invalid(
+            "spec.expirationSeconds",
+            &json!(expiration),
+            "may not specify a duration less than 10 minutes",
+        )]));
+    }
+    if expiration >= 1 << 32 {
+        return Err(invalid(vec![Cause::invalid(
+            "spec.expirationSeconds",
+            &json!(expiration),
+            "may not specify a duration larger than 2^32 seconds",
+        )]));
+    }
+    let mut audiences: Vec<String> = Vec::new();
+    for (i, audience) in spec
+        .get("audiences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        match audience.as_str() {
+            Some(a) if !a.is_empty() => audiences.push(a.to_string()),
+            _ => {
+                return Err(invalid(vec![Cause::invalid(
+                    format!("spec.audiences[{i}]"),
+                    audience,
+                    "must be a non-empty string",
+                )]));
+            }
+        }
+    }
+    if audiences.is_empty() {
+        audiences = signer.audiences().to_vec();
+    }
+
+    let Some((account, _)) = current(call, def, &call.key()).await? else {
+        return Err(ApiError::not_found(target(def, name)));
+    };
+    if meta::is_deleting(&account) {
+        return Err(ApiError::forbidden(
+            target(def, name),
+            "the service account is being deleted",
+        ));
+    }
+    let mut pod_ref = None;
+    let mut node_ref = None;
+    let bound = spec.get("boundObjectRef").filter(|b| !b.is_null());
+    if let Some(bound) = bound {
+        let kind = bound.get("kind").and_then(Value::as_str).unwrap_or("");
+        if kind != "Pod" {
+            return Err(invalid(vec![Cause::not_supported(
+                "spec.boundObjectRef.kind",
+                &json!(kind),
+                &["Pod"],
+            )]));
+        }
+        let pod_name = bound.get("name").and_then(Value::as_str).unwrap_or("");
+        let Some(pod) =
+            crate::serviceaccount::lookup(call.ctx, "pods", &namespace, pod_name).await?
+        else {
+            return Err(ApiError::not_found(canopy_api::Target {
+                group: "",
+                resource: "pods",
+                name: pod_name,
+            }));
+        };
+        let wanted_uid = bound.get("uid").and_then(Value::as_str).unwrap_or("");
+        if !wanted_uid.is_empty() && wanted_uid != meta::uid(&pod) {
+            return Err(ApiError::conflict(
+                target(def, name),
+                &format!(
+                    "the UID in the bound object reference ({wanted_uid}) does not match the UID in record. The object might have been deleted and then recreated"
+                ),
+            ));
+        }
+        let account_of_pod = meta::path_str(&pod, "spec.serviceAccountName")
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        if account_of_pod != name {
+            return Err(ApiError::bad_request(format!(
+                "cannot bind token for serviceaccount {name:?} to pod running with different serviceaccount name."
+            )));
+        }
+        let node = meta::path_str(&pod, "spec.nodeName")
+            .unwrap_or("")
+            .to_string();
+        if !node.is_empty() {
+            node_ref = Some(ObjectRef {
+                name: node,
+                uid: String::new(),
+            });
+        }
+        pod_ref = Some(ObjectRef {
+            name: pod_name.to_string(),
+            uid: meta::uid(&pod).to_string(),
+        });
+    }
+    // Upstream's NodeRestriction: a node asks only for tokens bound to pods it runs.
+    if let crate::authz::Principal::Node(node) = &call.access.principal
+        && node_ref.as_ref().map(|n| n.name.as_str()) != Some(node.as_str())
+    {
+        return Err(ApiError::forbidden(
+            target(def, name),
+            format!("node {node:?} may only request tokens bound to a pod bound to it"),
+        ));
+    }
+
+    let now = chrono::Utc::now();
+    let issued = now.timestamp();
+    let claims = Claims {
+        iss: signer.issuer().to_string(),
+        sub: format!("{}{namespace}:{name}", crate::serviceaccount::USER_PREFIX),
+        aud: audiences.clone(),
+        exp: issued + expiration,
+        iat: issued,
+        nbf: issued,
+        jti: uuid::Uuid::new_v4().to_string(),
+        kubernetes: KubernetesClaims {
+            namespace: namespace.clone(),
+            serviceaccount: ObjectRef {
+                name: name.to_string(),
+                uid: meta::uid(&account).to_string(),
+            },
+            pod: pod_ref,
+            node: node_ref,
+        },
+    };
+    let token = signer
+        .sign(&claims)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    // The credential id goes to the log; the token never does.
+    tracing::info!(
+        serviceaccount = %format!("{namespace}/{name}"),
+        user = %call.user.name,
+        credential_id = %claims.jti,
+        expiration_seconds = expiration,
+        "issued a service-account token"
+    );
+    let expires = now + chrono::Duration::seconds(expiration);
+    let mut spec_out = json!({"audiences": audiences, "expirationSeconds": expiration});
+    if let Some(bound) = bound {
+        spec_out["boundObjectRef"] = bound.clone();
+    }
+    let response = json!({
+        "kind": "TokenRequest",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "creationTimestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        },
+        "spec": spec_out,
+        "status": {
+            "token": token,
+            "expirationTimestamp": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        },
+    });
+    Ok(object_response(StatusCode::CREATED, output, &response))
 }

@@ -106,6 +106,7 @@ async fn in_process(
     let authenticator = Arc::new(Authenticator {
         tokens: None,
         keystone: Some(keystone),
+        service_accounts: None,
     });
 
     // First sight of each token: Keystone is asked.
