@@ -107,6 +107,13 @@ pub async fn run(
         node_uid,
         shutdown.clone(),
     ));
+    // Events about pods (Pulled, Created, Started, Killing, BackOff, Unhealthy, Failed), written
+    // with client-go's correlation as upstream's kubelet does.
+    let event_sink = canopy_controllers::events::EventSink::default();
+    let events = {
+        let (sink, client) = (event_sink.clone(), client.clone());
+        tokio::spawn(async move { sink.run(client).await })
+    };
     let ctx = pods::Context::new(
         client.clone(),
         runtime.clone(),
@@ -121,6 +128,7 @@ pub async fn run(
         config.log_dir.clone(),
         config.dns.clone(),
         config.pod_network,
+        event_sink.recorder("kubelet"),
     );
     let status = tokio::spawn(status_loop(
         client.clone(),
@@ -142,6 +150,7 @@ pub async fn run(
     pods::run(ctx, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::join!(lease, status, gc, api);
+    events.abort();
     tracing::info!(node = %config.node.name, "agent stopped; containers keep running");
     Ok(())
 }

@@ -80,6 +80,8 @@ pub struct Context {
     workers: Mutex<HashMap<String, Worker>>,
     probes: Arc<probe::Results>,
     tokens: volumes::Tokens,
+    /// Events about the node's pods, as upstream's kubelet records them.
+    pub events: canopy_controllers::events::Recorder,
 }
 
 struct Worker {
@@ -108,6 +110,7 @@ impl Context {
         log_dir: PathBuf,
         dns: DnsConfig,
         pod_network: crate::PodNetwork,
+        events: canopy_controllers::events::Recorder,
     ) -> Arc<Context> {
         Arc::new(Context {
             client,
@@ -123,6 +126,7 @@ impl Context {
             workers: Mutex::new(HashMap::new()),
             tokens: volumes::Tokens::default(),
             probes: Arc::default(),
+            events,
         })
     }
 
@@ -692,6 +696,8 @@ fn watch_probes(
             .unwrap_or(30)
             .max(0) as u64,
     );
+    // Events name the pod; its metadata is all they need.
+    let mut subject: Option<Arc<Pod>> = None;
     for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
         let has_probes = container.liveness_probe.is_some()
             || container.readiness_probe.is_some()
@@ -713,6 +719,15 @@ fn watch_probes(
                     grace,
                     wake: wake.clone(),
                     pod: pod_ref(pod),
+                    subject: subject
+                        .get_or_insert_with(|| {
+                            Arc::new(Pod {
+                                metadata: pod.metadata.clone(),
+                                ..Pod::default()
+                            })
+                        })
+                        .clone(),
+                    events: ctx.events.clone(),
                 },
             );
         }
@@ -775,6 +790,15 @@ async fn act(
                 .get(&container.name)
                 .copied()
                 .unwrap_or(BACKOFF_INITIAL);
+            ctx.events.warning(
+                pod,
+                "BackOff",
+                format!(
+                    "Back-off restarting failed container {} in pod {}",
+                    container.name,
+                    pod_ref(pod)
+                ),
+            );
             view.waiting = Some((
                 "CrashLoopBackOff".into(),
                 format!(
@@ -796,6 +820,16 @@ async fn act(
         Next::Start(attempt) => {
             match start(ctx, pod, sandbox, config, container, attempt, state).await {
                 Ok(()) => {
+                    ctx.events.normal(
+                        pod,
+                        "Created",
+                        format!("Created container: {}", container.name),
+                    );
+                    ctx.events.normal(
+                        pod,
+                        "Started",
+                        format!("Started container {}", container.name),
+                    );
                     if attempt > 0 {
                         let delay = state
                             .backoff
@@ -810,6 +844,8 @@ async fn act(
                     message,
                     retry,
                 }) => {
+                    ctx.events
+                        .warning(pod, "Failed", format!("Error: {message}"));
                     view.waiting = Some((reason, message));
                     Err(retry)
                 }
@@ -848,6 +884,7 @@ impl StartFailure {
 /// The image a container runs, as its pull policy says.
 async fn ensure_image(
     ctx: &Arc<Context>,
+    pod: &Pod,
     container: &Container,
     state: &mut WorkerState,
 ) -> Result<Image, StartFailure> {
@@ -875,7 +912,14 @@ async fn ensure_image(
         .map_err(|e| lookup_failed(e.to_string()))?
         .map_err(|e| lookup_failed(e.to_string()))?;
     match (policy.as_str(), present) {
-        ("Never", Some(image)) | ("IfNotPresent", Some(image)) => Ok(image),
+        ("Never", Some(image)) | ("IfNotPresent", Some(image)) => {
+            ctx.events.normal(
+                pod,
+                "Pulled",
+                format!("Container image {reference:?} already present on machine"),
+            );
+            Ok(image)
+        }
         ("Never", None) => Err(StartFailure {
             reason: "ErrImageNeverPull".into(),
             message: format!(
@@ -897,6 +941,9 @@ async fn ensure_image(
                         .saturating_sub(Timestamp::now().duration_since(*failed_at).unsigned_abs()),
                 });
             }
+            ctx.events
+                .normal(pod, "Pulling", format!("Pulling image {reference:?}"));
+            let pulling = std::time::Instant::now();
             match ctx
                 .images
                 .pull(&normalized, &canopy_image::RegistryAuth::Anonymous)
@@ -904,6 +951,14 @@ async fn ensure_image(
             {
                 Ok(image) => {
                     state.pull_backoff.remove(&normalized);
+                    ctx.events.normal(
+                        pod,
+                        "Pulled",
+                        format!(
+                            "Successfully pulled image {reference:?} in {} ms",
+                            pulling.elapsed().as_millis()
+                        ),
+                    );
                     Ok(image)
                 }
                 Err(error) => {
@@ -1031,7 +1086,7 @@ async fn start(
     let (sources, prepared) = config
         .as_ref()
         .map_err(|e| StartFailure::config(ConfigError(e.0.clone())))?;
-    let image = ensure_image(ctx, container, state).await?;
+    let image = ensure_image(ctx, pod, container, state).await?;
     let env = spec::environment(
         pod,
         container,
@@ -1224,6 +1279,8 @@ async fn terminate(
         .iter()
         .filter(|c| matches!(c.state, ContainerState::Running { .. }))
         .map(|c| {
+            ctx.events
+                .normal(&**pod, "Killing", format!("Stopping container {}", c.name));
             let runtime = ctx.runtime.clone();
             let id = c.id.clone();
             async move {

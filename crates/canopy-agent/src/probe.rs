@@ -89,6 +89,9 @@ pub struct Target {
     /// Woken when a result changes or the container was stopped.
     pub wake: Arc<Notify>,
     pub pod: String,
+    /// The pod, for Events (`Unhealthy`, `Killing`).
+    pub subject: Arc<k8s_openapi::api::core::v1::Pod>,
+    pub events: canopy_controllers::events::Recorder,
 }
 
 /// Starts the probes of a running container that are not running yet.
@@ -140,6 +143,11 @@ async fn run(results: Arc<Results>, target: Arc<Target>, kind: Kind, probe: Prob
             let outcome = check(&target, &probe, timeout).await;
             if let Err(why) = &outcome {
                 tracing::debug!(pod = %target.pod, container = %target.container.name, probe = kind.name(), why = %why, "probe failed");
+                target.events.warning(
+                    &*target.subject,
+                    "Unhealthy",
+                    format!("{} probe failed: {why}", kind.name()),
+                );
             }
             if outcome.is_ok() {
                 successes += 1;
@@ -163,13 +171,13 @@ async fn run(results: Arc<Results>, target: Arc<Target>, kind: Kind, probe: Prob
                 target.wake.notify_one();
             }
             if state == Some(false) && kind != Kind::Readiness {
-                tracing::info!(
-                    pod = %target.pod,
-                    container = %target.container.name,
+                let message = format!(
                     "Container {} failed {} probe, will be restarted",
                     target.container.name,
                     kind.name().to_lowercase()
                 );
+                tracing::info!(pod = %target.pod, container = %target.container.name, "{message}");
+                target.events.normal(&*target.subject, "Killing", message);
                 if let Err(error) = target
                     .runtime
                     .stop_container(&target.container_id, target.grace, None)

@@ -9,8 +9,9 @@
 //!   namespaces show them only their tenant's objects: a private-cluster view;
 //! - a node agent (`system:node:<node>` in `system:nodes`) may touch only its own Node, its
 //!   Lease in `kube-node-lease` and the pods bound to it, read (get, by name) the
-//!   ConfigMaps and Secrets those pods reference, and ask for service-account tokens bound to
-//!   those pods, as upstream's node authorizer and NodeRestriction;
+//!   ConfigMaps and Secrets those pods reference, ask for service-account tokens bound to
+//!   those pods, as upstream's node authorizer and NodeRestriction, and record Events in its
+//!   tenant's namespaces (the tenant its credential names);
 //! - a service account (a token from `serviceaccounts/token`) may learn the API and nothing
 //!   more: upstream grants service accounts nothing by default, and Canopy has no RBAC to
 //!   grant them more;
@@ -320,6 +321,19 @@ pub fn authorize(
                 {
                     own()
                 }
+                // Events about its pods (the kubelet's), in its tenant's namespaces only.
+                ("", "events", None, Verb::Create | Verb::Patch | Verb::Update) => {
+                    let tenant = user.groups.iter().find_map(|g| tenant_of_group(g));
+                    match tenant {
+                        Some(tenant)
+                            if req.namespace.is_some()
+                                && namespace_owner.tenant() == Some(tenant) =>
+                        {
+                            scoped(Scope::label(TENANT_LABEL, tenant))
+                        }
+                        _ => deny("a node records events only in its tenant's namespaces"),
+                    }
+                }
                 // Which pod and service account the token is for is checked when it is
                 // issued: a node gets tokens only for the pods bound to it.
                 ("", "serviceaccounts", Some(Subresource::Token), Verb::Create) => Ok(Access {
@@ -440,6 +454,35 @@ mod tests {
             Principal::Member("t1".into())
         );
         assert!(Principal::of(&user("x", &["canopy:tenant:t1", "canopy:tenant:t2"])).is_err());
+    }
+
+    #[test]
+    fn nodes_record_events_in_their_tenants_namespaces_only() {
+        let registry = canopy_api::Registry::builtin();
+        let events = registry.get("", "v1", "events").unwrap();
+        let request = |verb: Verb| ResourceRequest {
+            def: events,
+            namespace: Some("shop".into()),
+            name: None,
+            subresource: None,
+            verb,
+        };
+        let node = user("system:node:n1", &[NODES_GROUP, "canopy:tenant:acme"]);
+        let acme = NamespaceOwner::Tenant("acme".into());
+        let evil = NamespaceOwner::Tenant("evil".into());
+        for verb in [Verb::Create, Verb::Patch, Verb::Update] {
+            let access = authorize(&node, &request(verb), &acme).unwrap();
+            let event = |tenant: &str| serde_json::json!({"metadata": {"name": "e", "labels": {TENANT_LABEL: tenant}}});
+            assert!(access.scope.contains(events, &event("acme")));
+            assert!(!access.scope.contains(events, &event("evil")));
+            assert!(authorize(&node, &request(verb), &evil).is_err());
+            assert!(authorize(&node, &request(verb), &NamespaceOwner::Platform).is_err());
+        }
+        // Reading events, or recording them without a tenant, is not a node's business.
+        assert!(authorize(&node, &request(Verb::List), &acme).is_err());
+        assert!(authorize(&node, &request(Verb::Delete), &acme).is_err());
+        let tenantless = user("system:node:n1", &[NODES_GROUP]);
+        assert!(authorize(&tenantless, &request(Verb::Create), &acme).is_err());
     }
 
     #[test]

@@ -575,6 +575,42 @@ async fn agent_registers_and_runs_pods() {
         },
     )
     .await;
+    // Each probe failure is an Unhealthy event, the restart a Killing one (the kubelet's).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(admin.clone(), "shop");
+    let messages = wait_for("the probe events", async || {
+        let listed = events
+            .list(&kube::api::ListParams::default().fields("involvedObject.name=probed"))
+            .await
+            .ok()?;
+        let messages: Vec<String> = listed
+            .items
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.reason.as_deref().unwrap_or(""),
+                    e.message.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        messages
+            .iter()
+            .any(|m| m == "Killing: Container web failed liveness probe, will be restarted")
+            .then_some(messages)
+    })
+    .await;
+    assert!(
+        messages.iter().any(|m| m.starts_with(
+            "Unhealthy: Liveness probe failed: HTTP probe failed with statuscode: 404"
+        )),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("Unhealthy: Readiness probe failed")),
+        "{messages:?}"
+    );
 
     // What the agent cannot do safely yet is refused with upstream's reason, not run: a
     // subPath is resolved on the host through what the pod wrote into its volume.
@@ -1868,4 +1904,48 @@ async fn pods_get_a_projected_service_account_token() {
         async || (common::raw(&as_pod, "GET", "/api", None, vec![]).await.0 == 401).then_some(()),
     )
     .await;
+
+    // The agent told the story as the kubelet does, in Events about the pod.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(admin.clone(), "sa");
+    let reasons = wait_for("the agent's events about the pod", async || {
+        let listed = events
+            .list(&kube::api::ListParams::default().fields("involvedObject.name=holder"))
+            .await
+            .ok()?;
+        let reasons: Vec<(String, String, String)> = listed
+            .items
+            .iter()
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.message.clone().unwrap_or_default(),
+                    e.source
+                        .as_ref()
+                        .and_then(|s| s.component.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        reasons
+            .iter()
+            .any(|(r, _, _)| r == "Killing")
+            .then_some(reasons)
+    })
+    .await;
+    for (reason, message) in [
+        (
+            "Pulled",
+            format!("Container image \"{IMAGE}\" already present on machine"),
+        ),
+        ("Created", "Created container: main".to_string()),
+        ("Started", "Started container main".to_string()),
+        ("Killing", "Stopping container main".to_string()),
+    ] {
+        assert!(
+            reasons
+                .iter()
+                .any(|(r, m, from)| r == reason && *m == message && from == "kubelet"),
+            "no {reason} event {message:?} in {reasons:?}"
+        );
+    }
 }
