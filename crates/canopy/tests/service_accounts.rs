@@ -43,6 +43,19 @@ async fn use_token(cluster: &Cluster, token: &str) -> (u16, u16, String) {
     (discovery, list, message)
 }
 
+/// Deletes an object (as admin) and waits until a token tied to it no longer authenticates.
+async fn delete_then_refused(cluster: &Cluster, path: &str, token: &str) {
+    let admin = cluster.client().await;
+    let (code, _, _) = raw(&admin, "DELETE", path, None, vec![]).await;
+    assert_eq!(code, 200, "DELETE {path}");
+    common::wait_until(
+        &format!("the token to stop authenticating after DELETE {path}"),
+        std::time::Duration::from_secs(10),
+        async || (use_token(cluster, token).await.1 == 401).then_some(()),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_issued_checked_and_bound_to_their_pod() {
     let cluster = Cluster::start(Backend::Embedded);
@@ -179,35 +192,17 @@ async fn tokens_are_issued_checked_and_bound_to_their_pod() {
     assert_eq!(use_token(&cluster, printed.trim()).await.1, 403);
 
     // A pod's token ends with its pod; every token ends with its service account.
-    let (code, _, _) = raw(
-        &admin,
-        "DELETE",
+    delete_then_refused(
+        &cluster,
         "/api/v1/namespaces/app/pods/p1?gracePeriodSeconds=0",
-        None,
-        vec![],
-    )
-    .await;
-    assert_eq!(code, 200);
-    common::wait_until(
-        "the pod's token to stop authenticating",
-        std::time::Duration::from_secs(10),
-        async || (use_token(&cluster, &pod_token).await.1 == 401).then_some(()),
+        &pod_token,
     )
     .await;
     assert_eq!(use_token(&cluster, &unbound_token).await.1, 403);
-    let (code, _, _) = raw(
-        &admin,
-        "DELETE",
+    delete_then_refused(
+        &cluster,
         "/api/v1/namespaces/app/serviceaccounts/robot",
-        None,
-        vec![],
-    )
-    .await;
-    assert_eq!(code, 200);
-    common::wait_until(
-        "the account's token to stop authenticating",
-        std::time::Duration::from_secs(10),
-        async || (use_token(&cluster, &unbound_token).await.1 == 401).then_some(()),
+        &unbound_token,
     )
     .await;
     // A forged token (another key) is refused, not passed on.

@@ -155,21 +155,31 @@ pub(super) async fn write_scale(
     Ok(object_response(code, output, &to_scale(&updated)))
 }
 
+/// The object a subresource request posts (`kind` names it in errors), as JSON, YAML or
+/// protobuf by its Content-Type.
+async fn request_object(
+    call: &Call<'_>,
+    body: hyper::body::Incoming,
+    kind: &str,
+) -> ApiResult<Value> {
+    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
+    let content_type = call
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    Ok(body::by_type(request::body_type(content_type), &bytes)
+        .unwrap_or_else(|| Err("unsupported media type".into()))
+        .map_err(|e| ApiError::bad_request(format!("error decoding {kind}: {e}")))?
+        .value)
+}
+
 pub(super) async fn bind(
     call: &Call<'_>,
     body: hyper::body::Incoming,
 ) -> ApiResult<Response<Body>> {
     let def = call.req.def;
     let output = call.output()?;
-    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
-    let content_type = call
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let binding = body::by_type(request::body_type(content_type), &bytes)
-        .unwrap_or_else(|| Err("unsupported media type".into()))
-        .map_err(|e| ApiError::bad_request(format!("error decoding Binding: {e}")))?
-        .value;
+    let binding = request_object(call, body, "Binding").await?;
     let node = meta::path_str(&binding, "target.name")
         .unwrap_or("")
         .to_string();
@@ -670,15 +680,7 @@ pub(super) async fn token(
             "this server issues no service-account tokens",
         ));
     };
-    let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
-    let content_type = call
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let request = body::by_type(request::body_type(content_type), &bytes)
-        .unwrap_or_else(|| Err("unsupported media type".into()))
-        .map_err(|e| ApiError::bad_request(format!("error decoding TokenRequest: {e}")))?
-        .value;
+    let request = request_object(call, body, "TokenRequest").await?;
     let invalid = |causes: Vec<Cause>| {
         ApiError::invalid("authentication.k8s.io", "TokenRequest", name, causes)
     };
