@@ -1,5 +1,5 @@
 //! Pods: defaulting (`SetDefaults_Pod`, `SetDefaults_PodSpec`, containers, probes), the
-//! `Priority` and `DefaultTolerationSeconds` admission plugins, the registry strategy, QoS
+//! `Priority`, `DefaultTolerationSeconds` and (its default account) `ServiceAccount` admission plugins, the registry strategy, QoS
 //! classes and `ValidatePodCreate`/`ValidatePodUpdate`.
 
 use serde_json::{Map, Value, json};
@@ -412,6 +412,15 @@ fn add_default_tolerations(spec: &mut Value) {
     }
 }
 
+/// The `ServiceAccount` admission plugin's default: a pod that names no service account
+/// runs as its namespace's `default` one (so that a projected token has an account).
+fn default_service_account(spec: &mut Value) {
+    if str_of(spec, "serviceAccountName").is_empty() && str_of(spec, "serviceAccount").is_empty() {
+        set(spec, "serviceAccountName", json!("default"));
+        set(spec, "serviceAccount", json!("default"));
+    }
+}
+
 /// The built-in priority classes every cluster has.
 fn priority_of_class(class: &str) -> Option<i64> {
     match class {
@@ -443,6 +452,7 @@ fn spec_of(pod: &mut Value) -> Option<&mut Value> {
 /// `podStrategy.PrepareForCreate`, after the mutating admission plugins.
 pub(crate) fn prepare_create(pod: &mut Value) {
     if let Some(spec) = spec_of(pod) {
+        default_service_account(spec);
         add_default_tolerations(spec);
         resolve_priority(spec);
     }
