@@ -12,6 +12,7 @@ pub mod manager;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod pace;
+pub mod podgc;
 pub mod queue;
 pub mod replicaset;
 pub mod serviceaccount;

@@ -31,6 +31,7 @@ pub const CONTROLLERS: &[&str] = &[
     "nodelifecycle",
     "garbagecollector",
     "serviceaccount",
+    "podgc",
     "tenant",
 ];
 
@@ -49,6 +50,10 @@ pub struct ManagerConfig {
     pub node_monitor_grace_period: Duration,
     /// How long pods stay on a node that is not Ready before they are evicted.
     pub pod_eviction_timeout: Duration,
+    /// How long a pod bound to a vanished node waits before the pod GC deletes it.
+    pub pod_gc_quarantine: Duration,
+    /// Terminated pods kept before the oldest are deleted (0: all kept).
+    pub terminated_pod_gc_threshold: usize,
 }
 
 impl Default for ManagerConfig {
@@ -60,6 +65,8 @@ impl Default for ManagerConfig {
             controllers: vec!["*".into()],
             node_monitor_grace_period: Duration::from_secs(40),
             pod_eviction_timeout: Duration::from_secs(300),
+            pod_gc_quarantine: Duration::from_secs(40),
+            terminated_pod_gc_threshold: 12_500,
         }
     }
 }
@@ -247,6 +254,9 @@ pub async fn run(ctx: Arc<Context>) {
     }
     if config.enabled("nodelifecycle") {
         controllers.push(crate::nodelifecycle::start(&ctx));
+    }
+    if config.enabled("podgc") {
+        controllers.push(crate::podgc::start(&ctx));
     }
     if config.enabled("tenant") {
         controllers.push(Box::pin(crate::tenant::run(ctx.client.clone())));

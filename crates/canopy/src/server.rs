@@ -154,7 +154,7 @@ impl SchedulerArgs {
 pub struct ControllerManagerArgs {
     /// Controllers to run, comma-separated: `*` for all, `-name` to leave one out
     /// (upstream's --controllers). Names: replicaset, deployment, endpoint, endpointslice,
-    /// namespace, nodelifecycle, garbagecollector, serviceaccount, tenant.
+    /// namespace, nodelifecycle, garbagecollector, serviceaccount, podgc, tenant.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
     /// Keys each controller syncs at once (upstream's --concurrent-*-syncs).
@@ -182,6 +182,14 @@ pub struct ControllerManagerArgs {
     /// tolerations for 300 s (upstream's DefaultTolerationSeconds admission), which decide.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub pod_eviction_timeout: Duration,
+    /// Terminated pods (Succeeded or Failed) kept before the pod GC deletes the oldest; 0
+    /// keeps them all (upstream's --terminated-pod-gc-threshold).
+    #[arg(long, default_value_t = 12_500)]
+    pub terminated_pod_gc_threshold: usize,
+    /// How long a pod bound to a node that no longer exists waits before the pod GC fails
+    /// and deletes it (upstream's fixed 40 s quarantine).
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pub pod_gc_quarantine: Duration,
 }
 
 impl ControllerManagerArgs {
@@ -198,6 +206,8 @@ impl ControllerManagerArgs {
             controllers: self.controllers.clone(),
             node_monitor_grace_period: self.node_monitor_grace_period,
             pod_eviction_timeout: self.pod_eviction_timeout,
+            pod_gc_quarantine: self.pod_gc_quarantine,
+            terminated_pod_gc_threshold: self.terminated_pod_gc_threshold,
         }
     }
 

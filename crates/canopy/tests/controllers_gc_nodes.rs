@@ -542,3 +542,74 @@ async fn unreachable_nodes_are_tainted_and_their_pods_evicted() {
     .await;
     kubelets.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_gc_deletes_pods_of_vanished_nodes_and_old_terminated_pods() {
+    let cluster = Cluster::with_controllers(
+        Backend::Embedded,
+        &[
+            "--pod-gc-quarantine",
+            "1s",
+            "--terminated-pod-gc-threshold",
+            "2",
+        ],
+    );
+    let client = cluster.client().await;
+    add_node(&client, "stays").await;
+    add_node(&client, "goes").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    running_pod(&pods, "orphan", "goes", json!([])).await;
+    running_pod(&pods, "kept", "stays", json!([])).await;
+
+    // The node goes (`kubectl delete node`): its pod is failed and deleted after the
+    // quarantine; the other node's pod stays.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .delete("goes", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deleted_after = Instant::now();
+    wait_until("the orphaned pod to be deleted", GC_WAIT, async || {
+        pods.get_opt("orphan")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        deleted_after.elapsed() >= Duration::from_millis(900),
+        "deleted before the quarantine"
+    );
+    assert!(pods.get_opt("kept").await.unwrap().is_some());
+
+    // Terminated pods beyond the threshold (2) go, oldest first.
+    for name in ["done-1", "done-2", "done-3", "done-4"] {
+        running_pod(&pods, name, "stays", json!([])).await;
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"phase": "Succeeded"}})),
+        )
+        .await
+        .unwrap();
+        // Creation timestamps have one-second steps: order them.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    wait_until(
+        "the oldest terminated pods to be deleted",
+        Duration::from_secs(30),
+        async || {
+            let names: Vec<String> = pods
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect();
+            (names == ["done-3", "done-4", "kept"]).then_some(())
+        },
+    )
+    .await;
+}
