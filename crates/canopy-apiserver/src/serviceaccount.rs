@@ -260,7 +260,12 @@ pub(crate) async fn lookup(
     let Some(def) = ctx.registry.get("", "v1", plural) else {
         return Ok(None);
     };
-    if let Some(obj) = ctx.cache(def).get(&format!("{namespace}/{name}")) {
+    let cache_key = if def.namespaced {
+        format!("{namespace}/{name}")
+    } else {
+        name.to_string()
+    };
+    if let Some(obj) = ctx.cache(def).get(&cache_key) {
         return Ok(Some(obj.value()));
     }
     Ok(ctx

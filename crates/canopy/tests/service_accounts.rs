@@ -117,6 +117,29 @@ async fn tokens_are_issued_checked_and_bound_to_their_pod() {
     assert!(issued["status"]["expirationTimestamp"].is_string());
     let pod_token = issued["status"]["token"].as_str().unwrap().to_string();
     assert_eq!(pod_token.split('.').count(), 3, "a JWT");
+    // Upstream's claims: who, for what, bound to which pod on which node.
+    use base64::Engine;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(pod_token.split('.').nth(1).unwrap())
+        .unwrap();
+    let claims: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(claims["sub"], "system:serviceaccount:app:robot");
+    assert_eq!(
+        claims["iss"],
+        "https://kubernetes.default.svc.cluster.local"
+    );
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600
+    );
+    let k8s = &claims["kubernetes.io"];
+    assert_eq!(k8s["namespace"], "app");
+    assert_eq!(k8s["serviceaccount"]["name"], "robot");
+    assert_eq!(k8s["pod"]["name"], "p1");
+    assert_eq!(k8s["node"]["name"], "n1");
+    for object in ["serviceaccount", "pod", "node"] {
+        assert!(!k8s[object]["uid"].as_str().unwrap().is_empty(), "{claims}");
+    }
 
     // It authenticates as the service account, which may learn the API and nothing more.
     let (discovery, list, message) = use_token(&cluster, &pod_token).await;

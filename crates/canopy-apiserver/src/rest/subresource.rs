@@ -784,10 +784,11 @@ pub(super) async fn token(
             .unwrap_or("")
             .to_string();
         if !node.is_empty() {
-            node_ref = Some(ObjectRef {
-                name: node,
-                uid: String::new(),
-            });
+            let uid = crate::serviceaccount::lookup(call.ctx, "nodes", "", &node)
+                .await?
+                .map(|n| meta::uid(&n).to_string())
+                .unwrap_or_default();
+            node_ref = Some(ObjectRef { name: node, uid });
         }
         pod_ref = Some(ObjectRef {
             name: pod_name.to_string(),
