@@ -459,6 +459,35 @@ fn container_views_of(
 }
 
 const IMAGE_ID_LABEL: &str = "io.canopy.image-id";
+/// The hash of the container's spec it was started from (upstream's label name): a running
+/// container whose pod now says otherwise (a new image) is restarted.
+const HASH_LABEL: &str = "io.kubernetes.container.hash";
+
+/// A stable hash of a container's spec: the first 8 bytes of the SHA-256 of its JSON.
+fn container_hash(container: &Container) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(container).unwrap_or_default();
+    Sha256::digest(json)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The runtime id of the container's current run when it was started from another spec
+/// than the pod's current one. Containers started before the hash was recorded count as
+/// unchanged.
+fn changed_run<'a>(
+    runs: &'a HashMap<String, Vec<ContainerStatus>>,
+    container: &Container,
+    run: &Run,
+) -> Option<&'a str> {
+    let current = runs
+        .get(&container.name)?
+        .iter()
+        .find(|r| r.attempt == run.attempt)?;
+    let hash = current.labels.get(HASH_LABEL)?;
+    (*hash != container_hash(container)).then_some(current.id.as_str())
+}
 
 fn chrono_to_jiff(t: &chrono::DateTime<chrono::Utc>) -> Timestamp {
     Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32)
@@ -611,6 +640,24 @@ async fn sync(
             for (i, container) in spec.containers.iter().enumerate() {
                 let view = &views[i];
                 let next = match &view.current {
+                    Some(run)
+                        if let Some(id) =
+                            changed_run(&runs, container, run).filter(|_| run.running()) =>
+                    {
+                        let message = format!(
+                            "Container {} definition changed, will be restarted",
+                            container.name
+                        );
+                        tracing::info!(pod = %pod_ref(pod), container = %container.name, "{message}");
+                        ctx.events.normal(&**pod, "Killing", message);
+                        let grace = Duration::from_secs(
+                            spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64,
+                        );
+                        ctx.runtime.stop_container(id, grace, None).await?;
+                        // A new definition is no crash: it starts without back-off.
+                        state.backoff.remove(&container.name);
+                        Next::Start(run.attempt + 1)
+                    }
                     Some(run) if run.running() => continue,
                     Some(run) => {
                         if !restart_needed(restart_policy, run.exit_code().unwrap_or(1)) {
@@ -1129,6 +1176,7 @@ async fn start(
             container.name.clone(),
         ),
         (IMAGE_ID_LABEL.to_string(), image.id.clone()),
+        (HASH_LABEL.to_string(), container_hash(container)),
     ]);
     let spec = ContainerSpec {
         pod_uid: uid,

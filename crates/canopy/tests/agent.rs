@@ -1949,3 +1949,78 @@ async fn pods_get_a_projected_service_account_token() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_image_restarts_the_container() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-img", "acme");
+    ready_node(&admin, &agent, "node-img").await;
+    const OTHER: &str = "canopy.test/busybox:other";
+    common::import_busybox(&agent.root, OTHER);
+    let pods = tenant_namespace(&admin, "img", "acme").await;
+    pods.create(
+        &PostParams::default(),
+        &pod("web", "Always", "exec sleep 3600"),
+    )
+    .await
+    .unwrap();
+    let before = main_status(&wait_phase(&pods, "web", "Running").await);
+
+    // `kubectl set image pod/web main=...`: the one container field a pod may change.
+    let patch = json!({"spec": {"containers": [{"name": "main", "image": OTHER}]}});
+    pods.patch(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Strategic(&patch),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let status = main_status(&pods.get("web").await.unwrap());
+        if status.restart_count == 1
+            && status.container_id != before.container_id
+            && status
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .is_some()
+        {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container did not run again from its new definition: {status:?}\nagent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(after.image, OTHER);
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(admin.clone(), "img");
+    wait_for("the restart's event", async || {
+        events
+            .list(&kube::api::ListParams::default().fields("involvedObject.name=web"))
+            .await
+            .ok()?
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("Killing")
+                    && e.message.as_deref()
+                        == Some("Container main definition changed, will be restarted")
+            })
+            .then_some(())
+    })
+    .await;
+    // Nothing else changes: the container is not restarted again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        main_status(&pods.get("web").await.unwrap()).restart_count,
+        1
+    );
+    pods.delete("web", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+}
