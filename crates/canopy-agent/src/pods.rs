@@ -1323,6 +1323,13 @@ async fn terminate(
         .max(0) as u64;
     let grace = Duration::from_secs(grace);
     let containers = ctx.runtime.list_containers(&uid).await?;
+    let netns = ctx
+        .runtime
+        .list_sandboxes()
+        .await?
+        .into_iter()
+        .find(|s| s.pod_uid == uid)
+        .map(|s| s.netns_path);
     let stops = containers
         .iter()
         .filter(|c| matches!(c.state, ContainerState::Running { .. }))
@@ -1331,8 +1338,43 @@ async fn terminate(
                 .normal(&**pod, "Killing", format!("Stopping container {}", c.name));
             let runtime = ctx.runtime.clone();
             let id = c.id.clone();
+            let spec = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .find(|s| s.name == c.name)
+                .cloned();
+            let netns = netns.clone();
             async move {
-                if let Err(error) = runtime.stop_container(&id, grace, None).await {
+                let started = std::time::Instant::now();
+                // Upstream's preStop: run first, within the grace period; the container
+                // gets the rest of it (at least 2 s) after SIGTERM.
+                let hook = spec
+                    .as_ref()
+                    .and_then(|s| s.lifecycle.as_ref()?.pre_stop.as_ref());
+                let mut remaining = grace;
+                if let (Some(handler), Some(spec), Some(netns)) = (hook, spec.as_ref(), &netns)
+                    && !grace.is_zero()
+                {
+                    let target = probe::CheckTarget {
+                        runtime: &runtime,
+                        container_id: &id,
+                        container: spec,
+                        netns,
+                    };
+                    if let Err(why) = probe::run_handler(&target, handler, grace).await {
+                        tracing::warn!(pod = %pod_ref(pod), container = %spec.name, error = %why, "the preStop hook failed");
+                        ctx.events.warning(
+                            &**pod,
+                            "FailedPreStopHook",
+                            format!("PreStopHook failed: {why}"),
+                        );
+                    }
+                    remaining = grace
+                        .saturating_sub(started.elapsed())
+                        .max(Duration::from_secs(2));
+                }
+                if let Err(error) = runtime.stop_container(&id, remaining, None).await {
                     tracing::warn!(container = %id, error = %error, "stopping a container failed");
                 }
             }

@@ -140,7 +140,17 @@ async fn run(results: Arc<Results>, target: Arc<Target>, kind: Kind, probe: Prob
                 Ok(Some(status)) if matches!(status.state, ContainerState::Running { .. }) => {}
                 _ => return,
             }
-            let outcome = check(&target, &probe, timeout).await;
+            let outcome = check(
+                &CheckTarget {
+                    runtime: &target.runtime,
+                    container_id: &target.container_id,
+                    container: &target.container,
+                    netns: &target.netns,
+                },
+                &probe,
+                timeout,
+            )
+            .await;
             if let Err(why) = &outcome {
                 tracing::debug!(pod = %target.pod, container = %target.container.name, probe = kind.name(), why = %why, "probe failed");
                 target.events.warning(
@@ -240,13 +250,46 @@ pub(crate) async fn connect(
     tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())
 }
 
-async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), String> {
-    let container = &target.container;
+/// Runs a lifecycle hook (`preStop`): exec in the container, an HTTP GET or TCP connect in
+/// the pod's network, or a sleep, within `timeout`.
+pub async fn run_handler(
+    target: &CheckTarget<'_>,
+    handler: &k8s_openapi::api::core::v1::LifecycleHandler,
+    timeout: Duration,
+) -> Result<(), String> {
+    if let Some(sleep) = &handler.sleep {
+        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64).min(timeout)).await;
+        return Ok(());
+    }
+    let probe = Probe {
+        exec: handler.exec.clone(),
+        http_get: handler.http_get.clone(),
+        tcp_socket: handler.tcp_socket.clone(),
+        ..Probe::default()
+    };
+    if probe.exec.is_none() && probe.http_get.is_none() && probe.tcp_socket.is_none() {
+        return Err("the handler has no action".into());
+    }
+    tokio::time::timeout(timeout, check(target, &probe, timeout))
+        .await
+        .map_err(|_| format!("timed out after {timeout:?}"))?
+}
+
+/// Where a check runs: the container and its pod's network namespace.
+pub struct CheckTarget<'a> {
+    pub runtime: &'a Runtime,
+    pub container_id: &'a str,
+    pub container: &'a Container,
+    pub netns: &'a std::path::Path,
+}
+
+async fn check(target: &CheckTarget<'_>, probe: &Probe, timeout: Duration) -> Result<(), String> {
+    let container = target.container;
     if let Some(exec) = &probe.exec {
         let command = exec.command.clone().unwrap_or_default();
         let output = target
             .runtime
-            .exec_sync(&target.container_id, &command, timeout)
+            .exec_sync(target.container_id, &command, timeout)
             .await
             .map_err(|e| e.to_string())?;
         return if output.exit_code == 0 {
@@ -261,7 +304,7 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
     }
     if let Some(tcp) = &probe.tcp_socket {
         let port = port(container, &tcp.port)?;
-        connect(target.netns.clone(), port, timeout).await?;
+        connect(target.netns.to_path_buf(), port, timeout).await?;
         return Ok(());
     }
     if let Some(http) = &probe.http_get {
@@ -273,7 +316,7 @@ async fn check(target: &Target, probe: &Probe, timeout: Duration) -> Result<(), 
         {
             return Err("HTTPS probes are not supported by this agent yet".into());
         }
-        let stream = connect(target.netns.clone(), port, timeout).await?;
+        let stream = connect(target.netns.to_path_buf(), port, timeout).await?;
         let path = http
             .path
             .clone()

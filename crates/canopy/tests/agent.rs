@@ -2024,3 +2024,47 @@ async fn a_new_image_restarts_the_container() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_stop_hooks_run_before_the_container_stops() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-hook", "acme");
+    ready_node(&admin, &agent, "node-hook").await;
+    // The hook leaves its mark in a node directory (a platform pod's hostPath), which outlives
+    // the pod; the container records SIGTERM there too, so the order shows.
+    let shared = cluster.data_dir().join("hook-dir");
+    std::fs::create_dir_all(&shared).unwrap();
+    let platform: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "platform"}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &platform)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "platform");
+    let hooked: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "hooked"},
+        "spec": {"nodeName": "node-hook", "terminationGracePeriodSeconds": 10,
+            "volumes": [{"name": "h", "hostPath": {"path": shared.display().to_string(), "type": "Directory"}}],
+            "containers": [{"name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "trap 'echo term >> /host/order; exit 0' TERM; while true; do sleep 0.1; done"],
+                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /host/order"]}}},
+                "volumeMounts": [{"name": "h", "mountPath": "/host"}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &hooked).await.unwrap();
+    wait_phase(&pods, "hooked", "Running").await;
+    pods.delete("hooked", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the pod to be gone", Duration::from_secs(30), async || {
+        pods.get_opt("hooked")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    let order = std::fs::read_to_string(shared.join("order")).unwrap_or_default();
+    assert_eq!(order, "prestop\nterm\n", "agent log:\n{}", agent.log());
+}
