@@ -465,6 +465,19 @@ async fn container_logs(
     Ok(response)
 }
 
+/// Whether `path` now names another, non-empty file than `file` (the log was rotated and the
+/// monitor has written to its new file).
+async fn reopened_at_path(file: &tokio::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(open) = file.metadata().await else {
+        return false;
+    };
+    match tokio::fs::metadata(path).await {
+        Ok(current) => current.ino() != open.ino() && current.len() > 0,
+        Err(_) => false,
+    }
+}
+
 async fn stream_file(
     path: &PathBuf,
     options: &LogOptions,
@@ -526,6 +539,22 @@ async fn stream_file(
             if complete > 0 {
                 continue;
             }
+        }
+        // Rotated (see `logs`): once the monitor writes to the new file at the path, the old
+        // one gets nothing more; what it still held was read above.
+        if reopened_at_path(&file, path).await {
+            file.seek(SeekFrom::Start(offset)).await?;
+            buffer.clear();
+            file.read_to_end(&mut buffer).await?;
+            let text = String::from_utf8_lossy(&buffer);
+            let lines: Vec<&str> = text.lines().collect();
+            let chunk = send(&mut budget, render(&lines, options));
+            if !chunk.is_empty() && tx.send(chunk).await.is_err() {
+                return Ok(());
+            }
+            file = tokio::fs::File::open(path).await?;
+            offset = 0;
+            continue;
         }
         let running = matches!(
             runtime.container_status(id).await,

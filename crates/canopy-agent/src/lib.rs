@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod cni;
+pub mod logs;
 pub mod node;
 pub mod pods;
 pub mod probe;
@@ -18,6 +19,8 @@ pub mod spec;
 pub mod status;
 pub mod stream;
 pub mod volumes;
+
+pub use logs::LogRotation;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -50,6 +53,8 @@ pub struct AgentConfig {
     pub image_gc_high_percent: u8,
     /// ...and frees images until usage is below this one (upstream's 85 and 80).
     pub image_gc_low_percent: u8,
+    /// When containers' log files are rotated.
+    pub log_rotation: LogRotation,
     /// Where the agent's HTTPS API listens (logs for the API server).
     pub listen: std::net::SocketAddr,
     /// The cluster CA (DER), whose administrators may call the agent's API.
@@ -138,6 +143,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     let gc = tokio::spawn(image_gc_loop(ctx.clone(), config.clone(), shutdown.clone()));
+    let rotation = tokio::spawn(logs::rotation_loop(
+        config.log_dir.clone(),
+        config.log_rotation,
+        shutdown.clone(),
+    ));
     let api = {
         let (ctx, shutdown, client_ca) = (ctx.clone(), shutdown.clone(), config.client_ca.clone());
         tokio::spawn(async move {
@@ -149,7 +159,7 @@ pub async fn run(
     tracing::info!(node = %config.node.name, "agent running");
     pods::run(ctx, shutdown.clone()).await;
     shutdown.cancel();
-    let _ = tokio::join!(lease, status, gc, api);
+    let _ = tokio::join!(lease, status, gc, api, rotation);
     events.abort();
     tracing::info!(node = %config.node.name, "agent stopped; containers keep running");
     Ok(())

@@ -64,6 +64,18 @@ pub struct AgentArgs {
     /// Image GC frees unused images until the disk is below this percentage.
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
     image_gc_low_threshold: u8,
+    /// A container's log file is rotated once it is larger than this (a quantity, e.g.
+    /// `10Mi`; the kubelet's containerLogMaxSize).
+    #[arg(long, default_value = "10Mi")]
+    container_log_max_size: String,
+    /// Log files kept per container, the current one included (the kubelet's
+    /// containerLogMaxFiles, at least 2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
+    container_log_max_files: u32,
+    /// How often log files are checked for rotation (the kubelet's
+    /// containerLogMonitorInterval).
+    #[arg(long, default_value = "10s", value_parser = crate::server::parse_duration)]
+    container_log_monitor_interval: std::time::Duration,
     /// Address of the agent's HTTPS API (container logs for the API server); default: the
     /// --node-ip, else every address.
     #[arg(long)]
@@ -181,6 +193,13 @@ impl AgentArgs {
             dns,
             image_gc_high_percent: self.image_gc_high_threshold,
             image_gc_low_percent: self.image_gc_low_threshold,
+            log_rotation: canopy_agent::LogRotation {
+                max_size: quantity(&self.container_log_max_size, "container-log-max-size")?
+                    .value()
+                    .max(1) as u64,
+                max_files: self.container_log_max_files as usize,
+                interval: self.container_log_monitor_interval,
+            },
             listen: std::net::SocketAddr::new(address, self.port),
             client_ca,
             pod_network: match self.network_plugin {

@@ -51,6 +51,10 @@ struct Agent {
 
 impl Agent {
     fn start(cluster: &Cluster, node: &str, tenant: &str) -> Agent {
+        Agent::start_with(cluster, node, tenant, &[])
+    }
+
+    fn start_with(cluster: &Cluster, node: &str, tenant: &str, extra: &[&str]) -> Agent {
         let base = cluster.data_dir().join(format!("agent-{node}"));
         let (root, state, logs) = (base.join("root"), base.join("state"), base.join("logs"));
         std::fs::create_dir_all(&base).unwrap();
@@ -58,7 +62,7 @@ impl Agent {
         // The image every test pod runs, built from the host's busybox.
         common::import_busybox(&root, IMAGE);
         let cgroup_parent = format!("canopy-test-{node}-{}", std::process::id());
-        let args: Vec<String> = vec![
+        let args: Vec<String> = [
             "agent".into(),
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
@@ -83,7 +87,10 @@ impl Agent {
             // Tests run agents side by side.
             "--port".into(),
             "0".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
         let mut agent = Agent {
             process: None,
             args,
@@ -2067,4 +2074,89 @@ async fn pre_stop_hooks_run_before_the_container_stops() {
     .await;
     let order = std::fs::read_to_string(shared.join("order")).unwrap_or_default();
     assert_eq!(order, "prestop\nterm\n", "agent log:\n{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_logs_rotate_and_follow_goes_on() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start_with(
+        &cluster,
+        "node-logs",
+        "acme",
+        &[
+            "--container-log-max-size",
+            "4Ki",
+            "--container-log-max-files",
+            "3",
+            "--container-log-monitor-interval",
+            "200ms",
+        ],
+    );
+    ready_node(&admin, &agent, "node-logs").await;
+    let pods = tenant_namespace(&admin, "logs", "acme").await;
+    // About 20 KB/s of numbered lines: several rotations a second.
+    let script = "i=0; while true; do echo \"line $i ....................................................\"; i=$((i+1)); sleep 0.003; done";
+    pods.create(&PostParams::default(), &pod("chatty", "Always", script))
+        .await
+        .unwrap();
+    let running = wait_phase(&pods, "chatty", "Running").await;
+
+    // A follower reads on across rotations and misses no line.
+    use futures::{AsyncBufReadExt, TryStreamExt};
+    let params = kube::api::LogParams {
+        follow: true,
+        ..Default::default()
+    };
+    let mut lines = pods.log_stream("chatty", &params).await.unwrap().lines();
+    let mut numbers = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_secs(5), lines.try_next()).await
+        else {
+            panic!("the follow stream stalled after {} lines", numbers.len());
+        };
+        if let Some(n) = line
+            .strip_prefix("line ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            numbers.push(n);
+        }
+    }
+    assert!(numbers.len() > 200, "only {} lines followed", numbers.len());
+    for pair in numbers.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "a gap in the followed lines");
+    }
+
+    // On disk: the current file and at most two rotated ones, none much past the limit.
+    let dir = agent
+        .logs
+        .join(format!(
+            "logs_chatty_{}",
+            running.metadata.uid.as_deref().unwrap()
+        ))
+        .join("main");
+    let files: Vec<(String, u64)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    assert!(files.len() <= 3, "{files:?}");
+    assert!(
+        files.iter().any(|(name, _)| name.starts_with("0.log.")),
+        "never rotated: {files:?}"
+    );
+    // A file grows for at most one interval (plus the monitor's reopen) past the limit.
+    assert!(files.iter().all(|(_, len)| *len < 64 * 1024), "{files:?}");
+    pods.delete("chatty", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
 }
