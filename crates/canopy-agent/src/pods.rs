@@ -1193,9 +1193,14 @@ async fn start(
         user: image.config.user.clone(),
         run_as_user,
         run_as_group,
+        // fsGroup joins every container's groups, as upstream, so that the volumes it owns
+        // are the containers' to use.
         supplemental_groups: pod_security
             .and_then(|s| s.supplemental_groups.clone())
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .chain(pod_security.and_then(|s| s.fs_group))
+            .collect(),
         privileged: security.and_then(|s| s.privileged).unwrap_or(false),
         read_only_rootfs: security
             .and_then(|s| s.read_only_root_filesystem)

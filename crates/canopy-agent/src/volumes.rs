@@ -337,12 +337,53 @@ pub fn prepare(
 ) -> Result<Prepared, ConfigError> {
     let mut prepared = Prepared::default();
     let spec = pod.spec.as_ref();
+    let fs_group = spec
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.fs_group);
     for volume in spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-        let (dir, read_only) = prepare_one(host, pod, volume, sources)
+        let (dir, read_only) = prepare_one(host, pod, volume, sources, fs_group.is_some())
             .map_err(|e| ConfigError(format!("volume {:?}: {}", volume.name, e.0)))?;
+        // Upstream's volume ownership: the pod's volumes (not a node's hostPath) belong to
+        // its fsGroup.
+        if let Some(group) = fs_group
+            && volume.host_path.is_none()
+        {
+            set_group_ownership(&dir, group, read_only)
+                .map_err(|e| ConfigError(format!("volume {:?}: fsGroup: {e}", volume.name)))?;
+        }
         prepared.dirs.insert(volume.name.clone(), (dir, read_only));
     }
     Ok(prepared)
+}
+
+/// Gives a volume's tree to `group` as upstream's `SetVolumeOwnership`: group `fsGroup`,
+/// group-readable (and writable unless read-only), directories setgid so that new files
+/// stay in the group. Links (the `..data` indirection) are left alone.
+fn set_group_ownership(dir: &Path, group: i64, read_only: bool) -> std::io::Result<()> {
+    let gid = u32::try_from(group)
+        .map_err(|_| std::io::Error::other(format!("fsGroup {group} is not a valid group id")))?;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        std::os::unix::fs::lchown(&path, None, Some(gid))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let group_bits = if read_only { 0o040 } else { 0o060 };
+        let wanted = if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+            mode | group_bits | 0o010 | 0o2000
+        } else {
+            mode | group_bits
+        };
+        if wanted != mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted))?;
+        }
+    }
+    Ok(())
 }
 
 fn plugin_dir(host: &VolumeHost<'_>, plugin: &str, volume: &str) -> PathBuf {
@@ -356,6 +397,7 @@ fn prepare_one(
     pod: &Pod,
     volume: &Volume,
     sources: &Sources,
+    group_readable: bool,
 ) -> Result<(PathBuf, bool), ConfigError> {
     if let Some(empty) = &volume.empty_dir {
         let dir = plugin_dir(host, "empty-dir", &volume.name);
@@ -455,6 +497,13 @@ fn prepare_one(
             "only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported by this agent".into(),
         ));
     };
+    let mut payload = payload;
+    if group_readable {
+        // The fsGroup reads what the pod's volumes hold (upstream's read-only mask 0440).
+        for (_, mode) in payload.values_mut() {
+            *mode |= 0o040;
+        }
+    }
     let dir = plugin_dir(host, plugin, &volume.name);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ConfigError(format!("creating {}: {e}", dir.display())))?;

@@ -2160,3 +2160,49 @@ async fn container_logs_rotate_and_follow_goes_on() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_group_owns_the_pods_volumes() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start(&cluster, "node-fsg", "acme");
+    ready_node(&admin, &agent, "node-fsg").await;
+    let pods = tenant_namespace(&admin, "fsg", "acme").await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "fsg");
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}}),
+    )
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // A non-root user reads a 0400 secret and writes an emptyDir through its fsGroup only.
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "grouped"},
+        "spec": {
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+            "volumes": [{"name": "data", "emptyDir": {}},
+                        {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 256}}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c",
+                "echo groups=$(id -G); echo secret=$(cat /etc/creds/password); mkdir /data/sub && touch /data/sub/x && echo file-group=$(stat -c %g /data/sub/x); sleep 3600"],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "creds", "mountPath": "/etc/creds"}]}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let running = wait_phase(&pods, "grouped", "Running").await;
+    let log = wait_for("the pod's report", async || {
+        let log = container_log(&agent, &running, "main", 0);
+        log.contains("file-group=").then_some(log)
+    })
+    .await;
+    assert!(log.contains("groups=1000 2000"), "{log}");
+    assert!(log.contains("secret=hunter2"), "{log}");
+    assert!(log.contains("file-group=2000"), "{log}");
+    pods.delete("grouped", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+}
