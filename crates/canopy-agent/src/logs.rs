@@ -87,16 +87,20 @@ fn rotate_container(dir: &Path, rotation: LogRotation, stamp: &str) -> usize {
             rotated += 1;
         }
     }
-    // Keep the newest max_files - 1 rotated files of each run.
-    let names: Vec<String> = std::fs::read_dir(dir)
+    // Keep the newest max_files - 1 rotated files of each run, whether or not the monitor
+    // has reopened its current file yet (it does so within a second of a rotation).
+    let mut by_run: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for name in std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    for current in names.iter().filter(|n| n.ends_with(".log")) {
-        let prefix = format!("{current}.");
-        let mut old: Vec<&String> = names.iter().filter(|n| n.starts_with(&prefix)).collect();
+    {
+        if let Some((run, _)) = name.split_once(".log.") {
+            by_run.entry(run.to_string()).or_default().push(name);
+        }
+    }
+    for mut old in by_run.into_values() {
         old.sort();
         let excess = old
             .len()
@@ -151,5 +155,23 @@ mod tests {
             std::fs::read_to_string(dir.join("0.log.20260101-000003")).unwrap(),
             "line 2 is long enough"
         );
+        // Right after a rotation the monitor has not reopened its file yet: the run's
+        // rotated files are still pruned.
+        std::fs::write(dir.join("0.log"), "long enough to rotate again").unwrap();
+        assert_eq!(rotate_all(root.path(), rotation, "20260101-000005"), 1);
+        assert!(!dir.join("0.log").exists());
+        std::fs::write(dir.join("0.log.20260101-000006"), "x").unwrap();
+        rotate_all(root.path(), rotation, "20260101-000007");
+        let rotated = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("0.log.")
+            })
+            .count();
+        assert_eq!(rotated, 2);
     }
 }
