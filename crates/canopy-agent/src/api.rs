@@ -465,6 +465,21 @@ async fn container_logs(
     Ok(response)
 }
 
+/// Everything of `file` from `offset` on, whole lines or not, rendered for the client.
+async fn read_rest(
+    file: &mut tokio::fs::File,
+    offset: u64,
+    buffer: &mut Vec<u8>,
+    options: &LogOptions,
+) -> Result<Vec<u8>> {
+    file.seek(SeekFrom::Start(offset)).await?;
+    buffer.clear();
+    file.read_to_end(buffer).await?;
+    let text = String::from_utf8_lossy(buffer);
+    let lines: Vec<&str> = text.lines().collect();
+    Ok(render(&lines, options))
+}
+
 /// Whether `path` now names another, non-empty file than `file` (the log was rotated and the
 /// monitor has written to its new file).
 async fn reopened_at_path(file: &tokio::fs::File, path: &Path) -> bool {
@@ -543,12 +558,8 @@ async fn stream_file(
         // Rotated (see `logs`): once the monitor writes to the new file at the path, the old
         // one gets nothing more; what it still held was read above.
         if reopened_at_path(&file, path).await {
-            file.seek(SeekFrom::Start(offset)).await?;
-            buffer.clear();
-            file.read_to_end(&mut buffer).await?;
-            let text = String::from_utf8_lossy(&buffer);
-            let lines: Vec<&str> = text.lines().collect();
-            let chunk = send(&mut budget, render(&lines, options));
+            let rest = read_rest(&mut file, offset, &mut buffer, options).await?;
+            let chunk = send(&mut budget, rest);
             if !chunk.is_empty() && tx.send(chunk).await.is_err() {
                 return Ok(());
             }
@@ -565,12 +576,8 @@ async fn stream_file(
         );
         if !running {
             // The monitor writes everything before it records the exit: one last read.
-            file.seek(SeekFrom::Start(offset)).await?;
-            buffer.clear();
-            file.read_to_end(&mut buffer).await?;
-            let text = String::from_utf8_lossy(&buffer);
-            let lines: Vec<&str> = text.lines().collect();
-            let chunk = send(&mut budget, render(&lines, options));
+            let rest = read_rest(&mut file, offset, &mut buffer, options).await?;
+            let chunk = send(&mut budget, rest);
             if !chunk.is_empty() {
                 let _ = tx.send(chunk).await;
             }

@@ -274,6 +274,16 @@ fn container_log(agent: &Agent, pod: &Pod, container: &str, attempt: u32) -> Str
     .unwrap_or_default()
 }
 
+/// A cluster with a scheduler and one Ready agent node of tenant `acme`.
+async fn cluster_with_node(node: &str, extra: &[&str]) -> (Cluster, kube::Client, Agent) {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let agent = Agent::start_with(&cluster, node, "acme", extra);
+    ready_node(&admin, &agent, node).await;
+    (cluster, admin, agent)
+}
+
 async fn ready_node(admin: &kube::Client, agent: &Agent, name: &str) -> Node {
     let nodes: Api<Node> = Api::all(admin.clone());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1837,11 +1847,7 @@ async fn kubectl_run_and_attach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_get_a_projected_service_account_token() {
-    require_root_tools();
-    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
-    let admin = cluster.client().await;
-    let agent = Agent::start(&cluster, "node-sa", "acme");
-    ready_node(&admin, &agent, "node-sa").await;
+    let (cluster, admin, agent) = cluster_with_node("node-sa", &[]).await;
     let pods = tenant_namespace(&admin, "sa", "acme").await;
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(admin.clone(), "sa");
@@ -1959,11 +1965,7 @@ async fn pods_get_a_projected_service_account_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_image_restarts_the_container() {
-    require_root_tools();
-    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
-    let admin = cluster.client().await;
-    let agent = Agent::start(&cluster, "node-img", "acme");
-    ready_node(&admin, &agent, "node-img").await;
+    let (_cluster, admin, agent) = cluster_with_node("node-img", &[]).await;
     const OTHER: &str = "canopy.test/busybox:other";
     common::import_busybox(&agent.root, OTHER);
     let pods = tenant_namespace(&admin, "img", "acme").await;
@@ -2034,11 +2036,7 @@ async fn a_new_image_restarts_the_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_stop_hooks_run_before_the_container_stops() {
-    require_root_tools();
-    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
-    let admin = cluster.client().await;
-    let agent = Agent::start(&cluster, "node-hook", "acme");
-    ready_node(&admin, &agent, "node-hook").await;
+    let (cluster, admin, agent) = cluster_with_node("node-hook", &[]).await;
     // The hook leaves its mark in a node directory (a platform pod's hostPath), which outlives
     // the pod; the container records SIGTERM there too, so the order shows.
     let shared = cluster.data_dir().join("hook-dir");
@@ -2078,13 +2076,8 @@ async fn pre_stop_hooks_run_before_the_container_stops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_logs_rotate_and_follow_goes_on() {
-    require_root_tools();
-    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
-    let admin = cluster.client().await;
-    let agent = Agent::start_with(
-        &cluster,
+    let (_cluster, admin, agent) = cluster_with_node(
         "node-logs",
-        "acme",
         &[
             "--container-log-max-size",
             "4Ki",
@@ -2093,8 +2086,8 @@ async fn container_logs_rotate_and_follow_goes_on() {
             "--container-log-monitor-interval",
             "200ms",
         ],
-    );
-    ready_node(&admin, &agent, "node-logs").await;
+    )
+    .await;
     let pods = tenant_namespace(&admin, "logs", "acme").await;
     // About 20 KB/s of numbered lines: several rotations a second.
     let script = "i=0; while true; do echo \"line $i ....................................................\"; i=$((i+1)); sleep 0.003; done";
@@ -2171,11 +2164,7 @@ async fn container_logs_rotate_and_follow_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fs_group_owns_the_pods_volumes() {
-    require_root_tools();
-    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
-    let admin = cluster.client().await;
-    let agent = Agent::start(&cluster, "node-fsg", "acme");
-    ready_node(&admin, &agent, "node-fsg").await;
+    let (_cluster, admin, agent) = cluster_with_node("node-fsg", &[]).await;
     let pods = tenant_namespace(&admin, "fsg", "acme").await;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), "fsg");
     let secret: Secret = serde_json::from_value(
