@@ -23,16 +23,6 @@ pub struct LogRotation {
     pub interval: Duration,
 }
 
-impl Default for LogRotation {
-    fn default() -> Self {
-        Self {
-            max_size: 10 * 1024 * 1024,
-            max_files: 5,
-            interval: Duration::from_secs(10),
-        }
-    }
-}
-
 /// Checks every container log under `log_dir` each interval until shutdown.
 pub async fn rotation_loop(log_dir: PathBuf, rotation: LogRotation, shutdown: CancellationToken) {
     loop {

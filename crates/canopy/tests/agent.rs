@@ -220,6 +220,17 @@ async fn tenant_namespace(admin: &kube::Client, name: &str, tenant: &str) -> Api
     Api::namespaced(admin.clone(), name)
 }
 
+/// The pods of a namespace of the platform (no tenant's): where hostPath is allowed.
+async fn platform_namespace(admin: &kube::Client) -> Api<Pod> {
+    let platform: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "platform"}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &platform)
+        .await
+        .unwrap();
+    Api::namespaced(admin.clone(), "platform")
+}
+
 fn pod(name: &str, restart: &str, script: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name},
@@ -1194,13 +1205,7 @@ async fn pods_read_config_maps_secrets_and_the_downward_api() {
     let shared = cluster.data_dir().join("shared-host-dir");
     std::fs::create_dir_all(&shared).unwrap();
     std::fs::write(shared.join("note"), "from the node").unwrap();
-    let platform: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "platform"}})).unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &platform)
-        .await
-        .unwrap();
-    let platform_pods: Api<Pod> = Api::namespaced(admin.clone(), "platform");
+    let platform_pods = platform_namespace(&admin).await;
     let host_reader: Pod = serde_json::from_value(json!({
         "metadata": {"name": "host-reader"},
         "spec": {"nodeName": "node-cfg", "restartPolicy": "Never",
@@ -2041,13 +2046,7 @@ async fn pre_stop_hooks_run_before_the_container_stops() {
     // the pod; the container records SIGTERM there too, so the order shows.
     let shared = cluster.data_dir().join("hook-dir");
     std::fs::create_dir_all(&shared).unwrap();
-    let platform: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "platform"}})).unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &platform)
-        .await
-        .unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), "platform");
+    let pods = platform_namespace(&admin).await;
     let hooked: Pod = serde_json::from_value(json!({
         "metadata": {"name": "hooked"},
         "spec": {"nodeName": "node-hook", "terminationGracePeriodSeconds": 10,

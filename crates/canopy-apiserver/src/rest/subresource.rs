@@ -9,7 +9,7 @@ use canopy_store::Revision;
 use http::{Response, StatusCode, header};
 use serde_json::{Value, json};
 
-use super::write::{admit_update, current, guaranteed_update};
+use super::write::{admit_update, current, decode_body, guaranteed_update};
 use super::{Body, Call, object_response, parse_rv, read_body, target};
 use crate::{
     body,
@@ -163,12 +163,7 @@ async fn request_object(
     kind: &str,
 ) -> ApiResult<Value> {
     let bytes = read_body(body, call.ctx.options.max_body_bytes).await?;
-    let content_type = call
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    Ok(body::by_type(request::body_type(content_type), &bytes)
-        .unwrap_or_else(|| Err("unsupported media type".into()))
+    Ok(decode_body(call, &bytes)?
         .map_err(|e| ApiError::bad_request(format!("error decoding {kind}: {e}")))?
         .value)
 }

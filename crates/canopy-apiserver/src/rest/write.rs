@@ -144,24 +144,30 @@ fn tidy_metadata(obj: &mut Value) {
     }
 }
 
-/// Decodes a create/update body.
-fn decode(call: &Call<'_>, def: &ResourceDef, bytes: &Bytes) -> ApiResult<(Value, Vec<String>)> {
+/// A request body decoded by its Content-Type: a missing one means JSON, as upstream; an
+/// unsupported one is 415. The inner error is the document's own (a parse error).
+pub(super) fn decode_body(
+    call: &Call<'_>,
+    bytes: &[u8],
+) -> ApiResult<Result<body::Decoded, String>> {
     let content_type = call
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let kind = request::body_type(content_type);
-    // Upstream treats a missing content type as JSON.
     let unsupported =
         || ApiError::unsupported_media_type(content_type.unwrap_or(""), request::OBJECT_TYPES);
     if kind.is_none() && content_type.is_some() {
         return Err(unsupported());
     }
-    let decoded = body::by_type(kind, bytes)
-        .ok_or_else(unsupported)?
-        .map_err(|e| {
-            ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
-        })?;
+    body::by_type(kind, bytes).ok_or_else(unsupported)
+}
+
+/// Decodes a create/update body.
+fn decode(call: &Call<'_>, def: &ResourceDef, bytes: &Bytes) -> ApiResult<(Value, Vec<String>)> {
+    let decoded = decode_body(call, bytes)?.map_err(|e| {
+        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+    })?;
     let mut value = decoded.value;
     let warnings = check_object(call, def, &mut value, decoded.duplicates)?.warnings;
     Ok((value, warnings))
