@@ -86,6 +86,10 @@ pub struct TenantNetwork {
     /// overlap: each tenant has its own virtual network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
+    /// The IPv4 range the tenant's Services take their ClusterIPs from, e.g. `10.96.0.0/12`;
+    /// it must not overlap `cidr`. Set once: addresses already handed out stay in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<String>,
 }
 
 /// What a tenant has and uses.
@@ -151,6 +155,9 @@ pub fn tenant_of_group(group: &str) -> Option<&str> {
 /// The default network of a tenant without one.
 pub const DEFAULT_CIDR: &str = "10.0.0.0/16";
 
+/// The Service range of a tenant without one (upstream kubeadm's default).
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+
 pub(crate) fn default_tenant(obj: &mut Value) {
     let Some(spec) = crate::kinds::util::ensure_obj(obj, "spec") else {
         return;
@@ -159,6 +166,20 @@ pub(crate) fn default_tenant(obj: &mut Value) {
         return;
     };
     crate::kinds::util::default_str(network, "cidr", DEFAULT_CIDR);
+    crate::kinds::util::default_str(network, "serviceCidr", DEFAULT_SERVICE_CIDR);
+}
+
+fn overlap(a: (std::net::IpAddr, u8), b: (std::net::IpAddr, u8)) -> bool {
+    let (std::net::IpAddr::V4(a_ip), std::net::IpAddr::V4(b_ip)) = (a.0, b.0) else {
+        return false;
+    };
+    let prefix = a.1.min(b.1);
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    u32::from(a_ip) & mask == u32::from(b_ip) & mask
 }
 
 fn validate_quantity(spec: &Value, path: &Path, field: &str, causes: &mut Vec<Cause>) {
@@ -224,6 +245,35 @@ pub(crate) fn validate_tenant(obj: &Value) -> Vec<Cause> {
             "must be a CIDR such as 10.0.0.0/16",
         ));
     }
+    let network = spec.get("network");
+    if let Some(service_cidr) = network
+        .and_then(|n| n.get("serviceCidr"))
+        .and_then(Value::as_str)
+    {
+        let field = path.child("network").child("serviceCidr");
+        match parse_cidr(service_cidr) {
+            Some((std::net::IpAddr::V4(_), prefix)) if prefix <= 30 => {
+                let vpc = network
+                    .and_then(|n| n.get("cidr"))
+                    .and_then(Value::as_str)
+                    .and_then(parse_cidr);
+                if let (Some(vpc), Some(svc)) = (vpc, parse_cidr(service_cidr))
+                    && overlap(vpc, svc)
+                {
+                    causes.push(invalid(
+                        &field,
+                        service_cidr,
+                        "must not overlap spec.network.cidr",
+                    ));
+                }
+            }
+            _ => causes.push(invalid(
+                &field,
+                service_cidr,
+                "must be an IPv4 CIDR of at least 4 addresses, such as 10.96.0.0/12",
+            )),
+        }
+    }
     causes
 }
 
@@ -234,6 +284,14 @@ pub(crate) fn validate_tenant_update(new: &Value, old: &Value) -> Vec<Cause> {
         old.get("spec").and_then(|s| s.get("projectId")),
         &Path::new("spec").child("projectId"),
     ));
+    let service_cidr = |obj: &Value| obj.pointer("/spec/network/serviceCidr").cloned();
+    if let Some(old_cidr) = service_cidr(old) {
+        causes.extend(crate::kinds::util::immutable(
+            service_cidr(new).as_ref(),
+            Some(&old_cidr),
+            &Path::new("spec").child("network").child("serviceCidr"),
+        ));
+    }
     causes
 }
 

@@ -21,6 +21,7 @@ pub mod request;
 pub mod rest;
 pub mod server;
 pub mod serviceaccount;
+pub mod services;
 pub mod tokenfile;
 
 pub use server::{ApiServer, ServerConfig};

@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub service_account_issuer: String,
     /// Audiences the API accepts in service-account tokens (empty: the issuer).
     pub api_audiences: Vec<String>,
+    /// The ranges Services' ClusterIPs and node ports come from.
+    pub service_ranges: crate::services::ServiceRanges,
+    /// How often leaked or missing Service allocation records are repaired (0: never).
+    pub service_repair_interval: Duration,
     /// Metrics of components running in the same process (the scheduler, ...), shown on
     /// this server's `/metrics` after its own.
     pub extra_metrics: Vec<Arc<prometheus_client::registry::Registry>>,
@@ -101,6 +105,8 @@ impl ServerConfig {
             service_account_signing_key_file: None,
             service_account_issuer: DEFAULT_SERVICE_ACCOUNT_ISSUER.to_string(),
             api_audiences: Vec::new(),
+            service_ranges: Default::default(),
+            service_repair_interval: Duration::from_secs(180),
             extra_metrics: Vec::new(),
         }
     }
@@ -192,7 +198,12 @@ impl ApiServer {
             &config.service_account_issuer,
             &config.api_audiences,
         )?);
+        let services = Arc::new(crate::services::Allocator::new(
+            store.clone(),
+            config.service_ranges.clone(),
+        ));
         let ctx = Arc::new(Context {
+            services,
             registry,
             store,
             caches,
@@ -439,8 +450,18 @@ fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<TlsAccept
 fn spawn_background(ctx: Arc<Context>, config: &ServerConfig) -> tokio::task::JoinHandle<()> {
     let compaction = config.compaction_interval;
     let event_ttl = config.event_ttl;
+    let repair_interval = config.service_repair_interval;
     tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
+        if !repair_interval.is_zero()
+            && let Some(services) = ctx.registry.get("", "v1", "services")
+        {
+            tasks.spawn(crate::services::repair_loop(
+                ctx.store.clone(),
+                services.key_prefix(),
+                repair_interval,
+            ));
+        }
         if !compaction.is_zero() {
             let ctx = ctx.clone();
             tasks.spawn(async move { compact_loop(ctx, compaction).await });

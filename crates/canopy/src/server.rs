@@ -84,6 +84,15 @@ pub struct ServerArgs {
     /// requested without an audience get these. Default: the issuer.
     #[arg(long, value_delimiter = ',')]
     pub api_audiences: Vec<String>,
+    /// IPv4 range for the ClusterIPs of Services in the platform's namespaces, and of
+    /// tenants whose Tenant names no `spec.network.serviceCidr` (new Tenants get
+    /// 10.96.0.0/12 written into theirs).
+    #[arg(long, default_value = canopy_apiserver::services::DEFAULT_SERVICE_CIDR, value_parser = parse_service_range)]
+    pub service_cluster_ip_range: canopy_apiserver::services::Ipv4Range,
+    /// Ports NodePort and LoadBalancer Services take node ports from, inclusive. Each tenant
+    /// has the whole range, as its Services only ever listen on its own VMs.
+    #[arg(long, default_value = "30000-32767", value_parser = canopy_apiserver::services::parse_port_range)]
+    pub service_node_port_range: (u16, u16),
     /// Keystone identity v3 endpoint whose tokens authenticate users, e.g.
     /// `http://127.0.0.1:5000/v3`. A user with role `member` on a project belongs to that
     /// project's tenant; role `admin` on the admin project makes a cluster admin.
@@ -307,6 +316,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     config.service_account_signing_key_file = args.service_account_signing_key_file.clone();
     config.service_account_issuer = args.service_account_issuer.clone();
     config.api_audiences = args.api_audiences.clone();
+    config.service_ranges = canopy_apiserver::services::ServiceRanges {
+        cluster_ips: args.service_cluster_ip_range,
+        node_ports: args.service_node_port_range,
+    };
     if let Some(url) = &args.keystone_url {
         config.keystone = Some(canopy_apiserver::keystone::KeystoneConfig {
             url: url.trim_end_matches('/').to_string(),
@@ -545,4 +558,8 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
     .await
     .context("loading kubeconfig")?;
     kube::Client::try_from(config).context("building the API client")
+}
+
+fn parse_service_range(text: &str) -> Result<canopy_apiserver::services::Ipv4Range, String> {
+    text.parse()
 }

@@ -69,6 +69,8 @@ pub struct Context {
     pub quota_locks: QuotaLocks,
     /// The API server's credential towards node agents (`pods/log`).
     pub nodes: Option<Arc<crate::nodeproxy::NodeClient>>,
+    /// Hands out Services' ClusterIPs and node ports.
+    pub services: Arc<crate::services::Allocator>,
     /// Signs service-account tokens (`serviceaccounts/token`).
     pub service_accounts: Option<Arc<crate::serviceaccount::TokenSigner>>,
 }

@@ -275,6 +275,29 @@ async fn tenant_usage(call: &Call<'_>, tenant: &str) -> ApiResult<Usage> {
 
 /// Admits a new pod against its tenant's quota. The returned guard must be held until the
 /// pod is stored (and so visible to the next check).
+/// The Service range a tenant's Tenant names, if any.
+pub(super) async fn service_range(
+    call: &Call<'_>,
+    tenant: &str,
+) -> ApiResult<Option<crate::services::Ipv4Range>> {
+    let Some(tenants) = call.ctx.registry.get("canopy.io", "v1", "tenants") else {
+        return Ok(None);
+    };
+    let obj = match call.ctx.cache(tenants).get(tenant) {
+        Some(obj) => Some(obj.value()),
+        None => call
+            .ctx
+            .read_stored(tenants, &tenants.key("", tenant))
+            .await?
+            .map(|(obj, _)| obj),
+    };
+    Ok(obj
+        .as_ref()
+        .and_then(|t| t.pointer("/spec/network/serviceCidr"))
+        .and_then(Value::as_str)
+        .and_then(|cidr| cidr.parse().ok()))
+}
+
 pub(super) async fn reserve_quota(
     call: &Call<'_>,
     pod: &Value,

@@ -490,7 +490,9 @@ pub(super) async fn create(
     }
     admit_create(call, &mut obj, true)?;
     let dry_run = call.dry_run()?;
-    if !dry_run {
+    if dry_run {
+        allocate(call, def, &mut obj, None, true).await?;
+    } else {
         store_create(call, def, &mut obj).await?;
     }
     let mut response = object_response(StatusCode::CREATED, output, &obj);
@@ -504,13 +506,22 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
     } else {
         None
     };
+    let reservation = allocate(call, def, obj, None, false).await?;
     let key = def.key(meta::namespace(obj), meta::name(obj));
     let bytes = encode(obj);
-    match call
+    let outcome = call
         .ctx
         .timed("create", def, call.ctx.store.create(&key, bytes))
-        .await?
-    {
+        .await;
+    let outcome = match (outcome, reservation) {
+        (Ok(Outcome::Committed(kv)), _) => Ok(Outcome::Committed(kv)),
+        (outcome, Some(reservation)) => {
+            reservation.rollback(call.ctx.store.as_ref()).await;
+            outcome
+        }
+        (outcome, None) => outcome,
+    };
+    match outcome? {
         Outcome::Committed(kv) => {
             set_rv(obj, kv.mod_revision);
             call.ctx.cache(def).prime(kv.mod_revision, obj);
@@ -524,6 +535,46 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
             }
             Err(err)
         }
+    }
+}
+
+fn is_service(def: &ResourceDef) -> bool {
+    def.group.is_empty() && def.plural == "services"
+}
+
+/// Gives a Service its ClusterIP and node ports before it is written (reserving what it
+/// newly holds, unless `dry_run`); other kinds pass through.
+async fn allocate(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    obj: &mut Value,
+    old: Option<&Value>,
+    dry_run: bool,
+) -> ApiResult<Option<crate::services::Reservation>> {
+    if !is_service(def) {
+        return Ok(None);
+    }
+    let scope = crate::services::scope_of(obj);
+    let cluster_ips = match call.namespace_owner.tenant() {
+        Some(tenant) => tenancy::service_range(call, tenant).await?,
+        None => None,
+    };
+    let target = crate::services::Target {
+        scope: &scope,
+        cluster_ips,
+        dry_run,
+    };
+    call.ctx
+        .services
+        .allocate(&target, obj, old)
+        .await
+        .map(Some)
+}
+
+/// Frees what a Service held before a committed write (`new` None: it was deleted).
+async fn release(call: &Call<'_>, def: &ResourceDef, old: &Value, new: Option<&Value>) {
+    if is_service(def) {
+        call.ctx.services.release(old, new).await;
     }
 }
 
@@ -568,6 +619,7 @@ where
             }
             let mut obj = mutate(None)?;
             if dry_run {
+                allocate(call, def, &mut obj, None, true).await?;
                 return Ok((obj, StatusCode::CREATED));
             }
             match store_create(call, def, &mut obj).await {
@@ -594,25 +646,41 @@ where
             return Ok((new, StatusCode::OK));
         }
         if dry_run {
+            if !should_delete(def, &new) {
+                allocate(call, def, &mut new, Some(old), true).await?;
+            }
             return Ok((new, StatusCode::OK));
         }
-        let outcome = if should_delete(def, &new) {
+        let deleting = should_delete(def, &new);
+        let outcome = if deleting {
             call.ctx
                 .timed("delete", def, call.ctx.store.delete(&key, Some(*old_rev)))
                 .await?
         } else {
+            let reservation = allocate(call, def, &mut new, Some(old), false).await?;
             let bytes = encode(&mut new);
-            call.ctx
+            let outcome = call
+                .ctx
                 .timed("update", def, call.ctx.store.update(&key, bytes, *old_rev))
-                .await?
+                .await;
+            match (outcome, reservation) {
+                (Ok(Outcome::Committed(kv)), _) => Outcome::Committed(kv),
+                (outcome, Some(reservation)) => {
+                    reservation.rollback(call.ctx.store.as_ref()).await;
+                    outcome?
+                }
+                (outcome, None) => outcome?,
+            }
         };
         match outcome {
             Outcome::Committed(kv) => {
                 set_rv(&mut new, kv.mod_revision);
-                if should_delete(def, &new) {
+                if deleting {
                     call.ctx.cache(def).note_write(kv.mod_revision);
+                    release(call, def, old, None).await;
                 } else {
                     call.ctx.cache(def).prime(kv.mod_revision, &new);
+                    release(call, def, old, Some(&new)).await;
                 }
                 return Ok((new, StatusCode::OK));
             }
@@ -1140,6 +1208,7 @@ async fn delete_one(
         {
             Outcome::Committed(kv) => {
                 call.ctx.cache(def).note_write(kv.mod_revision);
+                release(call, def, old, None).await;
                 let mut gone = old.clone();
                 set_rv(&mut gone, kv.mod_revision);
                 return Ok((Deleted::Gone(gone), StatusCode::OK));
