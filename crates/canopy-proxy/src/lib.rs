@@ -1,0 +1,349 @@
+//! `canopy proxy`: the service proxy of one tenant's node (seed §9).
+//!
+//! Upstream's kube-proxy holds every service of the cluster on every node. Canopy's proxy runs
+//! with its tenant's identity (`system:canopy-proxy:<tenant>`), which can read that tenant's
+//! Services and EndpointSlices and nothing else, so a node's rules grow with its tenant, never
+//! with the cloud. It watches both, computes what the node's rules must be ([`rules`]), and
+//! writes the difference to nftables as one atomic transaction ([`nft`]); on start (and
+//! after any failed transaction) it replaces the whole table in one transaction.
+
+pub mod nft;
+pub mod rules;
+
+use std::{
+    collections::BTreeMap,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::watcher::{self, Event},
+};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{io::AsyncWriteExt, sync::Notify};
+use tokio_util::sync::CancellationToken;
+
+pub use rules::{Backend, Frontend, Protocol, Rules, Target};
+
+/// What the proxy is told.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The tenant whose Services are programmed.
+    pub tenant: String,
+    /// This node's name (for `Local` traffic policies).
+    pub node: String,
+    /// The command that runs `nft` in the node's network namespace: `["nft"]` where the
+    /// proxy runs in it (as under the agent); tests and benchmarks prefix `ip netns exec`.
+    pub nft: Vec<String>,
+    /// Changes arriving within this window are written together.
+    pub min_sync: Duration,
+    /// The whole table is rewritten at least this often, repairing any drift.
+    pub resync: Duration,
+}
+
+/// The proxy's metrics (upstream kube-proxy's names where there is one).
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// Time to write a change to nftables.
+    pub sync_duration: Histogram,
+    /// Time from a watch event to its rules being live.
+    pub event_to_live: Histogram,
+    /// Transactions written, and failed.
+    pub syncs: Counter,
+    pub sync_failures: Counter,
+    /// Frontends (service ports and node ports) programmed.
+    pub frontends: Gauge,
+}
+
+impl ProxyMetrics {
+    /// Metrics registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let buckets = || {
+            Histogram::new(
+                [
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+                ]
+                .into_iter(),
+            )
+        };
+        let metrics = Self {
+            sync_duration: buckets(),
+            event_to_live: buckets(),
+            syncs: Counter::default(),
+            sync_failures: Counter::default(),
+            frontends: Gauge::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time to write a rules change to nftables",
+            metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from a Service or EndpointSlice event to its rules being live",
+            metrics.event_to_live.clone(),
+        );
+        registry.register(
+            "canopy_proxy_syncs",
+            "nftables transactions written",
+            metrics.syncs.clone(),
+        );
+        registry.register(
+            "canopy_proxy_sync_failures",
+            "nftables transactions that failed (a full resync follows)",
+            metrics.sync_failures.clone(),
+        );
+        registry.register(
+            "canopy_proxy_frontends",
+            "Service ports and node ports programmed on this node",
+            metrics.frontends.clone(),
+        );
+        metrics
+    }
+}
+
+/// Runs one `nft -f -` transaction with `nft` (a command and its first arguments).
+pub async fn apply(nft: &[String], script: &str) -> Result<()> {
+    let (program, args) = nft.split_first().context("an empty nft command")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    let mut stdin = child.stdin.take().context("nft stdin")?;
+    stdin.write_all(script.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the transaction: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the proxy's table (on `--cleanup`, or when a node stops serving services).
+pub async fn remove_table(nft: &[String]) -> Result<()> {
+    apply(
+        nft,
+        &format!("add table ip {0}\ndelete table ip {0}\n", nft::TABLE),
+    )
+    .await
+}
+
+/// Lets the node forward what it translated: pods' packets for a ClusterIP arrive at the
+/// node and leave it for the backend, through the interface they came in by. Redirects are
+/// turned off: a node that forwards a packet back out of its arrival interface would
+/// otherwise tell the pod "use the gateway directly", and the pod would then send that
+/// ClusterIP past the node for good. Per network namespace, so only this node's.
+pub fn enable_forwarding() -> Result<()> {
+    let write = |path: &str, value: &str| {
+        std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
+    };
+    write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    // An interface sends redirects if `all` or its own setting says so: clear both.
+    for entry in std::fs::read_dir("/proc/sys/net/ipv4/conf")? {
+        let path = entry?.path().join("send_redirects");
+        write(&path.to_string_lossy(), "0")?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<(String, String), Service>,
+    slices: BTreeMap<(String, String), EndpointSlice>,
+    services_synced: bool,
+    slices_synced: bool,
+    /// The oldest event not yet programmed.
+    pending_since: Option<Instant>,
+}
+
+fn key_of<K: ResourceExt>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn on_event<K: ResourceExt + Clone>(
+    event: Event<K>,
+    objects: &mut BTreeMap<(String, String), K>,
+    relist: &mut BTreeMap<(String, String), K>,
+    synced: &mut bool,
+) -> bool {
+    match event {
+        Event::Apply(obj) => {
+            objects.insert(key_of(&obj), obj);
+            true
+        }
+        Event::Delete(obj) => {
+            objects.remove(&key_of(&obj));
+            true
+        }
+        Event::Init => {
+            relist.clear();
+            false
+        }
+        Event::InitApply(obj) => {
+            relist.insert(key_of(&obj), obj);
+            false
+        }
+        Event::InitDone => {
+            *objects = std::mem::take(relist);
+            *synced = true;
+            true
+        }
+    }
+}
+
+/// Runs the proxy until `shutdown`. The rules stay in place when it returns: traffic keeps
+/// flowing through a restart, and the next start resyncs them.
+pub async fn run(
+    client: Client,
+    config: ProxyConfig,
+    metrics: ProxyMetrics,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    enable_forwarding()?;
+    let selector = format!("{}={}", canopy_api::tenant::TENANT_LABEL, config.tenant);
+    let watch_config = watcher::Config::default().labels(&selector);
+    let state = Arc::new(parking_lot::Mutex::new(State::default()));
+    let changed = Arc::new(Notify::new());
+    let services = {
+        let (state, changed) = (state.clone(), changed.clone());
+        let api: Api<Service> = Api::all(client.clone());
+        let stream = watcher::watcher(api, watch_config.clone());
+        async move {
+            let mut relist = BTreeMap::new();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let mut s = state.lock();
+                        let State {
+                            services,
+                            services_synced,
+                            ..
+                        } = &mut *s;
+                        if on_event(event, services, &mut relist, services_synced) {
+                            s.pending_since.get_or_insert_with(Instant::now);
+                            changed.notify_one();
+                        }
+                    }
+                    Err(err) => tracing::warn!(%err, "watching services"),
+                }
+            }
+        }
+    };
+    let slices = {
+        let (state, changed) = (state.clone(), changed.clone());
+        let api: Api<EndpointSlice> = Api::all(client.clone());
+        let stream = watcher::watcher(api, watch_config);
+        async move {
+            let mut relist = BTreeMap::new();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let mut s = state.lock();
+                        let State {
+                            slices,
+                            slices_synced,
+                            ..
+                        } = &mut *s;
+                        if on_event(event, slices, &mut relist, slices_synced) {
+                            s.pending_since.get_or_insert_with(Instant::now);
+                            changed.notify_one();
+                        }
+                    }
+                    Err(err) => tracing::warn!(%err, "watching endpoint slices"),
+                }
+            }
+        }
+    };
+    let watchers = tokio::spawn(async move {
+        tokio::join!(services, slices);
+    });
+    let result = program(&config, &metrics, &state, &changed, &shutdown).await;
+    watchers.abort();
+    result
+}
+
+async fn program(
+    config: &ProxyConfig,
+    metrics: &ProxyMetrics,
+    state: &parking_lot::Mutex<State>,
+    changed: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut live: Option<Rules> = None;
+    let mut last_full = Instant::now();
+    loop {
+        let resync_in = config.resync.saturating_sub(last_full.elapsed());
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(resync_in) => { live = None; }
+        }
+        if !config.min_sync.is_zero() {
+            tokio::time::sleep(config.min_sync).await;
+        }
+        let (wanted, since) = {
+            let mut s = state.lock();
+            if !(s.services_synced && s.slices_synced) {
+                continue;
+            }
+            let wanted = rules::compute(s.services.values(), s.slices.values(), &config.node);
+            (wanted, s.pending_since.take())
+        };
+        let script = match &live {
+            Some(old) => match nft::diff(old, &wanted) {
+                Some(script) => script,
+                None => continue,
+            },
+            None => nft::full(&wanted),
+        };
+        let full = live.is_none();
+        let started = Instant::now();
+        match apply(&config.nft, &script).await {
+            Ok(()) => {
+                metrics.syncs.inc();
+                metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+                if let Some(since) = since {
+                    metrics.event_to_live.observe(since.elapsed().as_secs_f64());
+                }
+                metrics.frontends.set(wanted.len() as i64);
+                if full {
+                    last_full = Instant::now();
+                    tracing::info!(
+                        tenant = %config.tenant,
+                        frontends = wanted.len(),
+                        backends = nft::element_count(&wanted),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "programmed every service of the tenant"
+                    );
+                }
+                live = Some(wanted);
+            }
+            Err(err) => {
+                metrics.sync_failures.inc();
+                tracing::warn!(%err, full, "writing the service rules failed; resyncing the whole table");
+                live = None;
+                changed.notify_one();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
