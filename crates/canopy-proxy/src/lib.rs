@@ -67,12 +67,9 @@ impl ProxyMetrics {
     /// Metrics registered in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let buckets = || {
-            Histogram::new(
-                [
-                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-                ]
-                .into_iter(),
-            )
+            Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+            ])
         };
         let metrics = Self {
             sync_duration: buckets(),
