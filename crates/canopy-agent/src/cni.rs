@@ -29,6 +29,21 @@ pub struct PortInfo {
     /// from it to anything beyond its subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_ip: Option<Ipv4Addr>,
+    /// The tenant's Service range, routed through the pod's node, whose proxy translates
+    /// ClusterIPs (seed §9). Pods of a tenant share its L2 network, so without this route
+    /// their Service traffic would go to the gateway, past every proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_route: Option<ServiceRoute>,
+}
+
+/// A route for the tenant's Services through the pod's node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRoute {
+    /// The tenant's Service range, e.g. `10.96.0.0/12`.
+    pub cidr: String,
+    /// The node's address in the tenant's network.
+    pub via: Ipv4Addr,
 }
 
 impl PortInfo {
@@ -78,6 +93,17 @@ impl PortInfo {
             return Err(CniError::Invalid(format!(
                 "port MAC {:?} is not a MAC address",
                 self.mac
+            )));
+        }
+        if let Some(route) = &self.service_route
+            && !matches!(
+                canopy_api::tenant::parse_cidr(&route.cidr),
+                Some((std::net::IpAddr::V4(_), _))
+            )
+        {
+            return Err(CniError::Invalid(format!(
+                "service route {:?} is not an IPv4 CIDR",
+                route.cidr
             )));
         }
         Ok(())
@@ -234,13 +260,21 @@ pub async fn add(netns: &Path, ifname: &str, port: &PortInfo) -> Result<Attached
         ),
         None => (String::new(), String::new()),
     };
+    let service_route = match &port.service_route {
+        Some(route) => format!(
+            "route replace {} via {} dev {ifname} src {}\n",
+            route.cidr, route.via, port.ip
+        ),
+        None => String::new(),
+    };
     let batch = format!(
         "{rename}link set dev {ifname} address {mac}\n\
          addr replace {ip}/{prefix} dev {ifname}\n\
          {public_addr}\
          link set dev {ifname} up\n\
          link set dev lo up\n\
-         route replace default via {gateway} dev {ifname}{source}\n",
+         route replace default via {gateway} dev {ifname}{source}\n\
+         {service_route}",
         mac = port.mac,
         ip = port.ip,
         prefix = port.prefix,
@@ -293,6 +327,10 @@ mod tests {
             mac: "02:aa:bb:cc:dd:ee".into(),
             gateway: Ipv4Addr::new(10, 0, 0, 1),
             public_ip: None,
+            service_route: Some(ServiceRoute {
+                cidr: "10.96.0.0/12".into(),
+                via: Ipv4Addr::new(10, 0, 0, 2),
+            }),
         }
     }
 
@@ -313,6 +351,14 @@ mod tests {
         assert!(p.validate().is_err());
         let p = PortInfo {
             prefix: 0,
+            ..port()
+        };
+        assert!(p.validate().is_err());
+        let p = PortInfo {
+            service_route: Some(ServiceRoute {
+                cidr: "10.96.0.0/12 dev lo".into(),
+                via: Ipv4Addr::new(10, 0, 0, 2),
+            }),
             ..port()
         };
         assert!(p.validate().is_err());

@@ -407,6 +407,13 @@ impl Controller {
             .unwrap_or(self.config.default_subnet)
     }
 
+    /// The tenant's Service range (the API server's default for Tenants that name none).
+    fn tenant_service_cidr(&self, tenant: &str) -> String {
+        self.tenant(tenant)
+            .and_then(|t| t.spec.network.as_ref()?.service_cidr.clone())
+            .unwrap_or_else(|| canopy_api::tenant::DEFAULT_SERVICE_CIDR.to_string())
+    }
+
     fn tenant_vm_quota(&self, tenant: &str) -> Option<i64> {
         self.tenant(tenant).and_then(|t| t.spec.quota.as_ref()?.vms)
     }
@@ -624,6 +631,8 @@ impl Controller {
             nic: NicSpec {
                 network: network.to_string(),
                 ip: None,
+                // The VM's proxy answers its pods on behalf of the tenant's ClusterIPs.
+                allowed_address_pairs: vec![self.tenant_service_cidr(tenant)],
             },
             bootstrap: Bootstrap {
                 node_name: name.to_string(),
@@ -729,6 +738,12 @@ impl Controller {
             "mac": port.mac,
             "gateway": network.gateway.to_string(),
         });
+        if let Some(node_ip) = server.ip {
+            record["serviceRoute"] = json!({
+                "cidr": self.tenant_service_cidr(&server.tenant),
+                "via": node_ip.to_string(),
+            });
+        }
         let mut annotations = serde_json::Map::new();
         if let Some(public) = public_ip {
             record["publicIp"] = json!(public.to_string());

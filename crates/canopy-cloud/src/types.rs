@@ -113,6 +113,9 @@ pub struct NicSpec {
     pub network: String,
     /// An address of the network's subnet; allocated by the provider when absent.
     pub ip: Option<Ipv4Addr>,
+    /// IPv4 CIDRs the NIC may also send from ([`Port::allowed_address_pairs`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_address_pairs: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +193,11 @@ pub struct Port {
     /// The interface's name inside that server (at most 15 bytes).
     pub device: String,
     pub tags: BTreeMap<String, String>,
+    /// Further source ranges the port may send from (Neutron's allowed address pairs,
+    /// with the port's own MAC): a VM's NIC sends from its tenant's Service range, as its
+    /// service proxy answers pods on behalf of ClusterIPs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_address_pairs: Vec<String>,
 }
 
 /// A public IP (a floating IP): an address of the public network that reaches a port.

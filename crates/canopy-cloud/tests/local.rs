@@ -300,6 +300,7 @@ fn server_spec(name: &str, tenant: &str, network: &str, ip: Option<Ipv4Addr>) ->
         nic: NicSpec {
             network: network.into(),
             ip,
+            allowed_address_pairs: Vec::new(),
         },
         bootstrap: Bootstrap {
             node_name: format!("node-{name}"),

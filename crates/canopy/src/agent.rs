@@ -88,6 +88,13 @@ pub struct AgentArgs {
     /// this VM into the pod; what the cloud's VMs use).
     #[arg(long, value_enum, default_value_t = NetworkPlugin::None)]
     network_plugin: NetworkPlugin,
+    /// Do not run the tenant's service proxy. By default the agent runs it (in this
+    /// network namespace) when its kubeconfig holds a `canopy-proxy` context, as the cloud's
+    /// VMs' kubeconfigs do.
+    #[arg(long)]
+    disable_proxy: bool,
+    #[command(flatten)]
+    proxy: crate::proxy::ProxyTuning,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -101,7 +108,7 @@ fn quantity(text: &str, what: &str) -> Result<canopy_api::quantity::Quantity> {
         .map_err(|e| anyhow::anyhow!("--{what} {text:?}: {e}"))
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -225,6 +232,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             args.kubeconfig.display()
         );
     }
+    let run_proxy = !args.disable_proxy && crate::proxy::has_proxy_context(&args.kubeconfig);
+    let (kubeconfig_path, tuning) = (args.kubeconfig.clone(), args.proxy.clone());
     let config = args.config(client_ca)?;
     let client = kube::Client::try_from(kube_config).context("building the API client")?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -233,7 +242,29 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         crate::server::shutdown_signal().await;
         token.cancel();
     });
-    canopy_agent::run(client, config, shutdown).await
+    let proxy = run_proxy.then(|| {
+        let (node, shutdown) = (config.node.name.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let result = crate::proxy::run_proxy(
+                &kubeconfig_path,
+                crate::proxy::PROXY_CONTEXT,
+                node,
+                vec!["nft".to_string()],
+                &tuning,
+                shutdown.clone(),
+            )
+            .await;
+            if let Err(err) = result {
+                // The node keeps running pods; its Services do not work, which the log says.
+                tracing::error!(error = format!("{err:#}"), "the service proxy stopped");
+            }
+        })
+    });
+    let result = canopy_agent::run(client, config, shutdown).await;
+    if let Some(proxy) = proxy {
+        let _ = proxy.await;
+    }
+    result
 }
 
 /// `canopy image`: the node's local image store.

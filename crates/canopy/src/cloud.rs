@@ -385,11 +385,19 @@ impl canopy_cloud_controller::NodeCredentials for CaCredentials {
         let pair = self
             .pki
             .issue_client(&user, &["system:nodes", tenant_group.as_str()])?;
-        Ok(kubeconfig::render(
+        // The VM's service proxy reads its tenant's Services under an identity of its own,
+        // which can read nothing else.
+        let proxy_user = format!("{}{tenant}", canopy_apiserver::authz::PROXY_USER_PREFIX);
+        let proxy_pair = self
+            .pki
+            .issue_client(&proxy_user, &[canopy_apiserver::authz::PROXIES_GROUP])?;
+        Ok(kubeconfig::render_contexts(
             &self.server_url,
             &self.ca_pem,
-            &pair,
-            &user,
+            &[
+                ("canopy", &user, &pair),
+                (crate::proxy::PROXY_CONTEXT, &proxy_user, &proxy_pair),
+            ],
         ))
     }
 }

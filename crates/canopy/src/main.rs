@@ -8,6 +8,7 @@ mod cni;
 mod component_http;
 mod leader;
 mod login;
+mod proxy;
 mod server;
 
 // The API server allocates and frees many small JSON nodes per request; mimalloc spends less
@@ -64,6 +65,9 @@ enum Command {
     /// Run the node agent (Canopy's kubelet): register this machine as a Node and run the
     /// pods bound to it in OCI containers.
     Agent(agent::AgentArgs),
+    /// Run a tenant's service proxy: program the tenant's Services (ClusterIPs, node ports)
+    /// into nftables in this network namespace. The agent runs one itself on the cloud's VMs.
+    Proxy(proxy::ProxyArgs),
     /// Manage the node agent's local image store.
     #[command(subcommand)]
     Image(agent::ImageCommand),
@@ -219,6 +223,7 @@ fn main() -> Result<()> {
             }
             Command::CloudController(cmd) => cloud::run_standalone(*cmd).await,
             Command::Agent(args) => agent::run(args).await,
+            Command::Proxy(args) => proxy::run(args).await,
             Command::Image(cmd) => agent::image(cmd),
             Command::Shim { .. } => Ok(()),
             Command::Bench(cmd) => bench::run(cmd).await,

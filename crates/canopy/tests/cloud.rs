@@ -922,3 +922,279 @@ async fn a_pod_takes_the_warm_pools_spare_and_the_pool_refills() {
     let left = namespaces_with(&format!("cnp-{tag}-"));
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }
+
+/// What `n` HTTP requests from inside `pod` to `ip:port` got: each answer's body (the
+/// serving pod's name), or `-` for no answer.
+fn ask(
+    cluster: &Cluster,
+    namespace: &str,
+    pod: &str,
+    ip: &str,
+    port: u16,
+    n: usize,
+) -> Vec<String> {
+    let script = format!(
+        "for i in $(seq {n}); do a=$(printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} | tail -n 1); echo \"${{a:--}}\"; done"
+    );
+    let out = cluster.kubectl(&["-n", namespace, "exec", pod, "--", "sh", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A process whose network namespace holds `ip` (a pod's), found from the host without the
+/// agent (which may be down).
+fn process_with_address(ip: Ipv4Addr) -> u32 {
+    let mut seen = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["ip", "-4", "-o", "addr"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/")) {
+            return pid;
+        }
+    }
+    panic!("no process in a network namespace with {ip}");
+}
+
+/// The body of `GET /index.html` from `ip:port`, asked from the network namespace of `pid`.
+fn fetch_in(pid: u32, ip: &str, port: u16) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["busybox", "nc", "-w", "2", ip])
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    http_body(&String::from_utf8_lossy(&out.stdout)).map(|b| b.trim().to_string())
+}
+
+fn web_service(cluster_ip: Option<&str>, selector: bool) -> serde_json::Value {
+    let mut spec = json!({"type": "NodePort",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]});
+    if selector {
+        spec["selector"] = json!({"app": "web"});
+    }
+    if let Some(ip) = cluster_ip {
+        spec["clusterIP"] = json!(ip);
+    }
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": spec})
+}
+
+async fn ready_condition(pods: &Api<Pod>, name: &str) -> Option<bool> {
+    let pod = pods.get(name).await.ok()?;
+    pod.status?
+        .conditions?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status == "True")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_a_tenants_pods_and_no_one_elses() {
+    require_root_tools();
+    let scratch = tempfile::tempdir().unwrap();
+    let nets = TestNetworks::take();
+    let mut cluster = cloud_cluster(scratch.path(), &nets);
+    let admin = cluster.client().await;
+    let shop = tenant_namespace(&admin, "shop", "acme").await;
+    let other = tenant_namespace(&admin, "other", "beta").await;
+
+    // Two web pods serving their own name, ready while /tmp/ready exists; a client pod.
+    let web: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": IMAGE,
+                    "command": ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && touch /tmp/ready && exec httpd -f -p 8080 -h /www"],
+                    "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]},
+                        "periodSeconds": 1, "failureThreshold": 1},
+                    "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}}}]}}}
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(admin.clone(), "shop")
+        .create(&PostParams::default(), &web)
+        .await
+        .unwrap();
+    for ns in ["shop", "other"] {
+        Api::<Deployment>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &deployment("client", 1, "100m"))
+            .await
+            .unwrap();
+    }
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), "shop");
+    let svc = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(web_service(None, true)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let spec = svc.spec.unwrap();
+    let vip = spec.cluster_ip.unwrap();
+    let node_port = spec.ports.unwrap()[0].node_port.unwrap() as u16;
+    let web_pods = running_pods(&cluster, &shop, "app=web", 2).await;
+    let names: Vec<String> = web_pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    let client_pod = running_pods(&cluster, &shop, "app=client", 1)
+        .await
+        .remove(0);
+    let client = client_pod.metadata.name.clone().unwrap();
+    let client_pid = process_with_address(pod_ip(&client_pod));
+    let rival = running_pods(&cluster, &other, "app=client", 1).await[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+
+    // The ClusterIP spreads requests over both pods.
+    let answers = wait_logged(
+        &cluster,
+        "both web pods to answer on the ClusterIP",
+        Duration::from_secs(60),
+        async || {
+            let answers = ask(&cluster, "shop", &client, &vip, 80, 12);
+            names.iter().all(|n| answers.contains(n)).then_some(answers)
+        },
+    )
+    .await;
+    assert!(answers.iter().all(|a| names.contains(a)), "{answers:?}");
+
+    // A node port on a VM's address in the tenant's network.
+    let annotation = web_pods[0].metadata.annotations.as_ref().unwrap()["canopy.io/port"].clone();
+    let port: serde_json::Value = serde_json::from_str(&annotation).unwrap();
+    let vm_ip = port["serviceRoute"]["via"].as_str().unwrap().to_string();
+    let answers = ask(&cluster, "shop", &client, &vm_ip, node_port, 8);
+    assert!(
+        answers.iter().all(|a| names.contains(a)),
+        "node port {vm_ip}:{node_port}: {answers:?}"
+    );
+
+    // Tenant beta's Service with the very same ClusterIP and no endpoints: beta's pod is
+    // refused by its own node, never answered by acme's pods.
+    let beta_services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(admin.clone(), "other");
+    beta_services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(web_service(Some(&vip), false)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let answers = ask(&cluster, "other", &rival, &vip, 80, 4);
+    assert_eq!(
+        answers,
+        vec!["-"; 4],
+        "beta reached acme's service: {answers:?}"
+    );
+    for ip in web_pods.iter().map(pod_ip) {
+        let answers = ask(&cluster, "other", &rival, &ip.to_string(), 8080, 1);
+        assert_eq!(answers, vec!["-"], "beta reached acme's pod {ip}");
+    }
+
+    // A pod that turns unready gets no new connections within a second.
+    let (gone, stays) = (&names[0], &names[1]);
+    cluster.kubectl_ok(&["-n", "shop", "exec", gone, "--", "rm", "/tmp/ready"]);
+    wait_logged(
+        &cluster,
+        "the pod to turn unready",
+        Duration::from_secs(20),
+        async || (ready_condition(&shop, gone).await == Some(false)).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answers = ask(&cluster, "shop", &client, &vip, 80, 10);
+    assert_eq!(
+        answers,
+        vec![stays.clone(); 10],
+        "an unready pod still served"
+    );
+
+    // The proxy's rules stay while the agents are down, and a restarted proxy resyncs.
+    let agents: Vec<u32> = namespaces_with(&format!("cnp-{}-", instance_of(&cluster)))
+        .iter()
+        .flat_map(|ns| {
+            let out = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("\0agent\0"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(!agents.is_empty(), "found no agent processes");
+    for pid in &agents {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..4 {
+        let answer = fetch_in(client_pid, &vip, 80);
+        assert_eq!(
+            answer.as_ref(),
+            Some(stays),
+            "traffic stopped with the agents"
+        );
+    }
+    cluster.crash_and_restart();
+    let admin = cluster.client().await;
+    let shop: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    cluster.kubectl_ok(&["-n", "shop", "exec", gone, "--", "touch", "/tmp/ready"]);
+    wait_logged(
+        &cluster,
+        "the pod to serve again through the restarted proxies",
+        Duration::from_secs(60),
+        async || {
+            if ready_condition(&shop, gone).await != Some(true) {
+                return None;
+            }
+            let answers = ask(&cluster, "shop", &client, &vip, 80, 12);
+            names.iter().all(|n| answers.contains(n)).then_some(())
+        },
+    )
+    .await;
+
+    // Deleting the Service removes its rules: nothing answers on the ClusterIP.
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), "shop");
+    services.delete("web", &Default::default()).await.unwrap();
+    wait_logged(
+        &cluster,
+        "the ClusterIP to stop answering",
+        Duration::from_secs(10),
+        async || (ask(&cluster, "shop", &client, &vip, 80, 2) == vec!["-", "-"]).then_some(()),
+    )
+    .await;
+}

@@ -545,6 +545,10 @@ impl LocalProvider {
                 "the bootstrap needs a node name and a kubeconfig".into(),
             ));
         }
+        for pair in &spec.nic.allowed_address_pairs {
+            Subnet::parse(pair)
+                .map_err(|e| CloudError::Invalid(format!("allowed address pair: {e}")))?;
+        }
         Ok(())
     }
 
@@ -884,6 +888,7 @@ impl LocalProvider {
                     server: Some(spec.name.clone()),
                     device: names::NIC_DEVICE.into(),
                     tags: BTreeMap::new(),
+                    allowed_address_pairs: spec.nic.allowed_address_pairs.clone(),
                 },
                 nic_of: Some(spec.name.clone()),
             };
@@ -1362,6 +1367,7 @@ impl CloudProvider for LocalProvider {
                     server: None,
                     device: names::port_device(&spec.name),
                     tags: spec.tags.clone(),
+                    allowed_address_pairs: Vec::new(),
                 },
                 nic_of: None,
             }
@@ -1658,6 +1664,7 @@ mod tests {
                 server: None,
                 device: names::port_device(name),
                 tags: BTreeMap::new(),
+                allowed_address_pairs: Vec::new(),
             },
             nic_of: None,
         };

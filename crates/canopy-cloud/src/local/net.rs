@@ -186,6 +186,20 @@ fn port_element_with(port: &Port, ip: Ipv4Addr) -> String {
     )
 }
 
+/// A port's guard elements for the ranges it may also send from.
+fn allowed_elements(port: &Port) -> Vec<String> {
+    port.allowed_address_pairs
+        .iter()
+        .map(|cidr| {
+            format!(
+                "\"{}\" . {} . {cidr}",
+                names::port_switch_link(&port.name),
+                port.mac
+            )
+        })
+        .collect()
+}
+
 fn floating_element(binding: &Binding) -> String {
     format!(
         "{} . \"{}\"",
@@ -719,13 +733,13 @@ impl Kernel {
     /// Lets frames with the port's MAC and address in from its switch end.
     pub async fn guard_port(&self, port: &Port) -> Result<()> {
         let element = port_element(port);
-        Cmd::nft(
-            Some(&self.switch),
-            format!("add element bridge guard ports {{ {element} }}\n"),
-        )
-        .run()
-        .await
-        .map(drop)
+        let mut script = format!("add element bridge guard ports {{ {element} }}\n");
+        for allowed in allowed_elements(port) {
+            script.push_str(&format!(
+                "add element bridge guard allowed {{ {allowed} }}\n"
+            ));
+        }
+        Cmd::nft(Some(&self.switch), script).run().await.map(drop)
     }
 
     pub async fn unguard_port(&self, port: &Port) -> Result<()> {
@@ -734,16 +748,17 @@ impl Kernel {
             return Ok(());
         }
         let element = port_element(port);
-        Cmd::nft(
-            Some(&self.switch),
-            format!(
-                "add element bridge guard ports {{ {element} }}\n\
-                 delete element bridge guard ports {{ {element} }}\n"
-            ),
-        )
-        .run()
-        .await
-        .map(drop)
+        let mut script = format!(
+            "add element bridge guard ports {{ {element} }}\n\
+             delete element bridge guard ports {{ {element} }}\n"
+        );
+        for allowed in allowed_elements(port) {
+            script.push_str(&format!(
+                "add element bridge guard allowed {{ {allowed} }}\n\
+                 delete element bridge guard allowed {{ {allowed} }}\n"
+            ));
+        }
+        Cmd::nft(Some(&self.switch), script).run().await.map(drop)
     }
 
     /// Whether the port's switch end exists, i.e. its veth pair does (wherever the other
@@ -933,6 +948,7 @@ fn parse_route_dst(dst: &str) -> Option<Subnet> {
 fn switch_script(networks: &[NetworkRecord], ports: &[Port], bindings: &[Binding]) -> String {
     let (marks, gateways): (Vec<String>, Vec<String>) =
         networks.iter().map(network_elements).unzip();
+    let allowed: Vec<String> = ports.iter().flat_map(allowed_elements).collect();
     let mut ports: Vec<String> = ports.iter().map(port_element).collect();
     ports.extend(
         bindings
@@ -981,16 +997,23 @@ fn switch_script(networks: &[NetworkRecord], ports: &[Port], bindings: &[Binding
          \t\ttype ifname . ether_addr . ipv4_addr\n\
          {ports}\
          \t}}\n\
+         \tset allowed {{\n\
+         \t\ttype ifname . ether_addr . ipv4_addr\n\
+         \t\tflags interval\n\
+         {allowed}\
+         \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority filter; policy drop;\n\
          \t\tiifname \"{public_ports}\" accept\n\
          \t\tether type ip iifname . ether saddr . ip saddr @ports accept\n\
+         \t\tether type ip iifname . ether saddr . ip saddr @allowed accept\n\
          \t\tether type arp iifname . ether saddr . arp saddr ip @ports iifname . arp saddr ether . arp saddr ip @ports accept\n\
          \t}}\n\
          }}\n",
         marks = nft_set_elements(&marks),
         gateways = nft_set_elements(&gateways),
         ports = nft_set_elements(&ports),
+        allowed = nft_set_elements(&allowed),
         floating = nft_set_elements(&floating),
         public = names::PUBLIC_BRIDGE,
         public_ports = names::PUBLIC_PORT_PATTERN,
@@ -1021,6 +1044,7 @@ mod tests {
             server: None,
             device: names::port_device("p"),
             tags: Default::default(),
+            allowed_address_pairs: Vec::new(),
         };
         let binding = Binding {
             address: "198.18.0.7".parse().unwrap(),
