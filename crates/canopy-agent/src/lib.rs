@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod cni;
+pub mod dns;
 pub mod logs;
 pub mod node;
 pub mod pods;
@@ -26,7 +27,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use canopy_image::ImageStore;
-use canopy_runtime::{DnsConfig, Runtime, RuntimeConfig};
+use canopy_runtime::{Runtime, RuntimeConfig};
 use k8s_openapi::api::core::v1::ContainerImage;
 use kube::Client;
 use tokio_util::sync::CancellationToken;
@@ -47,8 +48,8 @@ pub struct AgentConfig {
     pub shim_binary: PathBuf,
     /// cgroup under which pods' cgroups are made.
     pub cgroup_parent: String,
-    /// Nameservers, search domains and options written into pods' resolv.conf.
-    pub dns: DnsConfig,
+    /// The resolvers pods' resolv.conf names, per their dnsPolicy.
+    pub dns: dns::PodDns,
     /// Image GC starts above this percentage of the disk in use...
     pub image_gc_high_percent: u8,
     /// ...and frees images until usage is below this one (upstream's 85 and 80).

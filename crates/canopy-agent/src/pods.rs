@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use canopy_image::{Image, ImageStore};
 use canopy_runtime::{
-    BindMount, ContainerSpec, ContainerState, ContainerStatus, DnsConfig, Runtime, SandboxSpec,
+    BindMount, ContainerSpec, ContainerState, ContainerStatus, Runtime, SandboxSpec,
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -73,8 +73,8 @@ pub struct Context {
     pub pods_dir: PathBuf,
     /// Where containers' logs go (`<dir>/<namespace>_<name>_<uid>/<container>/<n>.log`).
     pub log_dir: PathBuf,
-    /// Cluster DNS for pods' resolv.conf (none yet: the node's own resolver).
-    pub dns: DnsConfig,
+    /// The resolvers pods' resolv.conf names, per their dnsPolicy.
+    pub dns: crate::dns::PodDns,
     /// How pods get their network.
     pub pod_network: crate::PodNetwork,
     workers: Mutex<HashMap<String, Worker>>,
@@ -108,7 +108,7 @@ impl Context {
         node: NodeAllocatable,
         pods_dir: PathBuf,
         log_dir: PathBuf,
-        dns: DnsConfig,
+        dns: crate::dns::PodDns,
         pod_network: crate::PodNetwork,
         events: canopy_controllers::events::Recorder,
     ) -> Arc<Context> {
@@ -571,7 +571,7 @@ async fn sync(
                 namespace: namespace.clone(),
                 name: name.clone(),
                 hostname: spec.hostname.clone().unwrap_or_else(|| name.clone()),
-                dns: ctx.dns.clone(),
+                dns: ctx.dns.for_pod(pod),
                 hosts: Vec::new(),
             })
             .await

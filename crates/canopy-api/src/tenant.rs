@@ -158,6 +158,17 @@ pub const DEFAULT_CIDR: &str = "10.0.0.0/16";
 /// The Service range of a tenant without one (upstream kubeadm's default).
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 
+/// The cluster DNS address of a Service range: its 10th address, as kubeadm's kube-dns
+/// (10.96.0.10), kept from Services. Ranges under 32 addresses have none.
+pub fn cluster_dns_address(service_cidr: &str) -> Option<std::net::Ipv4Addr> {
+    match parse_cidr(service_cidr)? {
+        (std::net::IpAddr::V4(base), prefix) if prefix <= 27 => {
+            Some(std::net::Ipv4Addr::from(u32::from(base) + 10))
+        }
+        _ => None,
+    }
+}
+
 pub(crate) fn default_tenant(obj: &mut Value) {
     let Some(spec) = crate::kinds::util::ensure_obj(obj, "spec") else {
         return;

@@ -78,6 +78,11 @@ impl Ipv4Range {
         inside && offset != 0 && offset != self.size() - 1
     }
 
+    /// The cluster DNS address of this range, which no Service gets.
+    pub fn dns_address(&self) -> Option<Ipv4Addr> {
+        canopy_api::tenant::cluster_dns_address(&self.to_string())
+    }
+
     fn nth(&self, offset: u64) -> Ipv4Addr {
         Ipv4Addr::from(self.base + offset as u32)
     }
@@ -333,6 +338,16 @@ impl Allocator {
                         ),
                     ));
                 }
+                if range.dns_address() == Some(ip) {
+                    return Err(invalid_value(
+                        svc,
+                        field,
+                        json!(given),
+                        format!(
+                            "failed to allocate IP {ip}: the address is reserved for the cluster DNS"
+                        ),
+                    ));
+                }
                 match self.claim(target, &ip_key(target.scope, ip), svc).await? {
                     Claim::Ours(created) => reservation.created.extend(created),
                     Claim::Taken => {
@@ -500,8 +515,12 @@ impl Allocator {
         reservation: &mut Reservation,
     ) -> ApiResult<Ipv4Addr> {
         let (low, high) = range.dynamic_band();
+        let dns = range.dns_address();
         for _ in 0..RANDOM_TRIES {
             let ip = range.nth(rand::random_range(low..=high));
+            if Some(ip) == dns {
+                continue;
+            }
             if let Claim::Ours(created) = self.claim(target, &ip_key(target.scope, ip), svc).await?
             {
                 reservation.created.extend(created);
@@ -512,7 +531,7 @@ impl Allocator {
         let taken = self.taken(&format!("{IP_PREFIX}{}/", target.scope)).await?;
         let mut free: Vec<u64> = (low..=high)
             .chain(1..low)
-            .filter(|o| !taken.contains(&range.nth(*o).to_string()))
+            .filter(|o| Some(range.nth(*o)) != dns && !taken.contains(&range.nth(*o).to_string()))
             .collect();
         let band = free.iter().take_while(|o| **o >= low).count();
         let (dynamic, rest) = free.split_at_mut(band);
@@ -828,6 +847,8 @@ mod tests {
         assert!("10.0.0.0/31".parse::<Ipv4Range>().is_err());
         assert!("fd00::/64".parse::<Ipv4Range>().is_err());
         assert!("10.0.0.1/24".parse::<Ipv4Range>().is_err());
+        assert_eq!(r.dns_address(), Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(small.dns_address(), None);
         assert_eq!(parse_port_range("30000-32767"), Ok((30000, 32767)));
         assert!(parse_port_range("32767-30000").is_err());
         assert!(parse_port_range("0-10").is_err());

@@ -623,6 +623,13 @@ impl Controller {
             "--max-pods".to_string(),
             self.config.max_pods.to_string(),
         ];
+        // The VM's proxy serves the tenant's cluster DNS at this address, which pods reach
+        // through their node with the rest of the Service range.
+        if let Some(dns) =
+            canopy_api::tenant::cluster_dns_address(&self.tenant_service_cidr(tenant))
+        {
+            agent_args.extend(["--cluster-dns".to_string(), dns.to_string()]);
+        }
         agent_args.extend(self.config.agent_args.iter().cloned());
         let spec = ServerSpec {
             name: name.to_string(),

@@ -7,6 +7,7 @@
 //! writes the difference to nftables as one atomic transaction ([`nft`]); on start (and
 //! after any failed transaction) it replaces the whole table in one transaction.
 
+pub mod dns;
 pub mod nft;
 pub mod rules;
 
@@ -47,6 +48,21 @@ pub struct ProxyConfig {
     pub min_sync: Duration,
     /// The whole table is rewritten at least this often, repairing any drift.
     pub resync: Duration,
+    /// Cluster DNS to serve to the node's pods, if any.
+    pub dns: Option<DnsServing>,
+}
+
+/// Where and how the node serves cluster DNS.
+#[derive(Clone, Debug)]
+pub struct DnsServing {
+    /// The address pods ask (the tenant's cluster DNS address, in its Service range). The
+    /// proxy puts it on the node's loopback: pods route the Service range to their node, so
+    /// each pod's queries reach its own node.
+    pub address: std::net::Ipv4Addr,
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+    /// Where names outside the cluster domain go; None answers REFUSED.
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 /// The proxy's metrics (upstream kube-proxy's names where there is one).
@@ -271,18 +287,41 @@ pub async fn run(
     let watchers = tokio::spawn(async move {
         tokio::join!(services, slices);
     });
-    let result = program(&config, &metrics, &state, &changed, &shutdown).await;
+    let zone = Arc::new(parking_lot::RwLock::new(Arc::new(dns::Zone::default())));
+    if let Some(dns) = &config.dns {
+        add_local_address(dns.address).await?;
+    }
+    let result = program(&config, &metrics, &state, &zone, &changed, &shutdown).await;
     watchers.abort();
     result
+}
+
+/// Puts `address` on the loopback of this network namespace, so that packets for it are
+/// delivered here rather than routed on.
+async fn add_local_address(address: std::net::Ipv4Addr) -> Result<()> {
+    let out = tokio::process::Command::new("ip")
+        .args(["addr", "replace", &format!("{address}/32"), "dev", "lo"])
+        .output()
+        .await
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "putting the cluster DNS address {address} on lo: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 async fn program(
     config: &ProxyConfig,
     metrics: &ProxyMetrics,
     state: &parking_lot::Mutex<State>,
+    zone: &Arc<parking_lot::RwLock<Arc<dns::Zone>>>,
     changed: &Notify,
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    let mut dns_pending = config.dns.clone();
     let mut live: Option<Rules> = None;
     let mut last_full = Instant::now();
     loop {
@@ -295,14 +334,34 @@ async fn program(
         if !config.min_sync.is_zero() {
             tokio::time::sleep(config.min_sync).await;
         }
-        let (wanted, since) = {
+        let (wanted, names, since) = {
             let mut s = state.lock();
             if !(s.services_synced && s.slices_synced) {
                 continue;
             }
             let wanted = rules::compute(s.services.values(), s.slices.values(), &config.node);
-            (wanted, s.pending_since.take())
+            let names = config
+                .dns
+                .is_some()
+                .then(|| dns::Zone::compute(s.services.values(), s.slices.values()));
+            (wanted, names, s.pending_since.take())
         };
+        if let Some(names) = names
+            && **zone.read() != names
+        {
+            *zone.write() = Arc::new(names);
+        }
+        // DNS answers once the zone is whole, never from a half-listed tenant.
+        if let Some(serving) = dns_pending.take() {
+            let handler = dns::ClusterDns::new(&serving.domain, zone.clone(), serving.upstream);
+            let address = std::net::SocketAddr::from((serving.address, 53));
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(err) = dns::serve(address, handler, shutdown).await {
+                    tracing::error!(error = format!("{err:#}"), "cluster DNS stopped");
+                }
+            });
+        }
         let script = match &live {
             Some(old) => match nft::diff(old, &wanted) {
                 Some(script) => script,

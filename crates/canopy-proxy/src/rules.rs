@@ -23,7 +23,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn parse(text: Option<&str>) -> Option<Self> {
+    pub(crate) fn parse(text: Option<&str>) -> Option<Self> {
         match text.unwrap_or("TCP") {
             "TCP" => Some(Self::Tcp),
             "UDP" => Some(Self::Udp),

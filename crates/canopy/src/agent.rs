@@ -55,7 +55,11 @@ pub struct AgentArgs {
     /// Pods the node takes at most.
     #[arg(long, default_value_t = 110)]
     max_pods: u64,
-    /// Nameservers written into pods' resolv.conf, comma-separated (default: the host's).
+    /// Cluster DNS nameservers, comma-separated: pods with dnsPolicy ClusterFirst (the
+    /// default) resolve through them with the cluster's search paths; without any, pods use
+    /// the node's resolver. Where the agent runs the tenant's proxy, the proxy serves DNS at
+    /// the first of them (the cloud controller passes the tenant's, the 10th address of its
+    /// Service range).
     #[arg(long, value_delimiter = ',')]
     cluster_dns: Vec<String>,
     /// Image GC starts when the disk of --root-dir is fuller than this percentage.
@@ -157,13 +161,12 @@ impl AgentArgs {
             capacity.memory_bytes = quantity(memory, "memory")?.value().max(0) as u64;
         }
         capacity.pods = self.max_pods;
-        let dns = if self.cluster_dns.is_empty() {
-            host_dns()
-        } else {
-            canopy_runtime::DnsConfig {
+        let dns = canopy_agent::dns::PodDns {
+            host: host_dns(),
+            cluster: (!self.cluster_dns.is_empty()).then(|| canopy_agent::dns::ClusterDns {
                 nameservers: self.cluster_dns.clone(),
-                ..host_dns()
-            }
+                domain: self.proxy.cluster_domain.clone(),
+            }),
         };
         let shim_binary = std::env::current_exe().context("locating the canopy executable")?;
         for ip in &self.node_ip {
@@ -234,6 +237,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     let run_proxy = !args.disable_proxy && crate::proxy::has_proxy_context(&args.kubeconfig);
     let (kubeconfig_path, tuning) = (args.kubeconfig.clone(), args.proxy.clone());
+    let dns = args
+        .cluster_dns
+        .first()
+        .and_then(|ip| ip.parse().ok())
+        .map(|address| canopy_proxy::DnsServing {
+            address,
+            domain: tuning.cluster_domain.clone(),
+            upstream: tuning.cluster_dns_upstream,
+        });
     let config = args.config(client_ca)?;
     let client = kube::Client::try_from(kube_config).context("building the API client")?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -251,6 +263,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 node,
                 vec!["nft".to_string()],
                 &tuning,
+                dns,
                 shutdown.clone(),
             )
             .await;

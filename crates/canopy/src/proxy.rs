@@ -29,6 +29,19 @@ pub struct ProxyTuning {
     /// (upstream kube-proxy's metrics port).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub proxy_metrics_bind_address: std::net::SocketAddr,
+    /// The cluster domain of Services' and pods' DNS names (the kubelet's clusterDomain).
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Resolver (`address[:port]`) that cluster DNS forwards names outside the cluster
+    /// domain to; without one they are REFUSED.
+    #[arg(long, value_parser = parse_upstream)]
+    pub cluster_dns_upstream: Option<std::net::SocketAddr>,
+}
+
+fn parse_upstream(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse::<std::net::SocketAddr>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{text:?} is not an address such as 192.0.2.53 or 192.0.2.53:53"))
 }
 
 /// `canopy proxy`.
@@ -51,6 +64,10 @@ pub struct ProxyArgs {
     /// The `nft` command.
     #[arg(long, default_value = "nft")]
     nft: String,
+    /// Serve cluster DNS at this address (port 53, UDP and TCP), which the proxy adds to
+    /// the loopback: the tenant's cluster DNS address, the 10th of its Service range.
+    #[arg(long)]
+    cluster_dns: Option<std::net::Ipv4Addr>,
     #[command(flatten)]
     tuning: ProxyTuning,
 }
@@ -100,6 +117,7 @@ pub async fn run_proxy(
     node: String,
     nft: Vec<String>,
     tuning: &ProxyTuning,
+    dns: Option<canopy_proxy::DnsServing>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (client, tenant) = proxy_client(kubeconfig, context).await?;
@@ -118,6 +136,7 @@ pub async fn run_proxy(
         nft,
         min_sync: tuning.proxy_min_sync_period,
         resync: tuning.proxy_sync_period,
+        dns,
     };
     canopy_proxy::run(client, config, metrics, shutdown).await
 }
@@ -148,12 +167,18 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         crate::server::shutdown_signal().await;
         token.cancel();
     });
+    let dns = args.cluster_dns.map(|address| canopy_proxy::DnsServing {
+        address,
+        domain: args.tuning.cluster_domain.clone(),
+        upstream: args.tuning.cluster_dns_upstream,
+    });
     run_proxy(
         &args.kubeconfig,
         &context,
         node,
         nft,
         &args.tuning,
+        dns,
         shutdown,
     )
     .await

@@ -1085,6 +1085,78 @@ async fn services_reach_a_tenants_pods_and_no_one_elses() {
     .await;
     assert!(answers.iter().all(|a| names.contains(a)), "{answers:?}");
 
+    // Cluster DNS on the pod's node: the full name, the short name through the search
+    // path, SRV, and a request to whatever the name resolves to.
+    let lookup = |ns: &str, pod: &str, args: &str| {
+        let out = cluster.kubectl(&[
+            "-n",
+            ns,
+            "exec",
+            pod,
+            "--",
+            "sh",
+            "-c",
+            &format!("nslookup {args}"),
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let resolv = cluster.kubectl_ok(&[
+        "-n",
+        "shop",
+        "exec",
+        &client,
+        "--",
+        "cat",
+        "/etc/resolv.conf",
+    ]);
+    assert!(
+        resolv.contains("search shop.svc.cluster.local svc.cluster.local cluster.local")
+            && resolv.contains("options ndots:5"),
+        "{resolv}"
+    );
+    let found = wait_logged(
+        &cluster,
+        "the service's name to resolve",
+        Duration::from_secs(20),
+        async || {
+            let found = lookup("shop", &client, "web.shop.svc.cluster.local");
+            found.contains(&format!("Address: {vip}")).then_some(found)
+        },
+    )
+    .await;
+    assert!(
+        found.contains("Name:\tweb.shop.svc.cluster.local"),
+        "{found}"
+    );
+    let short = lookup("shop", &client, "web");
+    assert!(
+        short.contains(&format!("Address: {vip}")),
+        "search path: {short}"
+    );
+    let srv = lookup(
+        "shop",
+        &client,
+        "-type=srv _http._tcp.web.shop.svc.cluster.local",
+    );
+    assert!(srv.contains("80 web.shop.svc.cluster.local"), "SRV: {srv}");
+    let by_name = cluster.kubectl_ok(&["-n", "shop", "exec", &client, "--", "sh", "-c",
+        "ip=$(nslookup web.shop.svc.cluster.local | awk '/^Address: / {a=$2} END {print a}'); printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 $ip 80 | tail -n 1"]);
+    assert!(
+        names.contains(&by_name.trim().to_string()),
+        "by name: {by_name}"
+    );
+    let outside = lookup("shop", &client, "example.com");
+    assert!(
+        outside.contains("REFUSED"),
+        "no upstream resolver: {outside}"
+    );
+    // Beta's node does not know acme's names, even for the same namespace and name.
+    let rival_lookup = lookup("other", &rival, "web.shop.svc.cluster.local");
+    assert!(
+        rival_lookup.contains("NXDOMAIN"),
+        "beta resolved acme's service: {rival_lookup}"
+    );
+
     // A node port on a VM's address in the tenant's network.
     let annotation = web_pods[0].metadata.annotations.as_ref().unwrap()["canopy.io/port"].clone();
     let port: serde_json::Value = serde_json::from_str(&annotation).unwrap();
