@@ -103,8 +103,7 @@ impl Ipv4Range {
 /// The ranges Services are allocated from.
 #[derive(Clone, Debug)]
 pub struct ServiceRanges {
-    /// The default ClusterIP range (`--service-cluster-ip-range`), for the platform's
-    /// namespaces and tenants whose Tenant names none.
+    /// The platform namespaces' ClusterIP range (`--service-cluster-ip-range`).
     pub cluster_ips: Ipv4Range,
     /// The NodePort range (`--service-node-port-range`), inclusive.
     pub node_ports: (u16, u16),

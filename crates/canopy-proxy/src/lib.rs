@@ -34,8 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use rules::{Backend, Frontend, Protocol, Rules, Target};
 
+/// Told each set of rules once it is live.
+pub type AppliedHook = Arc<dyn Fn(&Rules) + Send + Sync>;
+
 /// What the proxy is told.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProxyConfig {
     /// The tenant whose Services are programmed.
     pub tenant: String,
@@ -50,6 +53,11 @@ pub struct ProxyConfig {
     pub resync: Duration,
     /// Cluster DNS to serve to the node's pods, if any.
     pub dns: Option<DnsServing>,
+    /// Whether the proxy sets up the network namespace it runs in (forwarding on, redirects
+    /// off). Off only where the rules go to another namespace (`canopy bench proxy`).
+    pub configure_node: bool,
+    /// Called with the rules each time a transaction has made them live.
+    pub on_applied: Option<AppliedHook>,
 }
 
 /// Where and how the node serves cluster DNS.
@@ -174,12 +182,25 @@ pub fn enable_forwarding() -> Result<()> {
     Ok(())
 }
 
+/// One watched kind: the objects and whether the first list is in.
+struct Watched<K> {
+    objects: BTreeMap<(String, String), K>,
+    synced: bool,
+}
+
+impl<K> Default for Watched<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            synced: false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
-    services: BTreeMap<(String, String), Service>,
-    slices: BTreeMap<(String, String), EndpointSlice>,
-    services_synced: bool,
-    slices_synced: bool,
+    services: Watched<Service>,
+    slices: Watched<EndpointSlice>,
     /// The oldest event not yet programmed.
     pending_since: Option<Instant>,
 }
@@ -188,19 +209,20 @@ fn key_of<K: ResourceExt>(obj: &K) -> (String, String) {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
+/// Applies a watch event; whether the objects changed. A relist replaces them whole once
+/// it is complete, so nothing is programmed from a partial list.
 fn on_event<K: ResourceExt + Clone>(
     event: Event<K>,
-    objects: &mut BTreeMap<(String, String), K>,
+    watched: &mut Watched<K>,
     relist: &mut BTreeMap<(String, String), K>,
-    synced: &mut bool,
 ) -> bool {
     match event {
         Event::Apply(obj) => {
-            objects.insert(key_of(&obj), obj);
+            watched.objects.insert(key_of(&obj), obj);
             true
         }
         Event::Delete(obj) => {
-            objects.remove(&key_of(&obj));
+            watched.objects.remove(&key_of(&obj));
             true
         }
         Event::Init => {
@@ -212,9 +234,41 @@ fn on_event<K: ResourceExt + Clone>(
             false
         }
         Event::InitDone => {
-            *objects = std::mem::take(relist);
-            *synced = true;
+            watched.objects = std::mem::take(relist);
+            watched.synced = true;
             true
+        }
+    }
+}
+
+/// Follows one kind of the tenant's objects into `state`, waking `changed` on each change.
+async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    state: Arc<parking_lot::Mutex<State>>,
+    pick: fn(&mut State) -> &mut Watched<K>,
+    changed: Arc<Notify>,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + ResourceExt
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + serde::de::DeserializeOwned
+        + 'static,
+{
+    let mut relist = BTreeMap::new();
+    let mut stream = std::pin::pin!(watcher::watcher(api, config));
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                let mut s = state.lock();
+                if on_event(event, pick(&mut s), &mut relist) {
+                    s.pending_since.get_or_insert_with(Instant::now);
+                    changed.notify_one();
+                }
+            }
+            Err(err) => tracing::warn!(%err, kind = %K::kind(&()), "watching the tenant's objects"),
         }
     }
 }
@@ -227,63 +281,27 @@ pub async fn run(
     metrics: ProxyMetrics,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    enable_forwarding()?;
+    if config.configure_node {
+        enable_forwarding()?;
+    }
     let selector = format!("{}={}", canopy_api::tenant::TENANT_LABEL, config.tenant);
     let watch_config = watcher::Config::default().labels(&selector);
     let state = Arc::new(parking_lot::Mutex::new(State::default()));
     let changed = Arc::new(Notify::new());
-    let services = {
-        let (state, changed) = (state.clone(), changed.clone());
-        let api: Api<Service> = Api::all(client.clone());
-        let stream = watcher::watcher(api, watch_config.clone());
-        async move {
-            let mut relist = BTreeMap::new();
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => {
-                        let mut s = state.lock();
-                        let State {
-                            services,
-                            services_synced,
-                            ..
-                        } = &mut *s;
-                        if on_event(event, services, &mut relist, services_synced) {
-                            s.pending_since.get_or_insert_with(Instant::now);
-                            changed.notify_one();
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, "watching services"),
-                }
-            }
-        }
-    };
-    let slices = {
-        let (state, changed) = (state.clone(), changed.clone());
-        let api: Api<EndpointSlice> = Api::all(client.clone());
-        let stream = watcher::watcher(api, watch_config);
-        async move {
-            let mut relist = BTreeMap::new();
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => {
-                        let mut s = state.lock();
-                        let State {
-                            slices,
-                            slices_synced,
-                            ..
-                        } = &mut *s;
-                        if on_event(event, slices, &mut relist, slices_synced) {
-                            s.pending_since.get_or_insert_with(Instant::now);
-                            changed.notify_one();
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, "watching endpoint slices"),
-                }
-            }
-        }
-    };
+    let services = follow(
+        Api::<Service>::all(client.clone()),
+        watch_config.clone(),
+        state.clone(),
+        |s| &mut s.services,
+        changed.clone(),
+    );
+    let slices = follow(
+        Api::<EndpointSlice>::all(client.clone()),
+        watch_config,
+        state.clone(),
+        |s| &mut s.slices,
+        changed.clone(),
+    );
     let watchers = tokio::spawn(async move {
         tokio::join!(services, slices);
     });
@@ -336,14 +354,15 @@ async fn program(
         }
         let (wanted, names, since) = {
             let mut s = state.lock();
-            if !(s.services_synced && s.slices_synced) {
+            if !(s.services.synced && s.slices.synced) {
                 continue;
             }
-            let wanted = rules::compute(s.services.values(), s.slices.values(), &config.node);
+            let (services, slices) = (s.services.objects.values(), s.slices.objects.values());
+            let wanted = rules::compute(services.clone(), slices.clone(), &config.node);
             let names = config
                 .dns
                 .is_some()
-                .then(|| dns::Zone::compute(s.services.values(), s.slices.values()));
+                .then(|| dns::Zone::compute(services, slices));
             (wanted, names, s.pending_since.take())
         };
         if let Some(names) = names
@@ -381,6 +400,9 @@ async fn program(
                     metrics.event_to_live.observe(since.elapsed().as_secs_f64());
                 }
                 metrics.frontends.set(wanted.len() as i64);
+                if let Some(hook) = &config.on_applied {
+                    hook(&wanted);
+                }
                 if full {
                     last_full = Instant::now();
                     tracing::info!(

@@ -137,6 +137,8 @@ pub async fn run_proxy(
         min_sync: tuning.proxy_min_sync_period,
         resync: tuning.proxy_sync_period,
         dns,
+        configure_node: true,
+        on_applied: None,
     };
     canopy_proxy::run(client, config, metrics, shutdown).await
 }

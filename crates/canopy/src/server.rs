@@ -84,9 +84,9 @@ pub struct ServerArgs {
     /// requested without an audience get these. Default: the issuer.
     #[arg(long, value_delimiter = ',')]
     pub api_audiences: Vec<String>,
-    /// IPv4 range for the ClusterIPs of Services in the platform's namespaces, and of
-    /// tenants whose Tenant names no `spec.network.serviceCidr` (new Tenants get
-    /// 10.96.0.0/12 written into theirs).
+    /// IPv4 range for the ClusterIPs of Services in the platform's namespaces. A tenant's
+    /// Services take theirs from its Tenant's `spec.network.serviceCidr` (10.96.0.0/12 unless
+    /// it names another).
     #[arg(long, default_value = canopy_apiserver::services::DEFAULT_SERVICE_CIDR, value_parser = parse_service_range)]
     pub service_cluster_ip_range: canopy_apiserver::services::Ipv4Range,
     /// Ports NodePort and LoadBalancer Services take node ports from, inclusive. Each tenant

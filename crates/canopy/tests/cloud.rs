@@ -299,10 +299,15 @@ fn public_client(tag: &str, address: Ipv4Addr) -> String {
 /// The body of `GET /index.html` from `ip:port`, asked with busybox nc from inside a
 /// namespace (Debian's static busybox's wget crashes on the host).
 fn fetch_from(netns: &str, ip: Ipv4Addr, port: u16) -> Option<String> {
+    fetch_with(&["ip", "netns", "exec", netns], &ip.to_string(), port)
+}
+
+/// The same, with busybox nc run by `enter` (a command that enters a namespace).
+fn fetch_with(enter: &[&str], ip: &str, port: u16) -> Option<String> {
     use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "busybox", "nc", "-w", "2"])
-        .arg(ip.to_string())
+    let mut child = Command::new(enter[0])
+        .args(&enter[1..])
+        .args(["busybox", "nc", "-w", "2", ip])
         .arg(port.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -971,24 +976,8 @@ fn process_with_address(ip: Ipv4Addr) -> u32 {
 
 /// The body of `GET /index.html` from `ip:port`, asked from the network namespace of `pid`.
 fn fetch_in(pid: u32, ip: &str, port: u16) -> Option<String> {
-    use std::io::Write;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .args(["busybox", "nc", "-w", "2", ip])
-        .arg(port.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    http_body(&String::from_utf8_lossy(&out.stdout)).map(|b| b.trim().to_string())
+    let net = format!("--net=/proc/{pid}/ns/net");
+    fetch_with(&["nsenter", &net], ip, port).map(|b| b.trim().to_string())
 }
 
 fn web_service(cluster_ip: Option<&str>, selector: bool) -> serde_json::Value {

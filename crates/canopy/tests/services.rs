@@ -364,9 +364,10 @@ async fn two_api_servers_never_hand_out_one_address_twice() {
         client_for(&servers[0].kubeconfig).await,
         client_for(&servers[1].kubeconfig).await,
     ];
-    // 30 usable addresses, 30 Services created at once through both servers.
+    // 29 usable addresses (30 less the cluster DNS address, 10.100.0.10), 29 Services
+    // created at once through both servers.
     tenant_namespace(&clients[0], "acme", "a", "10.100.0.0/27").await;
-    let creates = (0..30).map(|i| {
+    let creates = (0..29).map(|i| {
         let client = clients[i % 2].clone();
         async move { create_service(&client, "a", &format!("s{i}"), json!({})).await }
     });
@@ -379,6 +380,17 @@ async fn two_api_servers_never_hand_out_one_address_twice() {
             "an address was handed out twice: {body}"
         );
     }
+    assert!(
+        !ips.contains("10.100.0.10"),
+        "the DNS address went to a Service"
+    );
+    let (code, body) =
+        create_service(&clients[0], "a", "dns", json!({"clusterIP": "10.100.0.10"})).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        message(&body).contains("reserved for the cluster DNS"),
+        "{body}"
+    );
     let (code, body) = create_service(&clients[1], "a", "one-more", json!({})).await;
     assert_eq!(code, 500, "{body}");
 }

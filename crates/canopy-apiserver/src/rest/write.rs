@@ -555,8 +555,15 @@ async fn allocate(
         return Ok(None);
     }
     let scope = crate::services::scope_of(obj);
+    // A tenant's range is its Tenant's (the Tenant default when it names none, as the cloud
+    // controller routes it); the server's range is the platform's.
     let cluster_ips = match call.namespace_owner.tenant() {
-        Some(tenant) => tenancy::service_range(call, tenant).await?,
+        Some(tenant) => Some(match tenancy::service_range(call, tenant).await? {
+            Some(range) => range,
+            None => canopy_api::tenant::DEFAULT_SERVICE_CIDR
+                .parse()
+                .map_err(ApiError::internal)?,
+        }),
         None => None,
     };
     let target = crate::services::Target {

@@ -6,6 +6,7 @@ mod client;
 mod controllers;
 mod pods;
 mod provision;
+mod proxy;
 mod scheduler;
 
 /// Benchmarks.
@@ -27,6 +28,9 @@ pub enum BenchCommand {
     /// The single-machine cloud (root): pod create → Running on a warm VM and when the pod
     /// needs a brand-new VM, and the VM's boot (create → Node Ready).
     Provision(provision::ProvisionArgs),
+    /// The service proxy (root): rules per node for the biggest tenant against every
+    /// service of the cloud, EndpointSlice write → rule live latency, full resync time.
+    Proxy(proxy::ProxyArgs),
     /// The scheduler: pods bound per second and create→bound latency with simulated nodes
     /// spread over tenants.
     Scheduler(scheduler::SchedulerArgs),
@@ -40,6 +44,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Controllers(args) => controllers::run(args).await,
         BenchCommand::Pods(args) => pods::run(args).await,
         BenchCommand::Provision(args) => provision::run(args).await,
+        BenchCommand::Proxy(args) => proxy::run(args).await,
     }
 }
 
