@@ -303,6 +303,18 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         "bench-node",
     );
     let cloud_rules = canopy_proxy::rules::compute(&all_services, &all_slices, "bench-node");
+    let mut vips: Vec<&str> = all_services
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.cluster_ip.as_deref())
+        .collect();
+    let with_vip = vips.len();
+    vips.sort_unstable();
+    vips.dedup();
+    println!(
+        "{} of {with_vip} ClusterIPs are held by Services of two tenants at once (tenants' ranges overlap): \
+         a node programming every Service, as upstream's do, could serve only one of each",
+        with_vip - vips.len()
+    );
     let upstream_node = Netns::new(format!("canopy-bench-proxy-all-{}", std::process::id()))?;
     let mut rows = Vec::new();
     for (what, rules, netns) in [
