@@ -112,7 +112,11 @@ pub struct ServiceRanges {
 impl Default for ServiceRanges {
     fn default() -> Self {
         Self {
-            cluster_ips: DEFAULT_SERVICE_CIDR.parse().expect("valid default range"),
+            // DEFAULT_SERVICE_CIDR, 10.96.0.0/12 (a unit test checks they agree).
+            cluster_ips: Ipv4Range {
+                base: u32::from(Ipv4Addr::new(10, 96, 0, 0)),
+                prefix: 12,
+            },
             node_ports: (30000, 32767),
         }
     }
@@ -835,6 +839,10 @@ mod tests {
     #[test]
     fn ranges() {
         let r: Ipv4Range = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(
+            ServiceRanges::default().cluster_ips,
+            DEFAULT_SERVICE_CIDR.parse().unwrap()
+        );
         assert!(r.usable("10.96.0.1".parse().unwrap()));
         assert!(r.usable("10.111.255.254".parse().unwrap()));
         assert!(!r.usable("10.96.0.0".parse().unwrap()));

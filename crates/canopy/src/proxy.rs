@@ -18,7 +18,7 @@ pub const PROXY_CONTEXT: &str = "canopy-proxy";
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProxyTuning {
     /// Changes arriving within this period after the first are written in one transaction
-    /// (0: each change at once; nftables applies a change in milliseconds).
+    /// (0: at once; changes that arrive while a transaction runs join the next one).
     #[arg(long, default_value = "0s", value_parser = crate::server::parse_duration)]
     pub proxy_min_sync_period: Duration,
     /// The whole rule table is rewritten at least this often, repairing any drift (it also
