@@ -299,11 +299,17 @@ fn public_client(tag: &str, address: Ipv4Addr) -> String {
 /// The body of `GET /index.html` from `ip:port`, asked with busybox nc from inside a
 /// namespace (Debian's static busybox's wget crashes on the host).
 fn fetch_from(netns: &str, ip: Ipv4Addr, port: u16) -> Option<String> {
-    fetch_with(&["ip", "netns", "exec", netns], &ip.to_string(), port)
+    fetch_with(
+        &["ip", "netns", "exec", netns],
+        &ip.to_string(),
+        port,
+        "/index.html",
+    )
 }
 
-/// The same, with busybox nc run by `enter` (a command that enters a namespace).
-fn fetch_with(enter: &[&str], ip: &str, port: u16) -> Option<String> {
+/// The body of `GET <path>`, with busybox nc run by `enter` (a command that enters a
+/// namespace).
+fn fetch_with(enter: &[&str], ip: &str, port: u16, path: &str) -> Option<String> {
     use std::io::Write;
     let mut child = Command::new(enter[0])
         .args(&enter[1..])
@@ -318,7 +324,7 @@ fn fetch_with(enter: &[&str], ip: &str, port: u16) -> Option<String> {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     http_body(&String::from_utf8_lossy(&out.stdout))
@@ -977,7 +983,7 @@ fn process_with_address(ip: Ipv4Addr) -> u32 {
 /// The body of `GET /index.html` from `ip:port`, asked from the network namespace of `pid`.
 fn fetch_in(pid: u32, ip: &str, port: u16) -> Option<String> {
     let net = format!("--net=/proc/{pid}/ns/net");
-    fetch_with(&["nsenter", &net], ip, port).map(|b| b.trim().to_string())
+    fetch_with(&["nsenter", &net], ip, port, "/index.html").map(|b| b.trim().to_string())
 }
 
 fn web_service(cluster_ip: Option<&str>, selector: bool) -> serde_json::Value {
@@ -1194,6 +1200,36 @@ async fn services_reach_a_tenants_pods_and_no_one_elses() {
         answers,
         vec![stays.clone(); 10],
         "an unready pod still served"
+    );
+
+    // The proxy's metrics, in the VM, as kube-proxy's.
+    let vm_netns = format!(
+        "cnp-{}-{}",
+        instance_of(&cluster),
+        web_pods[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .node_name
+            .as_deref()
+            .unwrap()
+    );
+    let metrics = fetch_with(
+        &["ip", "netns", "exec", &vm_netns],
+        "127.0.0.1",
+        10249,
+        "/metrics",
+    )
+    .expect("the proxy's /metrics");
+    let programmed = common::sample(
+        &metrics,
+        "kubeproxy_network_programming_duration_seconds_count",
+        &[],
+    );
+    assert!(programmed.is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket"),
+        "{metrics}"
     );
 
     // The proxy's rules stay while the agents are down, and a restarted proxy resyncs.
