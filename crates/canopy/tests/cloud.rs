@@ -1202,11 +1202,12 @@ async fn services_reach_a_tenants_pods_and_no_one_elses() {
         "an unready pod still served"
     );
 
-    // The proxy's metrics, in the VM, as kube-proxy's.
+    // The proxy's metrics, in the client's VM (whose proxy carried its traffic), as
+    // kube-proxy's.
     let vm_netns = format!(
         "cnp-{}-{}",
         instance_of(&cluster),
-        web_pods[0]
+        client_pod
             .spec
             .as_ref()
             .unwrap()
@@ -1214,13 +1215,20 @@ async fn services_reach_a_tenants_pods_and_no_one_elses() {
             .as_deref()
             .unwrap()
     );
-    let metrics = fetch_with(
-        &["ip", "netns", "exec", &vm_netns],
-        "127.0.0.1",
-        10249,
-        "/metrics",
+    let metrics = wait_logged(
+        &cluster,
+        "the proxy's /metrics in the client's VM",
+        Duration::from_secs(20),
+        async || {
+            fetch_with(
+                &["ip", "netns", "exec", &vm_netns],
+                "127.0.0.1",
+                10249,
+                "/metrics",
+            )
+        },
     )
-    .expect("the proxy's /metrics");
+    .await;
     let programmed = common::sample(
         &metrics,
         "kubeproxy_network_programming_duration_seconds_count",
