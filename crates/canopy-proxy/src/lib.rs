@@ -23,7 +23,10 @@ use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::watcher::{self, Event},
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event},
+    },
 };
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
@@ -258,7 +261,9 @@ async fn follow<K>(
         + 'static,
 {
     let mut relist = BTreeMap::new();
-    let mut stream = std::pin::pin!(watcher::watcher(api, config));
+    // Backing off: while the API server is away, a tight retry loop would spin the VM's CPU
+    // (its agent's too) and flood the log.
+    let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
