@@ -286,11 +286,6 @@ impl Allocator {
         Self { store, ranges }
     }
 
-    /// The configured ranges.
-    pub fn ranges(&self) -> &ServiceRanges {
-        &self.ranges
-    }
-
     /// Fills in `svc`'s ClusterIP and node ports and reserves every value it holds that
     /// `old` (the stored object, on update) did not. Values given by the client are checked
     /// against the range and against other Services' records.
@@ -601,27 +596,13 @@ impl Allocator {
 
     /// The values recorded under `prefix` (the last key segment).
     async fn taken(&self, prefix: &str) -> ApiResult<HashSet<String>> {
-        let mut taken = HashSet::new();
-        let mut start_after = None;
-        loop {
-            let page = self
-                .store
-                .range(RangeRequest {
-                    prefix: prefix.to_string(),
-                    start_after: start_after.clone(),
-                    limit: 10_000,
-                    revision: None,
-                })
-                .await
-                .map_err(crate::rest::store_error)?;
-            for kv in &page.kvs {
-                taken.insert(kv.key.rsplit('/').next().unwrap_or("").to_string());
-            }
-            if !page.more {
-                return Ok(taken);
-            }
-            start_after = page.kvs.last().map(|kv| kv.key.clone());
-        }
+        let records = range_all(self.store.as_ref(), prefix)
+            .await
+            .map_err(crate::rest::store_error)?;
+        Ok(records
+            .iter()
+            .map(|kv| kv.key.rsplit('/').next().unwrap_or("").to_string())
+            .collect())
     }
 
     /// Frees what `old` held and `new` (the object now stored, None when it was deleted)

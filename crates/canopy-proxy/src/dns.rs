@@ -31,13 +31,10 @@ use hickory_server::{
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::rules::{Protocol, SERVICE_NAME_LABEL};
+use crate::rules::{self, NamedPort, Protocol};
 
 /// CoreDNS's `kubernetes` plugin TTL.
 const TTL: u32 = 5;
-
-/// A port's name, protocol and number.
-type NamedPort = (String, Protocol, u16);
 
 /// A ready endpoint of a headless Service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,6 +65,11 @@ pub struct Zone {
     services: BTreeMap<(String, String), Entry>,
 }
 
+/// The fully qualified name of `text` (no trailing dot).
+fn name(text: &str) -> Option<Name> {
+    Name::from_str(&format!("{text}.")).ok()
+}
+
 fn dashed(ip: Ipv4Addr) -> String {
     ip.to_string().replace('.', "-")
 }
@@ -79,51 +81,16 @@ impl Zone {
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Zone {
         let mut endpoints: BTreeMap<(String, String), Vec<Endpoint>> = BTreeMap::new();
-        for slice in slices {
-            if slice.address_type != "IPv4" {
-                continue;
-            }
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
-            let ports: Vec<NamedPort> = slice
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        Protocol::parse(p.protocol.as_deref())?,
-                        u16::try_from(p.port?).ok()?,
-                    ))
-                })
-                .collect();
-            let into = endpoints
-                .entry((
-                    slice.metadata.namespace.clone().unwrap_or_default(),
-                    service.clone(),
-                ))
-                .or_default();
-            for ep in &slice.endpoints {
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                for address in &ep.addresses {
-                    if let Ok(ip) = address.parse::<Ipv4Addr>() {
-                        let host = ep.hostname.clone().unwrap_or_else(|| dashed(ip));
-                        into.push(Endpoint {
-                            ip,
-                            host: host.to_ascii_lowercase(),
-                            ports: ports.clone(),
-                        });
-                    }
-                }
-            }
+        for (service, eps) in rules::endpoints_by_service(slices) {
+            let ready = eps.into_iter().filter(|e| e.ready).map(|e| Endpoint {
+                host: e
+                    .hostname
+                    .unwrap_or_else(|| dashed(e.ip))
+                    .to_ascii_lowercase(),
+                ip: e.ip,
+                ports: e.ports,
+            });
+            endpoints.insert(service, ready.collect());
         }
         let mut zone = Zone::default();
         for svc in services {
@@ -182,7 +149,6 @@ impl Zone {
         } else {
             relative.split('.').collect()
         };
-        let name = |text: &str| Name::from_str(&format!("{text}.")).ok();
         let a = |owner: &str, ip: Ipv4Addr| {
             name(owner).map(|n| Record::from_rdata(n, TTL, RData::A(A(ip))))
         };
@@ -285,7 +251,6 @@ impl Zone {
         port: &str,
         proto: Protocol,
     ) -> Vec<Option<Record>> {
-        let name = |text: &str| Name::from_str(&format!("{text}.")).ok();
         let record = |target: &str, number: u16| {
             Some(Record::from_rdata(
                 name(owner)?,
@@ -342,9 +307,9 @@ impl ClusterDns {
     }
 
     fn soa(&self) -> Option<Record> {
-        let origin = Name::from_str(&format!("{}.", self.domain)).ok()?;
-        let mname = Name::from_str(&format!("ns.dns.{}.", self.domain)).ok()?;
-        let rname = Name::from_str(&format!("hostmaster.{}.", self.domain)).ok()?;
+        let origin = name(&self.domain)?;
+        let mname = name(&format!("ns.dns.{}", self.domain))?;
+        let rname = name(&format!("hostmaster.{}", self.domain))?;
         Some(Record::from_rdata(
             origin,
             TTL,
@@ -410,19 +375,20 @@ impl RequestHandler for ClusterDns {
                 counts: Default::default(),
             })
         };
-        if request.metadata.op_code != OpCode::Query {
-            let message = builder.error_msg(&request.metadata, ResponseCode::NotImp);
-            return response
-                .send_response(message)
-                .await
-                .unwrap_or_else(|_| fail(ResponseCode::ServFail));
-        }
-        let Ok(info) = request.request_info() else {
-            let message = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-            return response
-                .send_response(message)
-                .await
-                .unwrap_or_else(|_| fail(ResponseCode::ServFail));
+        let info = match (request.metadata.op_code, request.request_info()) {
+            (OpCode::Query, Ok(info)) => info,
+            (op_code, _) => {
+                let code = if op_code == OpCode::Query {
+                    ResponseCode::FormErr
+                } else {
+                    ResponseCode::NotImp
+                };
+                let message = builder.error_msg(&request.metadata, code);
+                return response
+                    .send_response(message)
+                    .await
+                    .unwrap_or_else(|_| fail(ResponseCode::ServFail));
+            }
         };
         let qname = info.query.name().to_string().to_ascii_lowercase();
         let qname = qname.trim_end_matches('.');
@@ -505,6 +471,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::SERVICE_NAME_LABEL;
     use serde_json::json;
 
     fn zone() -> Zone {

@@ -129,16 +129,13 @@ fn balance_elements(frontend: &Frontend, backends: &[Backend], with_values: bool
         .collect()
 }
 
-fn tag(frontend: &Frontend) -> String {
+/// The name of a sticky frontend's chain (`of` a frontend), or of one backend's chain and
+/// set (`of` a frontend and backend). Names only live as long as the table, which a restart
+/// replaces, so the process's hasher is stable enough.
+fn sticky_name(of: impl Hash) -> String {
     let mut h = DefaultHasher::new();
-    frontend.hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-fn backend_tag(frontend: &Frontend, backend: &Backend) -> String {
-    let mut h = DefaultHasher::new();
-    (frontend, backend).hash(&mut h);
-    format!("{:016x}", h.finish())
+    of.hash(&mut h);
+    format!("sticky_{:016x}", h.finish())
 }
 
 /// Statements that add a frontend's target (its elements, or its chains and sets).
@@ -160,11 +157,11 @@ fn add(out: &mut String, frontend: &Frontend, target: &Target) {
             let _ = writeln!(out, "add element ip {TABLE} {map} {{ {k} : {verdict} }}");
         }
         Target::Sticky(backends, timeout) => {
-            let chain = format!("sticky_{}", tag(frontend));
+            let chain = sticky_name(frontend);
             let _ = writeln!(out, "add chain ip {TABLE} {chain}");
             let mut picks = Vec::new();
             for (i, b) in backends.iter().enumerate() {
-                let set = format!("sticky_{}", backend_tag(frontend, b));
+                let set = sticky_name((frontend, b));
                 let _ = writeln!(
                     out,
                     "add set ip {TABLE} {set} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
@@ -208,12 +205,12 @@ fn remove(out: &mut String, frontend: &Frontend, target: &Target) {
         }
         Target::Sticky(backends, _) => {
             let map = map_of(frontend, "cluster_sticky", "node_port_sticky");
-            let chain = format!("sticky_{}", tag(frontend));
+            let chain = sticky_name(frontend);
             let _ = writeln!(out, "delete element ip {TABLE} {map} {{ {k} }}");
             let _ = writeln!(out, "flush chain ip {TABLE} {chain}");
             let _ = writeln!(out, "delete chain ip {TABLE} {chain}");
             for b in backends {
-                let set = format!("sticky_{}", backend_tag(frontend, b));
+                let set = sticky_name((frontend, b));
                 let _ = writeln!(out, "flush chain ip {TABLE} {set}");
                 let _ = writeln!(out, "delete chain ip {TABLE} {set}");
                 let _ = writeln!(out, "delete set ip {TABLE} {set}");

@@ -73,20 +73,23 @@ pub enum Target {
 /// Every frontend of a tenant's Services on one node.
 pub type Rules = BTreeMap<Frontend, Target>;
 
-struct Endpoint {
-    ip: Ipv4Addr,
-    ports: Vec<(String, Protocol, u16)>,
-    ready: bool,
-    serving_terminating: bool,
-    local: bool,
+/// A port's name, protocol and number.
+pub(crate) type NamedPort = (String, Protocol, u16);
+
+/// One address of an EndpointSlice, with what the slice says of it.
+pub(crate) struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub hostname: Option<String>,
+    pub node: Option<String>,
+    pub ports: Vec<NamedPort>,
+    pub ready: bool,
+    pub serving_terminating: bool,
 }
 
-/// The rules for `services`, served by `slices`, as seen from node `node`.
-pub fn compute<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
+/// The IPv4 endpoints of `slices`, by their Service's namespace and name.
+pub(crate) fn endpoints_by_service<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    node: &str,
-) -> Rules {
+) -> BTreeMap<(String, String), Vec<Endpoint>> {
     let mut endpoints: BTreeMap<(String, String), Vec<Endpoint>> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
@@ -97,7 +100,7 @@ pub fn compute<'a>(
             continue;
         };
         let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-        let ports: Vec<(String, Protocol, u16)> = slice
+        let ports: Vec<NamedPort> = slice
             .ports
             .iter()
             .flatten()
@@ -113,20 +116,30 @@ pub fn compute<'a>(
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let local = ep.node_name.as_deref() == Some(node);
             for address in &ep.addresses {
                 if let Ok(ip) = address.parse() {
                     into.push(Endpoint {
                         ip,
+                        hostname: ep.hostname.clone(),
+                        node: ep.node_name.clone(),
                         ports: ports.clone(),
                         ready,
                         serving_terminating: serving && terminating,
-                        local,
                     });
                 }
             }
         }
     }
+    endpoints
+}
+
+/// The rules for `services`, served by `slices`, as seen from node `node`.
+pub fn compute<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &str,
+) -> Rules {
+    let endpoints = endpoints_by_service(slices);
     let mut rules = Rules::new();
     for svc in services {
         let Some(spec) = &svc.spec else { continue };
@@ -164,10 +177,10 @@ pub fn compute<'a>(
                 continue;
             };
             let name = port.name.clone().unwrap_or_default();
-            let all = usable(eps, &name, protocol, false);
+            let all = usable(eps, &name, protocol, None);
             let target = |local_only: bool| {
                 let chosen = if local_only {
-                    usable(eps, &name, protocol, true)
+                    usable(eps, &name, protocol, Some(node))
                 } else {
                     all.clone()
                 };
@@ -198,10 +211,16 @@ pub fn compute<'a>(
 
 /// The backends of one service port: ready endpoints, or (when none is ready) the serving
 /// ones that are terminating, as upstream falls back to them.
-fn usable(eps: &[Endpoint], port_name: &str, protocol: Protocol, local_only: bool) -> Vec<Backend> {
+/// `on_node`: only the endpoints of that node.
+fn usable(
+    eps: &[Endpoint],
+    port_name: &str,
+    protocol: Protocol,
+    on_node: Option<&str>,
+) -> Vec<Backend> {
     let pick = |want_ready: bool| -> BTreeSet<Backend> {
         eps.iter()
-            .filter(|e| !local_only || e.local)
+            .filter(|e| on_node.is_none() || e.node.as_deref() == on_node)
             .filter(|e| {
                 if want_ready {
                     e.ready

@@ -241,11 +241,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .cluster_dns
         .first()
         .and_then(|ip| ip.parse().ok())
-        .map(|address| canopy_proxy::DnsServing {
-            address,
-            domain: tuning.cluster_domain.clone(),
-            upstream: tuning.cluster_dns_upstream,
-        });
+        .map(|address| tuning.dns_at(address));
     let config = args.config(client_ca)?;
     let client = kube::Client::try_from(kube_config).context("building the API client")?;
     let shutdown = tokio_util::sync::CancellationToken::new();

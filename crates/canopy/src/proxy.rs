@@ -38,6 +38,17 @@ pub struct ProxyTuning {
     pub cluster_dns_upstream: Option<std::net::SocketAddr>,
 }
 
+impl ProxyTuning {
+    /// Cluster DNS served at `address` with these flags.
+    pub fn dns_at(&self, address: std::net::Ipv4Addr) -> canopy_proxy::DnsServing {
+        canopy_proxy::DnsServing {
+            address,
+            domain: self.cluster_domain.clone(),
+            upstream: self.cluster_dns_upstream,
+        }
+    }
+}
+
 fn parse_upstream(text: &str) -> Result<std::net::SocketAddr, String> {
     text.parse::<std::net::SocketAddr>()
         .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
@@ -169,11 +180,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         crate::server::shutdown_signal().await;
         token.cancel();
     });
-    let dns = args.cluster_dns.map(|address| canopy_proxy::DnsServing {
-        address,
-        domain: args.tuning.cluster_domain.clone(),
-        upstream: args.tuning.cluster_dns_upstream,
-    });
+    let dns = args.cluster_dns.map(|address| args.tuning.dns_at(address));
     run_proxy(
         &args.kubeconfig,
         &context,

@@ -513,14 +513,7 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
         .ctx
         .timed("create", def, call.ctx.store.create(&key, bytes))
         .await;
-    let outcome = match (outcome, reservation) {
-        (Ok(Outcome::Committed(kv)), _) => Ok(Outcome::Committed(kv)),
-        (outcome, Some(reservation)) => {
-            reservation.rollback(call.ctx.store.as_ref()).await;
-            outcome
-        }
-        (outcome, None) => outcome,
-    };
+    settle(call, &outcome, reservation).await;
     match outcome? {
         Outcome::Committed(kv) => {
             set_rv(obj, kv.mod_revision);
@@ -576,6 +569,19 @@ async fn allocate(
         .allocate(&target, obj, old)
         .await
         .map(Some)
+}
+
+/// Keeps what `allocate` reserved only if the write it was for committed.
+async fn settle(
+    call: &Call<'_>,
+    outcome: &ApiResult<Outcome>,
+    reservation: Option<crate::services::Reservation>,
+) {
+    if let Some(reservation) = reservation
+        && !matches!(outcome, Ok(Outcome::Committed(_)))
+    {
+        reservation.rollback(call.ctx.store.as_ref()).await;
+    }
 }
 
 /// Frees what a Service held before a committed write (`new` None: it was deleted).
@@ -670,14 +676,8 @@ where
                 .ctx
                 .timed("update", def, call.ctx.store.update(&key, bytes, *old_rev))
                 .await;
-            match (outcome, reservation) {
-                (Ok(Outcome::Committed(kv)), _) => Outcome::Committed(kv),
-                (outcome, Some(reservation)) => {
-                    reservation.rollback(call.ctx.store.as_ref()).await;
-                    outcome?
-                }
-                (outcome, None) => outcome?,
-            }
+            settle(call, &outcome, reservation).await;
+            outcome?
         };
         match outcome {
             Outcome::Committed(kv) => {
