@@ -106,7 +106,9 @@ pub async fn run(
     .context("starting the container runtime")?;
     let runtime_version = runtime_version(&config.runtime_binary).await;
 
-    let node_uid = node::register(&client, &config.node).await?;
+    let Some(node_uid) = node::register_with_retry(&client, &config.node, &shutdown).await else {
+        return Ok(());
+    };
     let lease = tokio::spawn(node::lease_loop(
         client.clone(),
         config.node.name.clone(),

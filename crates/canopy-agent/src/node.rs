@@ -233,6 +233,33 @@ pub fn node_labels(config: &NodeConfig) -> BTreeMap<String, String> {
     labels
 }
 
+/// Registers the Node, retrying while the API server cannot be reached or refuses, with the
+/// kubelet's backoff (100 ms, doubling to 7 s): a VM that boots while the control plane
+/// restarts must still join once it is back. `None` when shut down first.
+pub async fn register_with_retry(
+    client: &Client,
+    config: &NodeConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<String> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match register(client, config).await {
+            Ok(uid) => return Some(uid),
+            Err(error) => tracing::warn!(
+                node = %config.name,
+                error = format!("{error:#}"),
+                retry_in_ms = delay.as_millis() as u64,
+                "registering the Node failed; retrying"
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(7));
+    }
+}
+
 /// Creates the Node, or takes over the existing one (a restarted agent, or a Node the cloud
 /// controller made first), adding the labels it is missing. Returns its UID.
 pub async fn register(client: &Client, config: &NodeConfig) -> Result<String> {

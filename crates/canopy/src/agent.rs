@@ -269,7 +269,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             }
         })
     });
-    let result = canopy_agent::run(client, config, shutdown).await;
+    let result = canopy_agent::run(client, config, shutdown.clone()).await;
+    // The agent stopped, by signal or by failure: the proxy stops with it, so that a failed
+    // agent exits (and says why) instead of living on as a VM without a Node.
+    shutdown.cancel();
     if let Some(proxy) = proxy {
         let _ = proxy.await;
     }

@@ -55,10 +55,20 @@ impl Agent {
     }
 
     fn start_with(cluster: &Cluster, node: &str, tenant: &str, extra: &[&str]) -> Agent {
+        let kubeconfig = node_kubeconfig(cluster, node, Some(tenant));
+        Agent::start_from(cluster, &kubeconfig, node, tenant, extra)
+    }
+
+    fn start_from(
+        cluster: &Cluster,
+        kubeconfig: &Path,
+        node: &str,
+        tenant: &str,
+        extra: &[&str],
+    ) -> Agent {
         let base = cluster.data_dir().join(format!("agent-{node}"));
         let (root, state, logs) = (base.join("root"), base.join("state"), base.join("logs"));
         std::fs::create_dir_all(&base).unwrap();
-        let kubeconfig = node_kubeconfig(cluster, node, Some(tenant));
         // The image every test pod runs, built from the host's busybox.
         common::import_busybox(&root, IMAGE);
         let cgroup_parent = format!("canopy-test-{node}-{}", std::process::id());
@@ -786,6 +796,70 @@ async fn agent_registers_and_runs_pods() {
 /// `kubectl logs` through the API server: the agent streams the CRI log files, with
 /// --tail, --timestamps, --previous and -f; tenants read only their own pods' logs, and
 /// nobody but the API server may call the agent directly.
+/// A VM may boot while its control plane restarts: an agent that cannot reach the API
+/// server retries registering (as the kubelet does) and joins once it answers, instead of
+/// giving up, or living on as a VM without a Node. The agent reaches the server through a
+/// TCP relay that refuses connections at first, as a restarting server's address does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_once_the_api_server_answers() {
+    require_root_tools();
+    let cluster = Cluster::with_scheduler(common::Backend::Embedded);
+    let admin = cluster.client().await;
+    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server_addr = cluster
+        .url()
+        .strip_prefix("https://")
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let direct = node_kubeconfig(&cluster, "node-late", Some("acme"));
+    let relayed = cluster.data_dir().join("node-late-relayed.kubeconfig");
+    let text = std::fs::read_to_string(&direct).unwrap();
+    assert!(text.contains(cluster.url()));
+    std::fs::write(
+        &relayed,
+        text.replace(cluster.url(), &format!("https://127.0.0.1:{relay_port}")),
+    )
+    .unwrap();
+    let agent = Agent::start_from(&cluster, &relayed, "node-late", "acme", &[]);
+    wait_for("the agent to retry registering", async || {
+        (agent
+            .log()
+            .matches("registering the Node failed; retrying")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    assert!(nodes.get_opt("node-late").await.unwrap().is_none());
+
+    let relay = tokio::net::TcpListener::bind(("127.0.0.1", relay_port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            let server_addr = server_addr.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&server_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let node = ready_node(&admin, &agent, "node-late").await;
+    assert_eq!(
+        node.metadata.labels.unwrap()["canopy.io/tenant"],
+        "acme",
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_logs_through_the_api_server() {
     require_root_tools();

@@ -89,20 +89,11 @@ async fn running_pods(
             return running;
         }
         if std::time::Instant::now() > deadline {
-            let statuses: Vec<_> = list
-                .iter()
-                .map(|p| {
-                    (
-                        &p.metadata.name,
-                        &p.spec.as_ref().unwrap().node_name,
-                        &p.status,
-                    )
-                })
-                .collect();
+            let summary: Vec<String> = list.iter().map(pod_summary).collect();
             panic!(
-                "timed out waiting for {count} running pods with {selector}: {statuses:#?}\nserver log:\n{}\nagents:\n{}",
-                cluster.log(),
-                agent_logs(cluster.data_dir())
+                "timed out waiting for {count} running pods with {selector}:\n{}\n{}",
+                summary.join("\n"),
+                failure_logs(cluster)
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -122,14 +113,69 @@ async fn wait_logged<T>(
             return v;
         }
         if std::time::Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}\nserver log:\n{}\nagents:\n{}",
-                cluster.log(),
-                agent_logs(cluster.data_dir())
-            );
+            panic!("timed out waiting for {what}\n{}", failure_logs(cluster));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One line per pod: where it is and why, as `kubectl get pods -o wide` would show it,
+/// so that a failure's first lines say what went wrong before the logs do.
+fn pod_summary(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let conditions: Vec<String> = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.status != "True")
+        .map(|c| {
+            format!(
+                "{}={} {} {}",
+                c.type_,
+                c.status,
+                c.reason.as_deref().unwrap_or(""),
+                c.message.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    let waiting: Vec<String> = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .map(|w| {
+            format!(
+                "waiting {} {}",
+                w.reason.as_deref().unwrap_or(""),
+                w.message.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    format!(
+        "  {} node={:?} phase={:?} ip={:?} {:?} {:?}",
+        pod.metadata.name.as_deref().unwrap_or("?"),
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+        status.and_then(|s| s.phase.as_deref()),
+        status.and_then(|s| s.pod_ip.as_deref()),
+        conditions,
+        waiting
+    )
+}
+
+/// The logs of a failed wait: warnings and errors of the server and the VMs first (CI shows
+/// only the start and the end of a failure's output), then the whole logs.
+fn failure_logs(cluster: &Cluster) -> String {
+    let server = cluster.log();
+    let agents = agent_logs(cluster.data_dir());
+    let notable: Vec<&str> = server
+        .lines()
+        .chain(agents.lines())
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.starts_with("== "))
+        .collect();
+    format!(
+        "warnings and errors:\n{}\nserver log:\n{server}\nagents:\n{agents}",
+        notable.join("\n")
+    )
 }
 
 /// The VMs' agents' logs, after those of cloud controllers running alone

@@ -122,6 +122,11 @@ impl Cluster {
         self.server = start_server(self.dir.path(), &self.store, &self.extra);
     }
 
+    /// The API server's URL.
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.server.kubeconfig
