@@ -728,6 +728,24 @@ async fn wait_consistent(ctx: &Context, cache: &Arc<WatchCache>) -> ApiResult<()
     }
 }
 
+/// How many bytes of queued watch events go out as one frame at most.
+const WATCH_BATCH_BYTES: usize = 64 << 10;
+
+/// Frames as one (the single frame itself, uncopied, when there is one).
+fn concat(mut frames: Vec<Bytes>) -> Option<Bytes> {
+    match frames.len() {
+        0 => None,
+        1 => frames.pop(),
+        _ => {
+            let mut out = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
+            for f in &frames {
+                out.extend_from_slice(f);
+            }
+            Some(Bytes::from(out))
+        }
+    }
+}
+
 /// Writes a watch's frames until it times out, its client goes away or the cache drops it.
 #[allow(clippy::too_many_arguments)]
 async fn watch_frames(
@@ -783,14 +801,29 @@ async fn watch_frames(
                 // None: the cache dropped this watcher (too slow) or was reset; ending the
                 // stream makes the client re-establish it.
                 let Some(item) = item else { return Ok(()) };
-                if item.event.revision <= start.max(last_sent) {
-                    continue;
+                // Events already queued go out with this one as one frame: a burst (a
+                // scheduler's bindings, a rollout) costs one chunk, one TLS record and one
+                // write instead of one per event.
+                let mut frames = Vec::new();
+                let mut bytes = 0;
+                let mut next = Some(item);
+                while let Some(item) = next.take() {
+                    if item.event.revision > start.max(last_sent) {
+                        let shared = (presentation.output == Output::Json).then_some(&item.frame);
+                        let f = presentation.frame(def, item.seen, &item.event.object_json(item.seen), shared, &mut first);
+                        bytes += f.len();
+                        frames.push(f);
+                        last_sent = item.event.revision;
+                    }
+                    if bytes < WATCH_BATCH_BYTES {
+                        next = sub.events.try_recv().ok();
+                    }
                 }
-                let shared = (presentation.output == Output::Json).then_some(&item.frame);
-                let f = presentation.frame(def, item.seen, &item.event.object_json(item.seen), shared, &mut first);
-                tx.send(f).await.map_err(|_| ())?;
-                events_sent.inc();
-                last_sent = item.event.revision;
+                let count = frames.len() as u64;
+                if let Some(batch) = concat(frames) {
+                    tx.send(batch).await.map_err(|_| ())?;
+                    events_sent.inc_by(count);
+                }
             }
             _ = ticker.tick(), if bookmarks => {
                 // Everything dispatched up to `revision` is already queued: drain it first.
