@@ -126,6 +126,17 @@ async fn crud(backend: Backend) {
     let _ = uid;
 }
 
+/// The next event of a watch, within 10 s.
+async fn next_event(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<ConfigMap>>> + Unpin),
+) -> WatchEvent<ConfigMap> {
+    tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+        .await
+        .expect("watch event in time")
+        .unwrap()
+        .expect("stream open")
+}
+
 async fn list_and_watch(backend: Backend) {
     let c = Cluster::start(backend);
     let client = c.client().await;
@@ -150,11 +161,7 @@ async fn list_and_watch(backend: Backend) {
     cms.delete("w", &DeleteParams::default()).await.unwrap();
     let mut kinds = Vec::new();
     while kinds.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
-            .await
-            .expect("watch event in time")
-            .unwrap()
-            .expect("stream open");
+        let event = next_event(&mut stream).await;
         match event {
             WatchEvent::Added(cm) => kinds.push(("ADDED", cm.data.unwrap()["value"].clone())),
             WatchEvent::Modified(cm) => kinds.push(("MODIFIED", cm.data.unwrap()["value"].clone())),
@@ -205,11 +212,7 @@ async fn a_burst_of_writes_reaches_a_watch_whole_and_in_order(backend: Backend) 
     let mut seen = std::collections::BTreeSet::new();
     let mut last_rv = 0u64;
     while seen.len() < WRITES {
-        let event = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
-            .await
-            .expect("watch event in time")
-            .unwrap()
-            .expect("stream open");
+        let event = next_event(&mut stream).await;
         match event {
             WatchEvent::Added(cm) => {
                 let rv: u64 = cm.resource_version().unwrap().parse().unwrap();
