@@ -805,11 +805,7 @@ async fn an_agent_joins_once_the_api_server_answers() {
     require_root_tools();
     let cluster = Cluster::with_scheduler(common::Backend::Embedded);
     let admin = cluster.client().await;
-    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let relay_port = canopy::procs::free_port().unwrap();
     let server_addr = cluster
         .url()
         .strip_prefix("https://")

@@ -128,28 +128,14 @@ fn pod_summary(pod: &Pod) -> String {
         .into_iter()
         .flatten()
         .filter(|c| c.status != "True")
-        .map(|c| {
-            format!(
-                "{}={} {} {}",
-                c.type_,
-                c.status,
-                c.reason.as_deref().unwrap_or(""),
-                c.message.as_deref().unwrap_or("")
-            )
-        })
+        .map(|c| format!("{}={} {}", c.type_, c.status, why(&c.reason, &c.message)))
         .collect();
     let waiting: Vec<String> = status
         .and_then(|s| s.container_statuses.as_ref())
         .into_iter()
         .flatten()
         .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
-        .map(|w| {
-            format!(
-                "waiting {} {}",
-                w.reason.as_deref().unwrap_or(""),
-                w.message.as_deref().unwrap_or("")
-            )
-        })
+        .map(|w| format!("waiting {}", why(&w.reason, &w.message)))
         .collect();
     format!(
         "  {} node={:?} phase={:?} ip={:?} {:?} {:?}",
@@ -159,6 +145,15 @@ fn pod_summary(pod: &Pod) -> String {
         status.and_then(|s| s.pod_ip.as_deref()),
         conditions,
         waiting
+    )
+}
+
+/// A status's reason and message, as one text.
+fn why(reason: &Option<String>, message: &Option<String>) -> String {
+    format!(
+        "{} {}",
+        reason.as_deref().unwrap_or(""),
+        message.as_deref().unwrap_or("")
     )
 }
 

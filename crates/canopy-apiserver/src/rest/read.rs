@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Body, Call, Context, cache_error, json_response, object_response, parse_rv, target};
 use crate::{
-    cache::{CacheError, CachedObject, EventType, Filter, ListPage, WatchCache, frame},
+    cache::{CacheError, CachedObject, EventType, Filter, ListPage, WatchCache, WatchItem, frame},
     request::Output,
 };
 
@@ -731,19 +731,39 @@ async fn wait_consistent(ctx: &Context, cache: &Arc<WatchCache>) -> ApiResult<()
 /// How many bytes of queued watch events go out as one frame at most.
 const WATCH_BATCH_BYTES: usize = 64 << 10;
 
-/// Frames as one (the single frame itself, uncopied, when there is one).
-fn concat(mut frames: Vec<Bytes>) -> Option<Bytes> {
-    match frames.len() {
-        0 => None,
-        1 => frames.pop(),
-        _ => {
-            let mut out = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
-            for f in &frames {
-                out.extend_from_slice(f);
-            }
-            Some(Bytes::from(out))
+/// The frames of `first` and of the events queued behind it (up to about `limit` bytes) as
+/// one frame, with how many events it holds: a burst (a scheduler's bindings, a rollout)
+/// costs one chunk, one TLS record and one write instead of one per event. Events at or
+/// before `sent` are skipped, and `sent` moves past the ones taken. None when nothing new
+/// is queued.
+fn take_queued(
+    first: Option<WatchItem>,
+    events: &mut mpsc::Receiver<WatchItem>,
+    limit: usize,
+    sent: &mut Revision,
+    mut render: impl FnMut(&WatchItem) -> Bytes,
+) -> Option<(Bytes, u64)> {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut bytes = 0;
+    let mut next = first.or_else(|| events.try_recv().ok());
+    while let Some(item) = next.take() {
+        if item.event.revision > *sent {
+            let frame = render(&item);
+            bytes += frame.len();
+            frames.push(frame);
+            *sent = item.event.revision;
+        }
+        if bytes < limit {
+            next = events.try_recv().ok();
         }
     }
+    let count = frames.len() as u64;
+    let frame = match frames.len() {
+        0 => return None,
+        1 => frames.pop()?,
+        _ => Bytes::from(frames.concat()),
+    };
+    Some((frame, count))
 }
 
 /// Writes a watch's frames until it times out, its client goes away or the cache drops it.
@@ -787,7 +807,18 @@ async fn watch_frames(
             last_sent = event.revision;
         }
     }
-    let start = sub.revision;
+    // Backlog events predate the subscription's revision: live events resume after both.
+    last_sent = last_sent.max(sub.revision);
+    let render = |item: &WatchItem, first: &mut bool| {
+        let shared = (presentation.output == Output::Json).then_some(&item.frame);
+        presentation.frame(
+            def,
+            item.seen,
+            &item.event.object_json(item.seen),
+            shared,
+            first,
+        )
+    };
     // Bookmarks every minute, and one shortly before the watch ends so that its client can
     // resume from a recent revision (upstream's cacheWatcher does the same).
     let period = Duration::from_secs(60);
@@ -801,41 +832,17 @@ async fn watch_frames(
                 // None: the cache dropped this watcher (too slow) or was reset; ending the
                 // stream makes the client re-establish it.
                 let Some(item) = item else { return Ok(()) };
-                // Events already queued go out with this one as one frame: a burst (a
-                // scheduler's bindings, a rollout) costs one chunk, one TLS record and one
-                // write instead of one per event.
-                let mut frames = Vec::new();
-                let mut bytes = 0;
-                let mut next = Some(item);
-                while let Some(item) = next.take() {
-                    if item.event.revision > start.max(last_sent) {
-                        let shared = (presentation.output == Output::Json).then_some(&item.frame);
-                        let f = presentation.frame(def, item.seen, &item.event.object_json(item.seen), shared, &mut first);
-                        bytes += f.len();
-                        frames.push(f);
-                        last_sent = item.event.revision;
-                    }
-                    if bytes < WATCH_BATCH_BYTES {
-                        next = sub.events.try_recv().ok();
-                    }
-                }
-                let count = frames.len() as u64;
-                if let Some(batch) = concat(frames) {
-                    tx.send(batch).await.map_err(|_| ())?;
+                if let Some((frame, count)) = take_queued(Some(item), &mut sub.events, WATCH_BATCH_BYTES, &mut last_sent, |i| render(i, &mut first)) {
+                    tx.send(frame).await.map_err(|_| ())?;
                     events_sent.inc_by(count);
                 }
             }
             _ = ticker.tick(), if bookmarks => {
                 // Everything dispatched up to `revision` is already queued: drain it first.
                 let revision = cache.revision();
-                while let Ok(item) = sub.events.try_recv() {
-                    if item.event.revision <= start.max(last_sent) {
-                        continue;
-                    }
-                    let shared = (presentation.output == Output::Json).then_some(&item.frame);
-                    let f = presentation.frame(def, item.seen, &item.event.object_json(item.seen), shared, &mut first);
-                    tx.send(f).await.map_err(|_| ())?;
-                    last_sent = item.event.revision;
+                while let Some((frame, count)) = take_queued(None, &mut sub.events, WATCH_BATCH_BYTES, &mut last_sent, |i| render(i, &mut first)) {
+                    tx.send(frame).await.map_err(|_| ())?;
+                    events_sent.inc_by(count);
                 }
                 let revision = revision.max(last_sent);
                 tx.send(bookmark(def, presentation.output, revision, false)).await.map_err(|_| ())?;
