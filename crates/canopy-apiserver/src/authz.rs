@@ -32,6 +32,7 @@ use serde_json::Value;
 
 use crate::{
     auth::User,
+    cache::CachedObject,
     request::{ResourceRequest, Verb},
 };
 
@@ -125,6 +126,12 @@ impl Scope {
         self.labels.is_empty() && self.fields.is_empty()
     }
 
+    /// Whether a cached object is inside the scope.
+    pub fn contains_cached(&self, def: &ResourceDef, obj: &CachedObject) -> bool {
+        (self.labels.is_empty() || self.labels.matches(|key| obj.label(key)))
+            && (self.fields.is_empty() || self.fields.matches(|f| obj.field(def, f)))
+    }
+
     /// Whether an object is inside the scope.
     pub fn contains(&self, def: &ResourceDef, obj: &Value) -> bool {
         (self.labels.is_empty() || self.labels.matches_object(obj))
@@ -171,13 +178,29 @@ impl Access {
 
     /// Checks that an object is inside the requester's scope.
     pub fn check(&self, user: &User, req: &ResourceRequest, obj: &Value) -> ApiResult<()> {
-        if self.scope.contains(req.def, obj) {
+        let inside = self.scope.contains(req.def, obj);
+        Self::verdict(user, req, inside, canopy_api::meta::name(obj))
+    }
+
+    /// Checks that a cached object is inside the requester's scope.
+    pub fn check_cached(
+        &self,
+        user: &User,
+        req: &ResourceRequest,
+        obj: &CachedObject,
+    ) -> ApiResult<()> {
+        let inside = self.scope.contains_cached(req.def, obj);
+        Self::verdict(user, req, inside, obj.name())
+    }
+
+    fn verdict(user: &User, req: &ResourceRequest, inside: bool, name: &str) -> ApiResult<()> {
+        if inside {
             return Ok(());
         }
         Err(denied(
             user,
             req,
-            canopy_api::meta::name(obj),
+            name,
             "the object is outside the user's scope",
         ))
     }

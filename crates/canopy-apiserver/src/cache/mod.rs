@@ -1,9 +1,11 @@
 //! The watch cache: every object of one resource in memory, fed by one store watch, serving
 //! lists and watches without touching the store.
 //!
-//! - Objects are kept as their final JSON (resourceVersion included), so a list is a
-//!   concatenation of byte strings, plus the labels and selectable fields pre-extracted for
-//!   filtering.
+//! - Objects are kept as the JSON the store holds, so a list is a concatenation of byte
+//!   strings, plus the labels and selectable fields pre-extracted for filtering. The store's
+//!   JSON has no resourceVersion (it is the store's revision); it is spliced in as the object
+//!   is rendered, which is also what lets a writer build the cached object before the store
+//!   has assigned its revision.
 //! - The object map is persistent (`imbl::OrdMap`): a snapshot is O(1), which is how a
 //!   paginated list keeps serving the revision its first page was read at.
 //! - A window of recent events serves watches that start at a past revision; older ones get
@@ -50,8 +52,10 @@ pub struct CachedObject {
     pub key: Arc<str>,
     /// The store revision that last modified the object (its resourceVersion).
     pub revision: Revision,
-    /// The object's JSON, resourceVersion included.
+    /// The object's JSON as stored: without its resourceVersion.
     packed: Packed,
+    /// Where the resourceVersion goes in the JSON (see [`ResourceVersionSlot`]).
+    slot: Option<ResourceVersionSlot>,
     /// Labels, then the kind's selectable field values (in `ResourceDef::field_selectors`
     /// order), as length-prefixed strings in one allocation.
     attrs: Box<[u8]>,
@@ -63,11 +67,83 @@ fn push_attr(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// Longest `"resourceVersion":"…",` field (an i64 has at most 20 characters).
+const RV_FIELD_MAX: usize = 41;
+
+/// Where the resourceVersion field goes in an object's stored JSON: just inside its
+/// top-level `metadata` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ResourceVersionSlot {
+    /// Byte offset just after metadata's `{`.
+    at: u32,
+    /// Whether metadata has other fields, which the inserted one must be separated from.
+    comma: bool,
+}
+
+impl ResourceVersionSlot {
+    /// Finds the top-level `metadata` object of a JSON object; None when there is none.
+    fn find(json: &[u8]) -> Option<Self> {
+        let skip_space = |mut i: usize| {
+            while json.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            i
+        };
+        let mut depth = 0usize;
+        let mut i = 0;
+        while i < json.len() {
+            match json[i] {
+                b'"' => {
+                    let start = i + 1;
+                    i = start;
+                    while i < json.len() && json[i] != b'"' {
+                        i += if json[i] == b'\\' { 2 } else { 1 };
+                    }
+                    if depth == 1 && json.get(start..i) == Some(b"metadata") {
+                        let colon = skip_space(i + 1);
+                        if json.get(colon) == Some(&b':') {
+                            let open = skip_space(colon + 1);
+                            if json.get(open) != Some(&b'{') {
+                                return None;
+                            }
+                            let next = skip_space(open + 1);
+                            return Some(Self {
+                                at: u32::try_from(open + 1).ok()?,
+                                comma: json.get(next) != Some(&b'}'),
+                            });
+                        }
+                    }
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The field to insert.
+    fn field(self, revision: Revision) -> Vec<u8> {
+        let mut field = Vec::with_capacity(RV_FIELD_MAX);
+        field.extend_from_slice(b"\"resourceVersion\":\"");
+        field.extend_from_slice(revision.to_string().as_bytes());
+        field.push(b'"');
+        if self.comma {
+            field.push(b',');
+        }
+        field
+    }
+}
+
 impl CachedObject {
-    /// Builds the cached form of an object; `obj` must already carry its resourceVersion.
+    /// Builds the cached form of an object: `stored` is its JSON as the store holds it
+    /// (without resourceVersion), `obj` the same object decoded, for its labels and
+    /// selectable fields.
     pub fn new(
         def: &ResourceDef,
         obj: &Value,
+        stored: Bytes,
         revision: Revision,
         dictionary: Option<&Arc<Dictionary>>,
     ) -> Self {
@@ -91,24 +167,80 @@ impl CachedObject {
                 &kinds::field_value(def, obj, f).unwrap_or_default(),
             );
         }
-        let json = Bytes::from(serde_json::to_vec(obj).unwrap_or_default());
         Self {
             key,
             revision,
-            packed: Packed::new(json, dictionary),
+            slot: ResourceVersionSlot::find(&stored),
+            packed: Packed::new(stored, dictionary),
             attrs: attrs.into_boxed_slice(),
             labels,
+        }
+    }
+
+    /// Builds the cached form of a store record.
+    pub fn from_stored(
+        def: &ResourceDef,
+        kv: &KeyValue,
+        dictionary: Option<&Arc<Dictionary>>,
+    ) -> Result<Self, String> {
+        let mut value = parse_stored(def, kv)?;
+        // Canopy never stores a resourceVersion; should a record hold one anyway, it must
+        // not be rendered twice.
+        let stored = if meta::remove_meta(&mut value, "resourceVersion").is_some() {
+            Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
+        } else {
+            kv.value.clone()
+        };
+        Ok(Self::new(def, &value, stored, kv.mod_revision, dictionary))
+    }
+
+    /// The same object at another revision (a deletion shows the last state at the
+    /// deletion's revision).
+    pub fn at_revision(&self, revision: Revision) -> Self {
+        Self {
+            key: self.key.clone(),
+            revision,
+            packed: self.packed.clone(),
+            slot: self.slot,
+            attrs: self.attrs.clone(),
+            labels: self.labels,
+        }
+    }
+
+    /// The object after a write that changed its stored JSON to `stored` and, of its
+    /// labels and selectable fields, only `field` (name, new value): built from this one
+    /// without decoding the new JSON.
+    pub fn updated(
+        &self,
+        def: &ResourceDef,
+        stored: Bytes,
+        field: (&str, &str),
+        dictionary: Option<&Arc<Dictionary>>,
+    ) -> Self {
+        let changed = def
+            .field_selectors
+            .iter()
+            .position(|f| *f == field.0)
+            .map(|i| 2 * self.labels as usize + i);
+        let mut attrs = Vec::with_capacity(self.attrs.len() + field.1.len());
+        for (i, attr) in self.attrs().enumerate() {
+            push_attr(&mut attrs, if Some(i) == changed { field.1 } else { attr });
+        }
+        Self {
+            key: self.key.clone(),
+            revision: self.revision,
+            slot: ResourceVersionSlot::find(&stored),
+            packed: Packed::new(stored, dictionary),
+            attrs: attrs.into_boxed_slice(),
+            labels: self.labels,
         }
     }
 
     /// The same object packed with another dictionary.
     fn repacked(&self, dictionary: &Arc<Dictionary>) -> Self {
         Self {
-            key: self.key.clone(),
-            revision: self.revision,
             packed: Packed::new(self.packed.json(), Some(dictionary)),
-            attrs: self.attrs.clone(),
-            labels: self.labels,
+            ..self.at_revision(self.revision)
         }
     }
 
@@ -124,17 +256,40 @@ impl CachedObject {
 
     /// The object's JSON.
     pub fn json(&self) -> Bytes {
-        self.packed.json()
+        self.json_at(self.revision)
+    }
+
+    /// The object's JSON with `revision` as its resourceVersion.
+    pub fn json_at(&self, revision: Revision) -> Bytes {
+        let mut out = Vec::with_capacity(self.packed.len() + RV_FIELD_MAX);
+        self.render(revision, &mut out);
+        Bytes::from(out)
     }
 
     /// Appends the object's JSON to `out`.
     pub fn append_json(&self, out: &mut Vec<u8>) {
+        self.render(self.revision, out);
+    }
+
+    fn render(&self, revision: Revision, out: &mut Vec<u8>) {
+        let start = out.len();
         self.packed.append_to(out);
+        if let Some(slot) = self.slot {
+            let at = start + slot.at as usize;
+            if at <= out.len() {
+                out.splice(at..at, slot.field(revision));
+            }
+        }
+    }
+
+    /// The JSON as stored, which is what a compression dictionary is trained on.
+    pub fn stored_json(&self) -> Bytes {
+        self.packed.json()
     }
 
     /// The length of the object's JSON.
     pub fn json_len(&self) -> usize {
-        self.packed.len()
+        self.packed.len() + self.slot.map_or(0, |s| s.field(self.revision).len())
     }
 
     /// Bytes the object's JSON takes in memory.
@@ -169,7 +324,8 @@ impl CachedObject {
         None
     }
 
-    fn field(&self, def: &ResourceDef, name: &str) -> Option<String> {
+    /// The value of one of the kind's selectable fields.
+    pub fn field(&self, def: &ResourceDef, name: &str) -> Option<String> {
         match name {
             "metadata.name" => Some(self.name().to_string()),
             "metadata.namespace" => Some(self.namespace().to_string()),
@@ -257,17 +413,9 @@ impl CacheEvent {
             | (EventType::Modified, _) => self.object.json(),
             (EventType::Deleted, _) => self
                 .prev_at_revision
-                .get_or_init(|| {
-                    let Some(prev) = &self.prev else {
-                        return self.object.json();
-                    };
-                    let mut value = prev.value();
-                    meta::set_meta(
-                        &mut value,
-                        "resourceVersion",
-                        Value::String(self.revision.to_string()),
-                    );
-                    Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
+                .get_or_init(|| match &self.prev {
+                    Some(prev) => prev.json_at(self.revision),
+                    None => self.object.json(),
                 })
                 .clone(),
         }
@@ -422,12 +570,13 @@ pub struct WatchCache {
     training: std::sync::atomic::AtomicBool,
     /// The highest revision of a write to this resource this server acknowledged.
     written: std::sync::atomic::AtomicI64,
-    /// Objects this server wrote, by revision, built before their store event arrives so
-    /// that the event need not be decoded again.
-    primed: parking_lot::Mutex<HashMap<Revision, Arc<CachedObject>>>,
+    /// Objects this server is writing, by key, with the bytes written: built before their
+    /// store event arrives so that the event need not be decoded (see [`WatchCache::prime`]).
+    primed: parking_lot::Mutex<HashMap<Arc<str>, (Bytes, CachedObject)>>,
 }
 
-/// Most primed objects kept; beyond that the cache is far behind and decoding is fine.
+/// Most primed objects kept (writes that failed leave theirs until the key's next event);
+/// beyond that the cache is far behind and decoding is fine.
 const PRIMED_LIMIT: usize = 8192;
 
 /// A registered watch: initial objects (if asked for), then live events.
@@ -545,29 +694,28 @@ impl WatchCache {
         }
     }
 
-    /// Records an object this server stored at `revision` (with its resourceVersion set):
-    /// when the store's event for it arrives, the cache uses this instead of decoding.
-    pub fn prime(&self, revision: Revision, obj: &Value) {
-        // The store's event often reaches the cache before the writer gets here; then the
-        // cache has built the object already and building it again would be wasted.
-        if self.revision() >= revision {
-            self.note_write(revision);
-            return;
-        }
-        let dictionary = self.inner.read().dictionary.clone();
-        let cached = Arc::new(CachedObject::new(
-            self.def,
-            obj,
-            revision,
-            dictionary.as_ref(),
-        ));
+    /// Builds the cached form of an object this server is about to write, `stored` being the
+    /// bytes it hands the store. When the store's event carries the same bytes, the cache
+    /// takes this instead of decoding the event: the work is done by the writer, in parallel
+    /// with other writers, rather than by the one task that feeds the cache.
+    pub fn prime(&self, obj: &Value, stored: &Bytes) {
+        let dictionary = self.dictionary();
+        let cached = CachedObject::new(self.def, obj, stored.clone(), 0, dictionary.as_ref());
+        self.prime_object(cached, stored);
+    }
+
+    /// [`WatchCache::prime`] with the cached form already built.
+    pub fn prime_object(&self, cached: CachedObject, stored: &Bytes) {
         let mut primed = self.primed.lock();
         if primed.len() >= PRIMED_LIMIT {
             primed.clear();
         }
-        primed.insert(revision, cached);
-        drop(primed);
-        self.note_write(revision);
+        primed.insert(cached.key.clone(), (stored.clone(), cached));
+    }
+
+    /// The dictionary new objects are compressed with.
+    pub fn dictionary(&self) -> Option<Arc<Dictionary>> {
+        self.inner.read().dictionary.clone()
     }
 
     /// Records a write this server acknowledged, so that later reads through this server see
@@ -819,10 +967,9 @@ impl WatchCache {
             .await?;
         let mut objects = OrdMap::new();
         for kv in &list.kvs {
-            match decode(self.def, kv) {
-                Ok((value, rev)) => {
-                    let obj = Arc::new(CachedObject::new(self.def, &value, rev, None));
-                    objects.insert(obj.key.clone(), obj);
+            match CachedObject::from_stored(self.def, kv, None) {
+                Ok(obj) => {
+                    objects.insert(obj.key.clone(), Arc::new(obj));
                 }
                 Err(err) => {
                     tracing::error!(resource = self.def.plural, key = %kv.key, error = %err, "skipping undecodable stored object")
@@ -892,28 +1039,31 @@ impl WatchCache {
         let mut applied = Vec::with_capacity(events.len());
         for event in events {
             let revision = event.kv.mod_revision;
-            let primed = match event.kind {
-                EventKind::Put => self
-                    .primed
-                    .lock()
-                    .remove(&revision)
-                    .filter(|o| *o.key == cache_key(self.def, &event.kv.key)),
-                EventKind::Delete => None,
-            };
             let built = match event.kind {
-                EventKind::Put if primed.is_some() => primed,
-                EventKind::Put => match decode(self.def, &event.kv) {
-                    Ok((value, rev)) => Some(Arc::new(CachedObject::new(
-                        self.def,
-                        &value,
-                        rev,
-                        dictionary.as_ref(),
-                    ))),
-                    Err(err) => {
-                        tracing::error!(resource = self.def.plural, key = %event.kv.key, error = %err, "skipping undecodable stored object");
-                        None
+                EventKind::Put => {
+                    let primed = self
+                        .primed
+                        .lock()
+                        .remove(cache_key(self.def, &event.kv.key).as_str())
+                        .filter(|(stored, _)| *stored == event.kv.value);
+                    match primed {
+                        Some((_, mut obj)) => {
+                            obj.revision = revision;
+                            Some(Arc::new(obj))
+                        }
+                        None => match CachedObject::from_stored(
+                            self.def,
+                            &event.kv,
+                            dictionary.as_ref(),
+                        ) {
+                            Ok(obj) => Some(Arc::new(obj)),
+                            Err(err) => {
+                                tracing::error!(resource = self.def.plural, key = %event.kv.key, error = %err, "skipping undecodable stored object");
+                                None
+                            }
+                        },
                     }
-                },
+                }
                 EventKind::Delete => None,
             };
             applied.push((event.kind, revision, event.kv.key, built));
@@ -942,21 +1092,10 @@ impl WatchCache {
                 }
                 (EventKind::Delete, _, Some(prev)) => {
                     inner.objects.remove(key.as_str());
-                    let mut value = prev.value();
-                    meta::set_meta(
-                        &mut value,
-                        "resourceVersion",
-                        Value::String(revision.to_string()),
-                    );
                     CacheEvent {
                         kind: EventType::Deleted,
                         revision,
-                        object: Arc::new(CachedObject::new(
-                            self.def,
-                            &value,
-                            revision,
-                            dictionary.as_ref(),
-                        )),
+                        object: Arc::new(prev.at_revision(revision)),
                         prev: Some(prev),
                         prev_at_revision: OnceLock::new(),
                     }
@@ -1045,7 +1184,7 @@ impl WatchCache {
                 .values()
                 .step_by(step)
                 .take(TRAIN_SAMPLES)
-                .map(|o| o.json())
+                .map(|o| o.stored_json())
                 .collect();
             (samples, count)
         };
@@ -1132,15 +1271,102 @@ pub fn cache_key(def: &ResourceDef, store_key: &str) -> String {
 
 /// Decodes a stored object and sets its resourceVersion from the store's mod revision.
 pub fn decode(def: &ResourceDef, kv: &KeyValue) -> Result<(Value, Revision), String> {
-    let mut value: Value =
-        serde_json::from_slice(&kv.value).map_err(|e| format!("{} {}: {e}", def.plural, kv.key))?;
-    if !value.is_object() {
-        return Err(format!("{} {}: not a JSON object", def.plural, kv.key));
-    }
+    let mut value = parse_stored(def, kv)?;
     meta::set_meta(
         &mut value,
         "resourceVersion",
         Value::String(kv.mod_revision.to_string()),
     );
     Ok((value, kv.mod_revision))
+}
+
+fn parse_stored(def: &ResourceDef, kv: &KeyValue) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_slice(&kv.value).map_err(|e| format!("{} {}: {e}", def.plural, kv.key))?;
+    if !value.is_object() {
+        return Err(format!("{} {}: not a JSON object", def.plural, kv.key));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(json: &str) -> Option<(u32, bool)> {
+        ResourceVersionSlot::find(json.as_bytes()).map(|s| (s.at, s.comma))
+    }
+
+    fn record(json: &str, revision: Revision) -> KeyValue {
+        KeyValue {
+            key: "/registry/pods/acme/web".into(),
+            value: Bytes::from(json.to_string()),
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn finds_the_top_level_metadata_only() {
+        assert_eq!(slot(r#"{"metadata":{}}"#), Some((13, false)));
+        assert_eq!(slot(r#"{"metadata":{"name":"a"}}"#), Some((13, true)));
+        assert_eq!(slot(r#"{ "metadata" : { } }"#), Some((16, false)));
+        // "metadata" as a nested key, a value, and inside an escaped string come first.
+        let tricky = r#"{"data":{"metadata":{"x":[1,{"metadata":{}}]}},"kind":"metadata","s":"\"metadata\":{","metadata":{"name":"b"}}"#;
+        let (at, comma) = slot(tricky).unwrap();
+        assert!(comma);
+        assert_eq!(&tricky[at as usize..], r#""name":"b"}}"#);
+        assert_eq!(slot(r#"{"kind":"Pod"}"#), None);
+        assert_eq!(slot(r#"{"metadata":null}"#), None);
+        assert_eq!(slot("not json"), None);
+    }
+
+    #[test]
+    fn renders_the_revision_into_the_stored_json() {
+        let registry = canopy_api::Registry::builtin();
+        let def = registry.get("", "v1", "pods").unwrap();
+        let json = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"labels":{"app":"web"},"name":"web","namespace":"acme"},"spec":{"nodeName":"n1"}}"#;
+        let obj = CachedObject::from_stored(def, &record(json, 42), None).unwrap();
+        let rendered: Value = serde_json::from_slice(&obj.json()).unwrap();
+        let mut expected: Value = serde_json::from_str(json).unwrap();
+        meta::set_meta(&mut expected, "resourceVersion", "42".into());
+        assert_eq!(rendered, expected);
+        assert_eq!(obj.json_len(), obj.json().len());
+        assert_eq!(obj.stored_json(), json.as_bytes());
+        assert_eq!(obj.label("app"), Some("web"));
+        assert_eq!(obj.field(def, "spec.nodeName").as_deref(), Some("n1"));
+        let later: Value = serde_json::from_slice(&obj.json_at(1234567)).unwrap();
+        assert_eq!(meta::resource_version(&later), "1234567");
+        let mut listed = b"[".to_vec();
+        obj.append_json(&mut listed);
+        listed.push(b',');
+        obj.at_revision(43).append_json(&mut listed);
+        listed.push(b']');
+        let listed: Vec<Value> = serde_json::from_slice(&listed).unwrap();
+        assert_eq!(meta::resource_version(&listed[1]), "43");
+
+        // Compressed with a dictionary, it renders the same.
+        let samples: Vec<Bytes> = (0..500)
+            .map(|i| Bytes::from(json.replace("\"web\"", &format!("\"web-{i}\""))))
+            .collect();
+        let dictionary = Dictionary::train(&samples).unwrap();
+        let packed = CachedObject::from_stored(def, &record(json, 42), Some(&dictionary)).unwrap();
+        assert!(packed.packed.is_compressed());
+        assert_eq!(packed.json(), obj.json());
+        assert_eq!(packed.json_len(), obj.json_len());
+    }
+
+    #[test]
+    fn a_stored_resource_version_is_not_rendered_twice() {
+        let registry = canopy_api::Registry::builtin();
+        let def = registry.get("", "v1", "pods").unwrap();
+        let json =
+            r#"{"kind":"Pod","metadata":{"name":"web","namespace":"acme","resourceVersion":"5"}}"#;
+        let obj = CachedObject::from_stored(def, &record(json, 9), None).unwrap();
+        let text = String::from_utf8(obj.json().to_vec()).unwrap();
+        assert_eq!(text.matches("resourceVersion").count(), 1, "{text}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(meta::resource_version(&value), "9");
+    }
 }

@@ -63,7 +63,7 @@ thread_local! {
 }
 
 /// An object's JSON as the cache keeps it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Packed {
     /// As is.
     Plain(Bytes),

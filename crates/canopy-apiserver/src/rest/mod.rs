@@ -291,6 +291,11 @@ impl Call<'_> {
         self.access.check(self.user, self.req, obj)
     }
 
+    /// Checks that a cached object is inside the requester's scope.
+    pub fn check_scope_cached(&self, obj: &crate::cache::CachedObject) -> ApiResult<()> {
+        self.access.check_cached(self.user, self.req, obj)
+    }
+
     /// The name from the URL (item requests only).
     pub fn name(&self) -> &str {
         self.req.name.as_deref().unwrap_or("")

@@ -378,8 +378,8 @@ async fn store_list(
         // Later pages must read the same revision as the first.
         revision = Some(page.revision);
         for kv in &page.kvs {
-            let (value, rev) = crate::cache::decode(def, kv).map_err(ApiError::internal)?;
-            let obj = Arc::new(CachedObject::new(def, &value, rev, None));
+            let obj =
+                Arc::new(CachedObject::from_stored(def, kv, None).map_err(ApiError::internal)?);
             if filter.matches(def, &obj) {
                 if limit > 0 && items.len() == limit {
                     let last = items.last().map(|o| o.key.clone());

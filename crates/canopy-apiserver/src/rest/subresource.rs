@@ -5,14 +5,21 @@
 use canopy_api::{
     ApiError, ApiResult, Cause, ResourceDef, meta, patch, selector::LabelSelector, status,
 };
-use canopy_store::Revision;
-use http::{Response, StatusCode, header};
-use serde_json::{Value, json};
+use std::{collections::BTreeMap, sync::Arc};
 
-use super::write::{admit_update, current, decode_body, guaranteed_update};
+use bytes::Bytes;
+use canopy_store::{KeyValue, Outcome};
+use http::{Response, StatusCode, header};
+use serde_json::{
+    Value, json,
+    value::{RawValue, to_raw_value},
+};
+
+use super::write::{MAX_RETRIES, admit_update, current, decode_body, guaranteed_update};
 use super::{Body, Call, object_response, parse_rv, read_body, target};
 use crate::{
     body,
+    cache::{CachedObject, cache_key},
     request::{self, BodyType, Verb},
 };
 
@@ -200,52 +207,163 @@ pub(super) async fn bind(
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
+    let dry_run = call.dry_run()?;
     // Upstream binds straight through storage (BindingREST.setPodHostAndAnnotations): the
-    // Binding is not persisted and the pod's managedFields are left as they were.
-    let required: Option<Revision> = None;
-    guaranteed_update(call, required, false, |old| {
-        let Some(old) = old else {
+    // Binding is not persisted and the pod's managedFields are left as they were. Binding is
+    // the scheduler's hot path, so the pod is changed as stored JSON, without decoding it
+    // whole (see `bound_json`), and its cached form is derived from the current one.
+    let key = call.key();
+    let cache = call.ctx.cache(def);
+    let mut state = match cache.get(&cache_key(def, &key)) {
+        Some(obj) => Some(obj),
+        None => {
+            let (kv, _) = call.ctx.timed("get", def, call.ctx.store.get(&key)).await?;
+            stored_object(def, kv)?
+        }
+    };
+    for _ in 0..MAX_RETRIES {
+        let Some(old) = state else {
             return Err(ApiError::not_found(target(def, call.name())));
         };
-        if meta::is_deleting(old) {
-            return Err(ApiError::conflict(
-                target(def, call.name()),
-                &format!(
+        call.check_scope_cached(&old)?;
+        let conflict = |message: String| ApiError::conflict(target(def, call.name()), &message);
+        let stored = match bound_json(&old.stored_json(), &node, &annotations) {
+            Ok(stored) => Bytes::from(stored),
+            Err(BindRefusal::Deleting) => {
+                return Err(conflict(format!(
                     "pod {} is being deleted, cannot be assigned to a host",
                     call.name()
-                ),
-            ));
-        }
-        if let Some(current) = meta::path_str(old, "spec.nodeName").filter(|n| !n.is_empty()) {
-            return Err(ApiError::conflict(
-                target(def, call.name()),
-                &format!(
+                )));
+            }
+            Err(BindRefusal::Assigned(current)) => {
+                return Err(conflict(format!(
                     "pod {} is already assigned to node {current:?}",
                     call.name()
-                ),
-            ));
-        }
-        let mut new = old.clone();
-        meta::set_path(&mut new, "spec.nodeName", json!(node));
-        for (k, v) in &annotations {
-            let m = meta::metadata_mut(&mut new);
-            let entry = m.entry("annotations").or_insert_with(|| json!({}));
-            if let Some(map) = entry.as_object_mut() {
-                map.insert(k.clone(), v.clone());
+                )));
+            }
+            Err(BindRefusal::Malformed(err)) => {
+                return Err(ApiError::internal(format!("stored pod {key}: {err}")));
+            }
+        };
+        if !dry_run {
+            let dictionary = cache.dictionary();
+            let updated = old.updated(
+                def,
+                stored.clone(),
+                ("spec.nodeName", &node),
+                dictionary.as_ref(),
+            );
+            cache.prime_object(updated, &stored);
+            let outcome = call
+                .ctx
+                .timed(
+                    "update",
+                    def,
+                    call.ctx.store.update(&key, stored, old.revision),
+                )
+                .await?;
+            match outcome {
+                Outcome::Committed(kv) => cache.note_write(kv.mod_revision),
+                Outcome::Conflict(latest) => {
+                    state = stored_object(def, latest)?;
+                    continue;
+                }
             }
         }
-        set_condition(&mut new, "PodScheduled", "True");
-        Ok(new)
-    })
-    .await?;
-    let ok = status::success_status(target(def, call.name()), None);
-    Ok(object_response(StatusCode::CREATED, output, &ok))
+        let ok = status::success_status(target(def, call.name()), None);
+        return Ok(object_response(StatusCode::CREATED, output, &ok));
+    }
+    Err(ApiError::conflict(
+        target(def, call.name()),
+        "too many concurrent updates; please try again",
+    ))
 }
 
-/// Sets a pod condition, keeping its transition time when the status does not change.
-fn set_condition(pod: &mut Value, kind: &str, value: &str) {
+/// The cached form of a store record, if there is one.
+fn stored_object(def: &ResourceDef, kv: Option<KeyValue>) -> ApiResult<Option<Arc<CachedObject>>> {
+    kv.map(|kv| CachedObject::from_stored(def, &kv, None).map(Arc::new))
+        .transpose()
+        .map_err(ApiError::internal)
+}
+
+/// Why a pod cannot be bound.
+#[derive(Debug, PartialEq)]
+enum BindRefusal {
+    Deleting,
+    Assigned(String),
+    Malformed(String),
+}
+
+impl From<serde_json::Error> for BindRefusal {
+    fn from(err: serde_json::Error) -> Self {
+        BindRefusal::Malformed(err.to_string())
+    }
+}
+
+/// An object's fields with their values as JSON text: reading it only checks the values'
+/// syntax, and writing it copies them as they are.
+type RawFields = BTreeMap<String, Box<RawValue>>;
+
+fn raw_fields(value: Option<&RawValue>) -> Result<RawFields, serde_json::Error> {
+    match value {
+        Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get()),
+        _ => Ok(RawFields::new()),
+    }
+}
+
+/// A stored pod's JSON bound to `node`: `spec.nodeName` set, the binding's annotations
+/// added, condition PodScheduled True. Only the objects on the way are decoded, the rest is
+/// copied as JSON text; fields come out in the order a decoded object would be written in,
+/// so the bytes are those decoding, changing and encoding the whole pod would give.
+fn bound_json(
+    stored: &[u8],
+    node: &str,
+    annotations: &serde_json::Map<String, Value>,
+) -> Result<Vec<u8>, BindRefusal> {
+    let mut pod: RawFields = serde_json::from_slice(stored)?;
+    let mut metadata = raw_fields(pod.get("metadata").map(|v| &**v))?;
+    if metadata
+        .get("deletionTimestamp")
+        .is_some_and(|t| t.get() != "null")
+    {
+        return Err(BindRefusal::Deleting);
+    }
+    let mut spec = raw_fields(pod.get("spec").map(|v| &**v))?;
+    if let Some(current) = spec.get("nodeName") {
+        let current: Option<String> = serde_json::from_str(current.get())?;
+        if let Some(current) = current.filter(|n| !n.is_empty()) {
+            return Err(BindRefusal::Assigned(current));
+        }
+    }
+    spec.insert("nodeName".into(), to_raw_value(node)?);
+    pod.insert("spec".into(), to_raw_value(&spec)?);
+    if !annotations.is_empty() {
+        let mut merged: serde_json::Map<String, Value> = match metadata.get("annotations") {
+            Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get())?,
+            _ => serde_json::Map::new(),
+        };
+        merged.extend(annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+        metadata.insert("annotations".into(), to_raw_value(&merged)?);
+        pod.insert("metadata".into(), to_raw_value(&metadata)?);
+    }
+    let mut status: Value = match pod.get("status") {
+        Some(raw) => serde_json::from_str(raw.get())?,
+        None => json!({}),
+    };
+    set_condition(&mut status, "PodScheduled", "True");
+    pod.insert("status".into(), to_raw_value(&status)?);
+    Ok(serde_json::to_vec(&pod)?)
+}
+
+/// Sets a condition in a pod's status, keeping its transition time when the status does not
+/// change.
+fn set_condition(status: &mut Value, kind: &str, value: &str) {
     let now = meta::now_rfc3339();
-    let conditions = meta::path(pod, "status.conditions")
+    if !status.is_object() {
+        *status = json!({});
+    }
+    let conditions = status
+        .get("conditions")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
@@ -270,7 +388,7 @@ fn set_condition(pod: &mut Value, kind: &str, value: &str) {
     if !found {
         out.push(json!({"type": kind, "status": value, "lastProbeTime": null, "lastTransitionTime": now}));
     }
-    meta::set_path(pod, "status.conditions", Value::Array(out));
+    status["conditions"] = Value::Array(out);
 }
 
 pub(super) async fn log(call: &Call<'_>) -> ApiResult<Response<Body>> {
@@ -851,4 +969,81 @@ pub(super) async fn token(
         },
     });
     Ok(object_response(StatusCode::CREATED, output, &response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending_pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "acme", "uid": "u1",
+                "labels": {"app": "web"}, "annotations": {"a": "1"},
+                "managedFields": [{"manager": "kubectl", "operation": "Update",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:containers": {}}}}]},
+            "spec": {"containers": [{"name": "app", "image": "busybox",
+                "resources": {"requests": {"cpu": "100m"}}}],
+                "schedulerName": "default-scheduler", "priority": 0},
+            "status": {"phase": "Pending", "qosClass": "Burstable", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/3 nodes are available", "lastProbeTime": null,
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        })
+    }
+
+    #[test]
+    fn binding_changes_the_stored_json_as_decoding_the_pod_would() {
+        let pod = pending_pod();
+        let mut annotations = serde_json::Map::new();
+        annotations.insert("b".into(), json!("2"));
+        let bound = bound_json(&serde_json::to_vec(&pod).unwrap(), "n1", &annotations).unwrap();
+        let got: Value = serde_json::from_slice(&bound).unwrap();
+
+        let mut expected = pod.clone();
+        meta::set_path(&mut expected, "spec.nodeName", json!("n1"));
+        expected["metadata"]["annotations"]["b"] = json!("2");
+        let time = got["status"]["conditions"][0]["lastTransitionTime"].clone();
+        assert_ne!(time, json!("2026-01-01T00:00:00Z"), "the status changed");
+        expected["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True",
+            "lastProbeTime": null, "lastTransitionTime": time}]);
+        assert_eq!(got, expected);
+        // Byte for byte what encoding the decoded, changed pod gives.
+        assert_eq!(bound, serde_json::to_vec(&expected).unwrap());
+    }
+
+    #[test]
+    fn binding_adds_what_is_missing() {
+        let pod = json!({"metadata": {"name": "web"}, "spec": {"nodeName": ""}});
+        let bound = bound_json(pod.to_string().as_bytes(), "n2", &Default::default()).unwrap();
+        let got: Value = serde_json::from_slice(&bound).unwrap();
+        assert_eq!(got["spec"]["nodeName"], "n2");
+        assert_eq!(got["status"]["conditions"][0]["type"], "PodScheduled");
+        assert_eq!(got["status"]["conditions"][0]["status"], "True");
+        assert!(got["metadata"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn binding_refuses_bound_deleting_and_malformed_pods() {
+        let mut pod = pending_pod();
+        meta::set_path(&mut pod, "spec.nodeName", json!("n1"));
+        let refuse =
+            |pod: &Value| bound_json(pod.to_string().as_bytes(), "n2", &Default::default());
+        assert_eq!(refuse(&pod), Err(BindRefusal::Assigned("n1".into())));
+        let mut deleting = pending_pod();
+        meta::set_meta(
+            &mut deleting,
+            "deletionTimestamp",
+            json!("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(refuse(&deleting), Err(BindRefusal::Deleting));
+        assert!(matches!(
+            bound_json(b"[1]", "n2", &Default::default()),
+            Err(BindRefusal::Malformed(_))
+        ));
+        assert!(matches!(
+            refuse(&json!({"spec": {"nodeName": 7}})),
+            Err(BindRefusal::Malformed(_))
+        ));
+    }
 }

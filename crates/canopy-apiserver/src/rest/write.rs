@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// How many times a write retries after losing a compare-and-swap race it did not ask for.
-const MAX_RETRIES: usize = 16;
+pub(super) const MAX_RETRIES: usize = 16;
 
 /// How unknown and duplicate fields are handled.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -509,6 +509,7 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
     let reservation = allocate(call, def, obj, None, false).await?;
     let key = def.key(meta::namespace(obj), meta::name(obj));
     let bytes = encode(obj);
+    call.ctx.cache(def).prime(obj, &bytes);
     let outcome = call
         .ctx
         .timed("create", def, call.ctx.store.create(&key, bytes))
@@ -517,7 +518,7 @@ async fn store_create(call: &Call<'_>, def: &ResourceDef, obj: &mut Value) -> Ap
     match outcome? {
         Outcome::Committed(kv) => {
             set_rv(obj, kv.mod_revision);
-            call.ctx.cache(def).prime(kv.mod_revision, obj);
+            call.ctx.cache(def).note_write(kv.mod_revision);
             Ok(())
         }
         Outcome::Conflict(_) => {
@@ -672,6 +673,7 @@ where
         } else {
             let reservation = allocate(call, def, &mut new, Some(old), false).await?;
             let bytes = encode(&mut new);
+            call.ctx.cache(def).prime(&new, &bytes);
             let outcome = call
                 .ctx
                 .timed("update", def, call.ctx.store.update(&key, bytes, *old_rev))
@@ -682,13 +684,8 @@ where
         match outcome {
             Outcome::Committed(kv) => {
                 set_rv(&mut new, kv.mod_revision);
-                if deleting {
-                    call.ctx.cache(def).note_write(kv.mod_revision);
-                    release(call, def, old, None).await;
-                } else {
-                    call.ctx.cache(def).prime(kv.mod_revision, &new);
-                    release(call, def, old, Some(&new)).await;
-                }
+                call.ctx.cache(def).note_write(kv.mod_revision);
+                release(call, def, old, (!deleting).then_some(&new)).await;
                 return Ok((new, StatusCode::OK));
             }
             Outcome::Conflict(latest) => {
@@ -1188,6 +1185,7 @@ async fn delete_one(
                     return Ok((Deleted::Pending(new), StatusCode::OK));
                 }
                 let bytes = encode(&mut new);
+                call.ctx.cache(def).prime(&new, &bytes);
                 match call
                     .ctx
                     .timed("update", def, call.ctx.store.update(key, bytes, *old_rev))
@@ -1195,7 +1193,7 @@ async fn delete_one(
                 {
                     Outcome::Committed(kv) => {
                         set_rv(&mut new, kv.mod_revision);
-                        call.ctx.cache(def).prime(kv.mod_revision, &new);
+                        call.ctx.cache(def).note_write(kv.mod_revision);
                         return Ok((Deleted::Pending(new), StatusCode::OK));
                     }
                     Outcome::Conflict(latest) => {
