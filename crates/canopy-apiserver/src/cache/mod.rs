@@ -123,6 +123,16 @@ impl ResourceVersionSlot {
         None
     }
 
+    /// The length of the field to insert.
+    fn field_len(self, revision: Revision) -> usize {
+        let digits = revision.unsigned_abs().checked_ilog10().map_or(1, |d| d as usize + 1);
+        // The name, the colon and the value's quotes, then the value and the comma.
+        "\"resourceVersion\":\"\"".len()
+            + usize::from(revision < 0)
+            + digits
+            + usize::from(self.comma)
+    }
+
     /// The field to insert.
     fn field(self, revision: Revision) -> Vec<u8> {
         let mut field = Vec::with_capacity(RV_FIELD_MAX);
@@ -289,7 +299,7 @@ impl CachedObject {
 
     /// The length of the object's JSON.
     pub fn json_len(&self) -> usize {
-        self.packed.len() + self.slot.map_or(0, |s| s.field(self.revision).len())
+        self.packed.len() + self.slot.map_or(0, |s| s.field_len(self.revision))
     }
 
     /// Bytes the object's JSON takes in memory.
@@ -1320,6 +1330,12 @@ mod tests {
         assert_eq!(slot(r#"{"kind":"Pod"}"#), None);
         assert_eq!(slot(r#"{"metadata":null}"#), None);
         assert_eq!(slot("not json"), None);
+        for comma in [false, true] {
+            let slot = ResourceVersionSlot { at: 0, comma };
+            for revision in [0, 7, 10, 99, 100, 123_456, i64::MAX, -5] {
+                assert_eq!(slot.field_len(revision), slot.field(revision).len(), "{revision}");
+            }
+        }
     }
 
     #[test]
