@@ -125,7 +125,10 @@ impl ResourceVersionSlot {
 
     /// The length of the field to insert.
     fn field_len(self, revision: Revision) -> usize {
-        let digits = revision.unsigned_abs().checked_ilog10().map_or(1, |d| d as usize + 1);
+        let digits = revision
+            .unsigned_abs()
+            .checked_ilog10()
+            .map_or(1, |d| d as usize + 1);
         // The name, the colon and the value's quotes, then the value and the comma.
         "\"resourceVersion\":\"\"".len()
             + usize::from(revision < 0)
@@ -177,6 +180,17 @@ impl CachedObject {
                 &kinds::field_value(def, obj, f).unwrap_or_default(),
             );
         }
+        Self::assemble(key, revision, stored, dictionary, attrs, labels)
+    }
+
+    fn assemble(
+        key: Arc<str>,
+        revision: Revision,
+        stored: Bytes,
+        dictionary: Option<&Arc<Dictionary>>,
+        attrs: Vec<u8>,
+        labels: u16,
+    ) -> Self {
         Self {
             key,
             revision,
@@ -236,21 +250,19 @@ impl CachedObject {
         for (i, attr) in self.attrs().enumerate() {
             push_attr(&mut attrs, if Some(i) == changed { field.1 } else { attr });
         }
-        Self {
-            key: self.key.clone(),
-            revision: self.revision,
-            slot: ResourceVersionSlot::find(&stored),
-            packed: Packed::new(stored, dictionary),
-            attrs: attrs.into_boxed_slice(),
-            labels: self.labels,
-        }
+        let key = self.key.clone();
+        Self::assemble(key, self.revision, stored, dictionary, attrs, self.labels)
     }
 
     /// The same object packed with another dictionary.
     fn repacked(&self, dictionary: &Arc<Dictionary>) -> Self {
         Self {
             packed: Packed::new(self.packed.json(), Some(dictionary)),
-            ..self.at_revision(self.revision)
+            key: self.key.clone(),
+            revision: self.revision,
+            slot: self.slot,
+            attrs: self.attrs.clone(),
+            labels: self.labels,
         }
     }
 
@@ -1333,7 +1345,11 @@ mod tests {
         for comma in [false, true] {
             let slot = ResourceVersionSlot { at: 0, comma };
             for revision in [0, 7, 10, 99, 100, 123_456, i64::MAX, -5] {
-                assert_eq!(slot.field_len(revision), slot.field(revision).len(), "{revision}");
+                assert_eq!(
+                    slot.field_len(revision),
+                    slot.field(revision).len(),
+                    "{revision}"
+                );
             }
         }
     }

@@ -2,12 +2,12 @@
 //! `serviceaccounts/token`.
 //! (`status` and `namespaces/finalize` are updates of the object itself, in `write`.)
 
-use canopy_api::{
-    ApiError, ApiResult, Cause, ResourceDef, meta, patch, selector::LabelSelector, status,
-};
 use std::{collections::BTreeMap, sync::Arc};
 
 use bytes::Bytes;
+use canopy_api::{
+    ApiError, ApiResult, Cause, ResourceDef, meta, patch, selector::LabelSelector, status,
+};
 use canopy_store::{KeyValue, Outcome};
 use http::{Response, StatusCode, header};
 use serde_json::{
