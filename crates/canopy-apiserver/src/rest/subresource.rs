@@ -300,6 +300,14 @@ impl From<serde_json::Error> for BindRefusal {
     }
 }
 
+/// Whether an object's metadata marks it as being deleted; its other fields are skipped
+/// without being copied.
+#[derive(serde::Deserialize)]
+struct DeletionMark<'a> {
+    #[serde(rename = "deletionTimestamp", borrow, default)]
+    deletion_timestamp: Option<&'a RawValue>,
+}
+
 /// An object's fields with their values as JSON text: reading it only checks the values'
 /// syntax, and writing it copies them as they are.
 type RawFields = BTreeMap<String, Box<RawValue>>;
@@ -321,10 +329,14 @@ fn bound_json(
     annotations: &serde_json::Map<String, Value>,
 ) -> Result<Vec<u8>, BindRefusal> {
     let mut pod: RawFields = serde_json::from_slice(stored)?;
-    let mut metadata = raw_fields(pod.get("metadata").map(|v| &**v))?;
-    if metadata
-        .get("deletionTimestamp")
-        .is_some_and(|t| t.get() != "null")
+    let metadata_json = pod
+        .get("metadata")
+        .map(|m| m.get())
+        .filter(|m| *m != "null")
+        .unwrap_or("{}");
+    if serde_json::from_str::<DeletionMark>(metadata_json)?
+        .deletion_timestamp
+        .is_some()
     {
         return Err(BindRefusal::Deleting);
     }
@@ -338,6 +350,7 @@ fn bound_json(
     spec.insert("nodeName".into(), to_raw_value(node)?);
     pod.insert("spec".into(), to_raw_value(&spec)?);
     if !annotations.is_empty() {
+        let mut metadata = raw_fields(pod.get("metadata").map(|v| &**v))?;
         let mut merged: serde_json::Map<String, Value> = match metadata.get("annotations") {
             Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get())?,
             _ => serde_json::Map::new(),
@@ -362,11 +375,10 @@ fn set_condition(status: &mut Value, kind: &str, value: &str) {
     if !status.is_object() {
         *status = json!({});
     }
-    let conditions = status
-        .get("conditions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let conditions = match status.get_mut("conditions").map(Value::take) {
+        Some(Value::Array(conditions)) => conditions,
+        _ => Vec::new(),
+    };
     let mut found = false;
     let mut out: Vec<Value> = conditions
         .into_iter()
@@ -1014,13 +1026,20 @@ mod tests {
 
     #[test]
     fn binding_adds_what_is_missing() {
-        let pod = json!({"metadata": {"name": "web"}, "spec": {"nodeName": ""}});
+        let pod = json!({"metadata": {"name": "web", "deletionTimestamp": null},
+            "spec": {"nodeName": ""}});
         let bound = bound_json(pod.to_string().as_bytes(), "n2", &Default::default()).unwrap();
         let got: Value = serde_json::from_slice(&bound).unwrap();
         assert_eq!(got["spec"]["nodeName"], "n2");
         assert_eq!(got["status"]["conditions"][0]["type"], "PodScheduled");
         assert_eq!(got["status"]["conditions"][0]["status"], "True");
         assert!(got["metadata"].get("annotations").is_none());
+        let no_metadata = bound_json(br#"{"metadata":null}"#, "n3", &Default::default()).unwrap();
+        assert!(
+            String::from_utf8(no_metadata)
+                .unwrap()
+                .contains(r#""nodeName":"n3""#)
+        );
     }
 
     #[test]
