@@ -216,7 +216,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    fn new(responses: mpsc::Receiver<Result<WatchResponse>>, progress: mpsc::Sender<()>) -> Self {
+    /// A watch fed by a channel of responses, with a channel that carries its progress
+    /// requests: how a store is layered over another (fault injection, instrumentation).
+    pub fn new(
+        responses: mpsc::Receiver<Result<WatchResponse>>,
+        progress: mpsc::Sender<()>,
+    ) -> Self {
         Self {
             responses,
             progress,

@@ -56,10 +56,20 @@ fn to_scale(obj: &Value) -> Value {
 pub(super) async fn get_scale(call: &Call<'_>) -> ApiResult<Response<Body>> {
     let def = call.req.def;
     let output = call.output()?;
-    let (obj, _) = current(call, def, &call.key())
+    // An unversioned GET reads the store, as the object's own GET does.
+    let (obj, _) = call
+        .ctx
+        .read_stored(def, &call.key())
         .await?
         .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
+    call.check_scope(&obj)?;
     Ok(object_response(StatusCode::OK, output, &to_scale(&obj)))
+}
+
+/// What a Scale write asks for: a whole Scale (update) or a patch of it.
+enum ScaleChange {
+    Replace(Value),
+    Patch(BodyType, Value),
 }
 
 pub(super) async fn write_scale(
@@ -74,11 +84,7 @@ pub(super) async fn write_scale(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let kind = request::body_type(content_type);
-    let (obj, _) = current(call, def, &call.key())
-        .await?
-        .ok_or_else(|| ApiError::not_found(target(def, call.name())))?;
-    let scale_now = to_scale(&obj);
-    let (scale, required) = match (call.req.verb, kind) {
+    let (change, required) = match (call.req.verb, kind) {
         (Verb::Update, Some(BodyType::Json | BodyType::Yaml | BodyType::Protobuf) | None) => {
             let decoded = body::by_type(kind, &bytes)
                 .unwrap_or_else(|| Err("unsupported media type".into()))
@@ -87,7 +93,7 @@ pub(super) async fn write_scale(
                 "" => None,
                 rv => Some(parse_rv(rv)?),
             };
-            (decoded.value, required)
+            (ScaleChange::Replace(decoded.value), required)
         }
         (
             Verb::Patch,
@@ -96,29 +102,11 @@ pub(super) async fn write_scale(
             let document = body::json(&bytes)
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
                 .value;
-            let schemas = call.ctx.registry.schemas();
-            let node = schemas
-                .definition("io.k8s.api.autoscaling.v1.Scale")
-                .ok_or_else(|| ApiError::internal("no Scale schema"))?;
-            let patched = match k {
-                BodyType::JsonPatch => patch::json_patch(&scale_now, &document),
-                BodyType::MergePatch => patch::merge_patch(&scale_now, &document),
-                _ => patch::strategic_merge_patch(schemas, node, &scale_now, &document),
-            }
-            .map_err(|e| match e {
-                patch::PatchError::BadRequest(m) => ApiError::bad_request(m),
-                patch::PatchError::Invalid(m) => ApiError::invalid(
-                    "autoscaling",
-                    "Scale",
-                    call.name(),
-                    vec![Cause::invalid("", &Value::Null, &m)],
-                ),
-            })?;
             let required = meta::path_str(&document, "metadata.resourceVersion")
                 .filter(|r| !r.is_empty())
                 .map(parse_rv)
                 .transpose()?;
-            (patched, required)
+            (ScaleChange::Patch(k, document), required)
         }
         _ => {
             return Err(ApiError::unsupported_media_type(
@@ -131,35 +119,76 @@ pub(super) async fn write_scale(
             ));
         }
     };
-    let replicas = match meta::path(&scale, "spec.replicas") {
-        None => 0,
-        Some(v) => match v.as_i64() {
-            Some(n) if n >= 0 && n <= i32::MAX as i64 => n,
-            _ => {
-                return Err(ApiError::invalid(
-                    "autoscaling",
-                    "Scale",
-                    call.name(),
-                    vec![Cause::invalid(
-                        "spec.replicas",
-                        v,
-                        "must be greater than or equal to 0",
-                    )],
-                ));
-            }
-        },
-    };
+    // A patch applies to the Scale of the object as it is written (upstream patches it
+    // inside GuaranteedUpdate too), so a retry after a conflict patches the newer object.
     let (updated, code) = guaranteed_update(call, required, false, |old| {
         let Some(old) = old else {
             return Err(ApiError::not_found(target(def, call.name())));
         };
+        let patched;
+        let scale = match &change {
+            ScaleChange::Replace(scale) => scale,
+            ScaleChange::Patch(kind, document) => {
+                patched = patched_scale(call, *kind, &to_scale(old), document)?;
+                &patched
+            }
+        };
         let mut new = old.clone();
-        meta::set_path(&mut new, "spec.replicas", json!(replicas));
+        meta::set_path(
+            &mut new,
+            "spec.replicas",
+            json!(scale_replicas(call, scale)?),
+        );
         admit_update(call, &mut new, old, None, true)?;
         Ok(new)
     })
     .await?;
     Ok(object_response(code, output, &to_scale(&updated)))
+}
+
+fn patched_scale(
+    call: &Call<'_>,
+    kind: BodyType,
+    scale_now: &Value,
+    document: &Value,
+) -> ApiResult<Value> {
+    let schemas = call.ctx.registry.schemas();
+    let node = schemas
+        .definition("io.k8s.api.autoscaling.v1.Scale")
+        .ok_or_else(|| ApiError::internal("no Scale schema"))?;
+    match kind {
+        BodyType::JsonPatch => patch::json_patch(scale_now, document),
+        BodyType::MergePatch => patch::merge_patch(scale_now, document),
+        _ => patch::strategic_merge_patch(schemas, node, scale_now, document),
+    }
+    .map_err(|e| match e {
+        patch::PatchError::BadRequest(m) => ApiError::bad_request(m),
+        patch::PatchError::Invalid(m) => ApiError::invalid(
+            "autoscaling",
+            "Scale",
+            call.name(),
+            vec![Cause::invalid("", &Value::Null, &m)],
+        ),
+    })
+}
+
+fn scale_replicas(call: &Call<'_>, scale: &Value) -> ApiResult<i64> {
+    match meta::path(scale, "spec.replicas") {
+        None => Ok(0),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 0 && n <= i32::MAX as i64 => Ok(n),
+            _ => Err(ApiError::invalid(
+                "autoscaling",
+                "Scale",
+                call.name(),
+                vec![Cause::invalid(
+                    "spec.replicas",
+                    v,
+                    "must be greater than or equal to 0",
+                )],
+            )),
+        },
+    }
 }
 
 /// The object a subresource request posts (`kind` names it in errors), as JSON, YAML or
@@ -214,11 +243,18 @@ pub(super) async fn bind(
     // whole (see `bound_json`), and its cached form is derived from the current one.
     let key = call.key();
     let cache = call.ctx.cache(def);
+    let read_store = async || -> ApiResult<_> {
+        let (kv, _) = call.ctx.timed("get", def, call.ctx.store.get(&key)).await?;
+        stored_object(def, kv)
+    };
+    // Whether `state` is the store's own rather than the cache's, which may lag: a refusal or a
+    // dry run answers without a compare-and-swap, so only from the store's state.
+    let mut from_store = false;
     let mut state = match cache.get(&cache_key(def, &key)) {
         Some(obj) => Some(obj),
         None => {
-            let (kv, _) = call.ctx.timed("get", def, call.ctx.store.get(&key)).await?;
-            stored_object(def, kv)?
+            from_store = true;
+            read_store().await?
         }
     };
     for _ in 0..MAX_RETRIES {
@@ -227,7 +263,13 @@ pub(super) async fn bind(
         };
         call.check_scope_cached(&old)?;
         let conflict = |message: String| ApiError::conflict(target(def, call.name()), &message);
-        let stored = match bound_json(&old.stored_json(), &node, &annotations) {
+        let bound = bound_json(&old.stored_json(), &node, &annotations);
+        if !from_store && (bound.is_err() || dry_run) {
+            state = read_store().await?;
+            from_store = true;
+            continue;
+        }
+        let stored = match bound {
             Ok(stored) => Bytes::from(stored),
             Err(BindRefusal::Deleting) => {
                 return Err(conflict(format!(
@@ -266,6 +308,7 @@ pub(super) async fn bind(
                 Outcome::Committed(kv) => cache.note_write(kv.mod_revision),
                 Outcome::Conflict(latest) => {
                     state = stored_object(def, latest)?;
+                    from_store = true;
                     continue;
                 }
             }

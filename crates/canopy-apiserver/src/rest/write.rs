@@ -206,18 +206,65 @@ pub(super) async fn current(
     def: &ResourceDef,
     key: &str,
 ) -> ApiResult<Option<(Value, Revision)>> {
-    let state = match call.ctx.cache(def).get(&cache_key(def, key)) {
-        Some(obj) => Some((obj.value(), obj.revision)),
-        None => call
-            .ctx
-            .read_stored(def, key)
-            .await?
-            .map(|(v, kv)| (v, kv.mod_revision)),
-    };
+    Ok(write_start(call, def, key).await?.state)
+}
+
+/// The object a write starts from, and where it was read.
+struct Start {
+    state: Option<(Value, Revision)>,
+    /// Read from the store itself (or handed back by it on a conflict). A state from the watch
+    /// cache may lag the store, so a write that would end without a compare-and-swap (an
+    /// error, a failed precondition, nothing to change, a dry run) must first re-read the
+    /// store, as upstream's GuaranteedUpdate does: otherwise a client that just wrote gets an
+    /// answer computed on the object before its own write.
+    from_store: bool,
+}
+
+async fn write_start(call: &Call<'_>, def: &ResourceDef, key: &str) -> ApiResult<Start> {
+    match call.ctx.cache(def).get(&cache_key(def, key)) {
+        Some(obj) => {
+            let state = (obj.value(), obj.revision);
+            call.check_scope(&state.0)?;
+            Ok(Start {
+                state: Some(state),
+                from_store: false,
+            })
+        }
+        None => stored_start(call, def, key).await,
+    }
+}
+
+async fn stored_start(call: &Call<'_>, def: &ResourceDef, key: &str) -> ApiResult<Start> {
+    let state = call
+        .ctx
+        .read_stored(def, key)
+        .await?
+        .map(|(v, kv)| (v, kv.mod_revision));
     if let Some((obj, _)) = &state {
         call.check_scope(obj)?;
     }
-    Ok(state)
+    Ok(Start {
+        state,
+        from_store: true,
+    })
+}
+
+/// The state a compare-and-swap that lost returns: the store's own.
+fn lost_race(
+    call: &Call<'_>,
+    def: &ResourceDef,
+    latest: Option<canopy_store::KeyValue>,
+) -> ApiResult<Start> {
+    let state = latest
+        .map(|kv| crate::cache::decode(def, &kv).map_err(ApiError::internal))
+        .transpose()?;
+    if let Some((obj, _)) = &state {
+        call.check_scope(obj)?;
+    }
+    Ok(Start {
+        state,
+        from_store: true,
+    })
 }
 
 /// Refuses new objects in a namespace that does not exist or is terminating
@@ -625,9 +672,9 @@ where
     let def = call.req.def;
     let key = call.key();
     let dry_run = call.dry_run()?;
-    let mut state = current(call, def, &key).await?;
+    let mut start = write_start(call, def, &key).await?;
     for _ in 0..MAX_RETRIES {
-        let Some((old, old_rev)) = &state else {
+        let Some((old, old_rev)) = &start.state else {
             if !allow_create {
                 return Err(ApiError::not_found(target(def, call.name())));
             }
@@ -639,23 +686,40 @@ where
             match store_create(call, def, &mut obj).await {
                 Ok(()) => return Ok((obj, StatusCode::CREATED)),
                 Err(err) if err.reason == "AlreadyExists" => {
-                    state = current(call, def, &key).await?;
+                    start = stored_start(call, def, &key).await?;
                     continue;
                 }
                 Err(err) => return Err(err),
             }
         };
+        let fresh = start.from_store;
         if let Some(required) = required_rv
             && required != *old_rev
         {
+            if !fresh {
+                start = stored_start(call, def, &key).await?;
+                continue;
+            }
             return Err(ApiError::conflict(
                 target(def, call.name()),
                 ApiError::MODIFIED,
             ));
         }
-        let mut new = mutate(Some(old))?;
+        let mut new = match mutate(Some(old)) {
+            Ok(new) => new,
+            Err(_) if !fresh => {
+                start = stored_start(call, def, &key).await?;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
         set_rv(&mut new, *old_rev);
-        // An update that changes nothing is not written (and keeps its resourceVersion).
+        // An update that changes nothing is not written (and keeps its resourceVersion); nor
+        // is a dry run. Both answer without the store's compare-and-swap, so from its state.
+        if (&new == old || dry_run) && !fresh {
+            start = stored_start(call, def, &key).await?;
+            continue;
+        }
         if &new == old {
             return Ok((new, StatusCode::OK));
         }
@@ -689,14 +753,7 @@ where
                 return Ok((new, StatusCode::OK));
             }
             Outcome::Conflict(latest) => {
-                state = match latest {
-                    Some(kv) => {
-                        let (value, rev) =
-                            crate::cache::decode(def, &kv).map_err(ApiError::internal)?;
-                        Some((value, rev))
-                    }
-                    None => None,
-                };
+                start = lost_race(call, def, latest)?;
                 if required_rv.is_some() {
                     return Err(ApiError::conflict(
                         target(def, call.name()),
@@ -1114,13 +1171,27 @@ async fn delete_one(
 ) -> ApiResult<(Deleted, StatusCode)> {
     let name = key.rsplit('/').next().unwrap_or("").to_string();
     let dry_run = options.dry_run;
-    let mut state = current(call, def, key).await?;
+    let mut start = write_start(call, def, key).await?;
     for _ in 0..MAX_RETRIES {
-        let Some((old, old_rev)) = &state else {
+        let Some((old, old_rev)) = &start.state else {
             return Err(ApiError::not_found(target(def, &name)));
         };
+        let fresh = start.from_store;
+        let uid_differs = options
+            .uid
+            .as_ref()
+            .is_some_and(|uid| uid != meta::uid(old));
+        let rv_differs = options
+            .resource_version
+            .as_ref()
+            .is_some_and(|rv| *rv != old_rev.to_string());
+        // Every answer but a compare-and-swap's is given from the store's state (see `Start`).
+        if !fresh && (uid_differs || rv_differs || dry_run) {
+            start = stored_start(call, def, key).await?;
+            continue;
+        }
         if let Some(uid) = &options.uid
-            && uid != meta::uid(old)
+            && uid_differs
         {
             return Err(ApiError::conflict(
                 target(def, &name),
@@ -1131,7 +1202,7 @@ async fn delete_one(
             ));
         }
         if let Some(rv) = &options.resource_version
-            && *rv != old_rev.to_string()
+            && rv_differs
         {
             return Err(ApiError::conflict(
                 target(def, &name),
@@ -1178,6 +1249,10 @@ async fn delete_one(
                 meta::set_path(&mut new, "status.phase", json!("Terminating"));
             }
             if &new == old {
+                if !fresh {
+                    start = stored_start(call, def, key).await?;
+                    continue;
+                }
                 return Ok((Deleted::Pending(new), StatusCode::OK));
             }
             if !should_delete(def, &new) {
@@ -1197,7 +1272,7 @@ async fn delete_one(
                         return Ok((Deleted::Pending(new), StatusCode::OK));
                     }
                     Outcome::Conflict(latest) => {
-                        state = decode_latest(def, latest)?;
+                        start = lost_race(call, def, latest)?;
                         continue;
                     }
                 }
@@ -1218,22 +1293,13 @@ async fn delete_one(
                 set_rv(&mut gone, kv.mod_revision);
                 return Ok((Deleted::Gone(gone), StatusCode::OK));
             }
-            Outcome::Conflict(latest) => state = decode_latest(def, latest)?,
+            Outcome::Conflict(latest) => start = lost_race(call, def, latest)?,
         }
     }
     Err(ApiError::conflict(
         target(def, &name),
         "too many concurrent updates; please try again",
     ))
-}
-
-fn decode_latest(
-    def: &ResourceDef,
-    latest: Option<canopy_store::KeyValue>,
-) -> ApiResult<Option<(Value, Revision)>> {
-    latest
-        .map(|kv| crate::cache::decode(def, &kv).map_err(ApiError::internal))
-        .transpose()
 }
 
 /// The grace period of a deletion: only pods that may be running on a node have one
