@@ -4,9 +4,15 @@
 //! Layout (three redb tables):
 //! - `log`: revision → record. Every write appends one record: put or delete, the key, its
 //!   create revision and version, the revision it replaced (`prev`), and the value. A key's
-//!   current value is the record its `keys` entry points to, so values are stored once.
-//! - `keys`: key → revision of its current record (live keys only).
+//!   current value is the record its `index` entry points to, so values are stored once.
+//! - `index`: key → the modification revision (where its current record is), create revision
+//!   and version of each live key. An update needs only this entry, not the record it
+//!   replaces, so it reads no value: with many keys, the record is usually not in the page
+//!   cache and reading it cost a disk read per write.
 //! - `meta`: the current and the compacted revision.
+//!
+//! Stores written before `index` existed have `keys` (key → revision) instead; opening one
+//! builds `index` from it and the log, once.
 //!
 //! Compacting to revision C removes, for every record r below C, the record r replaced (it is
 //! superseded at a revision below C) and r itself when r is a deletion: what remains is, per
@@ -38,7 +44,10 @@ use crate::{
 };
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+/// key → (modification revision, create revision, version).
+const INDEX: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("index");
+/// The index of stores written before `INDEX` existed: key → modification revision.
+const LEGACY_KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
@@ -129,7 +138,8 @@ impl EmbeddedStore {
             let (revision, compacted) = {
                 // Opening creates the tables on first start.
                 txn.open_table(LOG).map_err(db_err)?;
-                txn.open_table(KEYS).map_err(db_err)?;
+                txn.open_table(INDEX).map_err(db_err)?;
+                migrate_legacy_keys(&txn)?;
                 let meta = txn.open_table(META).map_err(db_err)?;
                 (
                     read_meta(&meta, META_REVISION)?,
@@ -218,12 +228,15 @@ impl Store for EmbeddedStore {
         let key = key.to_string();
         self.read(move |shared| {
             let txn = shared.db.begin_read().map_err(db_err)?;
-            let keys = txn.open_table(KEYS).map_err(db_err)?;
+            let index = txn.open_table(INDEX).map_err(db_err)?;
             let log = txn.open_table(LOG).map_err(db_err)?;
             let meta = txn.open_table(META).map_err(db_err)?;
             let revision = read_meta(&meta, META_REVISION)?;
-            let kv = match keys.get(key.as_str()).map_err(db_err)? {
-                Some(rev) => Some(load(&log, rev.value())?.into_kv(rev.value())),
+            let kv = match index.get(key.as_str()).map_err(db_err)? {
+                Some(entry) => {
+                    let (rev, _, _) = entry.value();
+                    Some(load(&log, rev)?.into_kv(rev))
+                }
                 None => None,
             };
             Ok((kv, revision))
@@ -234,7 +247,7 @@ impl Store for EmbeddedStore {
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
         self.read(move |shared| {
             let txn = shared.db.begin_read().map_err(db_err)?;
-            let keys = txn.open_table(KEYS).map_err(db_err)?;
+            let index = txn.open_table(INDEX).map_err(db_err)?;
             let log = txn.open_table(LOG).map_err(db_err)?;
             let meta = txn.open_table(META).map_err(db_err)?;
             let current = read_meta(&meta, META_REVISION)?;
@@ -248,7 +261,7 @@ impl Store for EmbeddedStore {
                     });
                 }
                 Some(rev) if rev > 0 && rev < current => {
-                    return range_at(&keys, &log, &request, rev);
+                    return range_at(&index, &log, &request, rev);
                 }
                 _ => {}
             }
@@ -256,8 +269,8 @@ impl Store for EmbeddedStore {
             let mut kvs = Vec::new();
             let mut more = false;
             let mut count = 0;
-            for entry in keys.range::<&str>(start..).map_err(db_err)? {
-                let (key, rev) = entry.map_err(db_err)?;
+            for entry in index.range::<&str>(start..).map_err(db_err)? {
+                let (key, entry) = entry.map_err(db_err)?;
                 let key = key.value();
                 if !key.starts_with(request.prefix.as_str()) {
                     break;
@@ -271,7 +284,8 @@ impl Store for EmbeddedStore {
                     more = true;
                     continue;
                 }
-                kvs.push(load(&log, rev.value())?.into_kv(rev.value()));
+                let (rev, _, _) = entry.value();
+                kvs.push(load(&log, rev)?.into_kv(rev));
             }
             Ok(RangeResponse {
                 kvs,
@@ -347,7 +361,7 @@ impl Store for EmbeddedStore {
 /// A range read at a past revision: the current keys, each walked back along its `prev`
 /// chain, plus keys deleted since, found in the log after the revision.
 fn range_at(
-    keys: &impl ReadableTable<&'static str, u64>,
+    index: &impl ReadableTable<&'static str, (u64, u64, u64)>,
     log: &impl ReadableTable<u64, &'static [u8]>,
     request: &RangeRequest,
     revision: Revision,
@@ -361,19 +375,19 @@ fn range_at(
     };
     let mut found = std::collections::BTreeMap::new();
     let start = request.start_after.as_deref().unwrap_or(&request.prefix);
-    for entry in keys.range::<&str>(start..).map_err(db_err)? {
-        let (key, rev) = entry.map_err(db_err)?;
+    for entry in index.range::<&str>(start..).map_err(db_err)? {
+        let (key, entry) = entry.map_err(db_err)?;
         let key = key.value();
         if !key.starts_with(request.prefix.as_str()) {
             break;
         }
         if in_range(key)
-            && let Some((rev, record)) = record_at(log, rev.value(), revision)?
+            && let Some((rev, record)) = record_at(log, entry.value().0, revision)?
         {
             found.insert(key.to_string(), record.into_kv(rev));
         }
     }
-    // Keys deleted after `revision` are not in `keys` but existed then.
+    // Keys deleted after `revision` are not in the index but existed then.
     for entry in log.range((revision as u64 + 1)..).map_err(db_err)? {
         let (_, bytes) = entry.map_err(db_err)?;
         let record = Record::decode(bytes.value())?;
@@ -575,9 +589,9 @@ impl Writer {
             let mut revision = started;
             {
                 let mut log = txn.open_table(LOG).map_err(db_err)?;
-                let mut keys = txn.open_table(KEYS).map_err(db_err)?;
+                let mut index = txn.open_table(INDEX).map_err(db_err)?;
                 for (write, _) in &batch {
-                    let outcome = apply(&mut log, &mut keys, write, revision + 1);
+                    let outcome = apply(&mut log, &mut index, write, revision + 1);
                     if let Ok((Outcome::Committed(_), Some(event))) = &outcome {
                         revision += 1;
                         events.push(event.clone());
@@ -710,80 +724,77 @@ fn revision_now(shared: &Shared) -> Revision {
 /// commits). Returns the outcome and, when it commits, its event.
 fn apply(
     log: &mut redb::Table<u64, &[u8]>,
-    keys: &mut redb::Table<&str, u64>,
+    index: &mut redb::Table<&str, (u64, u64, u64)>,
     write: &Write,
     rev: Revision,
 ) -> Result<(Outcome, Option<Event>)> {
     let key = match write {
         Write::Create { key, .. } | Write::Update { key, .. } | Write::Delete { key, .. } => key,
     };
-    let current_rev = keys.get(key.as_str()).map_err(db_err)?.map(|v| v.value());
-    let current = match current_rev {
-        Some(r) => Some(load(log, r)?.into_kv(r)),
-        None => None,
-    };
-    let (record, prev) = match (write, current) {
-        (Write::Create { value, .. }, None) => (
-            Record {
-                kind: EventKind::Put,
-                key: key.clone(),
-                create_revision: rev as u64,
-                version: 1,
-                prev: 0,
-                value: value.clone(),
-            },
-            None,
-        ),
+    let current = index.get(key.as_str()).map_err(db_err)?.map(|e| e.value());
+    let record = match (write, current) {
+        (Write::Create { value, .. }, None) => Record {
+            kind: EventKind::Put,
+            key: key.clone(),
+            create_revision: rev as u64,
+            version: 1,
+            prev: 0,
+            value: value.clone(),
+        },
         (
             Write::Update {
                 value, expected, ..
             },
-            Some(cur),
-        ) if cur.mod_revision == *expected => (
-            Record {
-                kind: EventKind::Put,
-                key: key.clone(),
-                create_revision: cur.create_revision as u64,
-                version: cur.version as u64 + 1,
-                prev: cur.mod_revision as u64,
-                value: value.clone(),
-            },
-            Some(cur),
-        ),
-        (Write::Delete { expected, .. }, Some(cur))
-            if expected.is_none_or(|e| e == cur.mod_revision) =>
+            Some((mod_revision, create_revision, version)),
+        ) if mod_revision as Revision == *expected => Record {
+            kind: EventKind::Put,
+            key: key.clone(),
+            create_revision,
+            version: version + 1,
+            prev: mod_revision,
+            value: value.clone(),
+        },
+        (Write::Delete { expected, .. }, Some((mod_revision, create_revision, version)))
+            if expected.is_none_or(|e| e == mod_revision as Revision) =>
         {
-            (
-                Record {
-                    kind: EventKind::Delete,
-                    key: key.clone(),
-                    create_revision: cur.create_revision as u64,
-                    version: cur.version as u64,
-                    prev: cur.mod_revision as u64,
-                    value: Bytes::new(),
-                },
-                Some(cur),
-            )
+            Record {
+                kind: EventKind::Delete,
+                key: key.clone(),
+                create_revision,
+                version,
+                prev: mod_revision,
+                value: Bytes::new(),
+            }
         }
-        (_, current) => return Ok((Outcome::Conflict(current), None)),
+        (_, current) => {
+            let current = match current {
+                Some((mod_revision, _, _)) => Some(load(log, mod_revision)?.into_kv(mod_revision)),
+                None => None,
+            };
+            return Ok((Outcome::Conflict(current), None));
+        }
     };
     log.insert(rev as u64, record.encode().as_slice())
         .map_err(db_err)?;
     let kind = record.kind;
-    match kind {
+    let outcome_kv = match kind {
         EventKind::Put => {
-            keys.insert(key.as_str(), rev as u64).map_err(db_err)?;
+            index
+                .insert(
+                    key.as_str(),
+                    (rev as u64, record.create_revision, record.version),
+                )
+                .map_err(db_err)?;
+            record.into_kv(rev as u64)
         }
         EventKind::Delete => {
-            keys.remove(key.as_str()).map_err(db_err)?;
+            index.remove(key.as_str()).map_err(db_err)?;
+            // A deletion answers with the key as it was, at the deletion's revision.
+            KeyValue {
+                mod_revision: rev,
+                ..load(log, record.prev)?.into_kv(record.prev)
+            }
         }
-    }
-    let outcome_kv = match (kind, &prev) {
-        (EventKind::Delete, Some(prev)) => KeyValue {
-            mod_revision: rev,
-            ..prev.clone()
-        },
-        _ => record.into_kv(rev as u64),
     };
     let event_kv = match kind {
         EventKind::Put => outcome_kv.clone(),
@@ -794,12 +805,44 @@ fn apply(
     };
     Ok((
         Outcome::Committed(outcome_kv),
-        Some(Event {
-            kind,
-            kv: event_kv,
-            prev,
-        }),
+        Some(Event { kind, kv: event_kv }),
     ))
+}
+
+/// Builds `index` from a store written before it existed (key → revision in `keys`), taking
+/// each key's create revision and version from its current record, then drops `keys`.
+fn migrate_legacy_keys(txn: &redb::WriteTransaction) -> Result<()> {
+    use redb::TableHandle;
+    let legacy = txn
+        .list_tables()
+        .map_err(db_err)?
+        .any(|table| table.name() == LEGACY_KEYS.name());
+    if !legacy {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut migrated = 0usize;
+    {
+        let keys = txn.open_table(LEGACY_KEYS).map_err(db_err)?;
+        let log = txn.open_table(LOG).map_err(db_err)?;
+        let mut index = txn.open_table(INDEX).map_err(db_err)?;
+        for entry in keys.iter().map_err(db_err)? {
+            let (key, rev) = entry.map_err(db_err)?;
+            let rev = rev.value();
+            let record = load(&log, rev)?;
+            index
+                .insert(key.value(), (rev, record.create_revision, record.version))
+                .map_err(db_err)?;
+            migrated += 1;
+        }
+    }
+    txn.delete_table(LEGACY_KEYS).map_err(db_err)?;
+    tracing::info!(
+        keys = migrated,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "embedded store: built the key index from the previous format"
+    );
+    Ok(())
 }
 
 /// Feeds one watch: first from the log (history, or after falling behind), then from the
@@ -954,20 +997,12 @@ fn catch_up_chunk(
         if !record.key.starts_with(prefix) {
             continue;
         }
-        let prev = if record.prev > 0 {
-            match log.get(record.prev).map_err(db_err)? {
-                Some(b) => Some(Record::decode(b.value())?.into_kv(record.prev)),
-                None => None,
-            }
-        } else {
-            None
-        };
         let kind = record.kind;
         let mut kv = record.into_kv(rev);
         if kind == EventKind::Delete {
             kv.value = Bytes::new();
         }
-        events.push(Event { kind, kv, prev });
+        events.push(Event { kind, kv });
         if events.len() >= CATCH_UP_CHUNK || started.elapsed() > Duration::from_millis(200) {
             return Ok((events, reached, false));
         }
@@ -990,6 +1025,91 @@ mod tests {
             Outcome::Committed(kv) => kv,
             Outcome::Conflict(c) => panic!("unexpected conflict: {c:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn opens_a_store_of_the_format_without_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(LOG).unwrap();
+                let mut keys = txn.open_table(LEGACY_KEYS).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                let record = |key: &str, create_revision, version, prev, value: &'static str| {
+                    Record {
+                        kind: EventKind::Put,
+                        key: key.to_string(),
+                        create_revision,
+                        version,
+                        prev,
+                        value: Bytes::from(value),
+                    }
+                    .encode()
+                };
+                // /m/a: created at 1, updated at 2; /m/b: created at 3.
+                log.insert(1, record("/m/a", 1, 1, 0, "1").as_slice())
+                    .unwrap();
+                log.insert(2, record("/m/a", 1, 2, 1, "2").as_slice())
+                    .unwrap();
+                log.insert(3, record("/m/b", 3, 1, 0, "b").as_slice())
+                    .unwrap();
+                keys.insert("/m/a", 2).unwrap();
+                keys.insert("/m/b", 3).unwrap();
+                meta.insert(META_REVISION, 3).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+
+        let s = EmbeddedStore::open(&path, Default::default()).unwrap();
+        let (a, revision) = s.get("/m/a").await.unwrap();
+        let a = a.unwrap();
+        assert_eq!(revision, 3);
+        assert_eq!(
+            (&a.value, a.create_revision, a.mod_revision, a.version),
+            (&Bytes::from("2"), 1, 2, 2)
+        );
+        // Updates go on from the migrated create revision and version.
+        let updated = committed(s.update("/m/a", Bytes::from("3"), 2).await.unwrap());
+        assert_eq!(
+            (
+                updated.create_revision,
+                updated.mod_revision,
+                updated.version
+            ),
+            (1, 4, 3)
+        );
+        match s.update("/m/b", Bytes::from("x"), 1).await.unwrap() {
+            Outcome::Conflict(Some(current)) => assert_eq!(current.value, Bytes::from("b")),
+            other => panic!("a stale update must conflict with the current value: {other:?}"),
+        }
+        let listed = s
+            .range(RangeRequest {
+                prefix: "/m/".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let values: Vec<_> = listed.kvs.iter().map(|kv| kv.value.clone()).collect();
+        assert_eq!(values, ["3", "b"].map(Bytes::from));
+        drop(s);
+
+        // The old table is gone, and reopening does not migrate again.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let tables: Vec<String> = txn
+                .list_tables()
+                .unwrap()
+                .map(|t| redb::TableHandle::name(&t).to_string())
+                .collect();
+            assert!(!tables.iter().any(|t| t == "keys"), "{tables:?}");
+        }
+        let s = EmbeddedStore::open(&path, Default::default()).unwrap();
+        let (a, _) = s.get("/m/a").await.unwrap();
+        assert_eq!(a.unwrap().version, 3);
     }
 
     #[tokio::test]
@@ -1082,16 +1202,25 @@ mod tests {
         while seen.len() < 2 {
             seen.extend(watch.next().await.unwrap().unwrap().events);
         }
-        assert_eq!(seen[1].prev.as_ref().unwrap().value, Bytes::from("1"));
+        let update = &seen[1].kv;
+        assert_eq!(
+            (&update.value, update.create_revision, update.version),
+            (&Bytes::from("2"), 1, 2)
+        );
         s.delete("/w/a", None).await.unwrap();
         let live = watch.next().await.unwrap().unwrap();
         assert_eq!(live.events.len(), 1);
         assert_eq!(live.events[0].kind, EventKind::Delete);
-        assert_eq!(live.events[0].kv.mod_revision, 4);
+        let deleted = &live.events[0].kv;
         assert_eq!(
-            live.events[0].prev.as_ref().unwrap().value,
-            Bytes::from("2")
+            (
+                deleted.mod_revision,
+                deleted.create_revision,
+                deleted.version
+            ),
+            (4, 1, 2)
         );
+        assert!(deleted.value.is_empty());
     }
 
     #[tokio::test]
@@ -1128,12 +1257,13 @@ mod tests {
             s.watch("/c/", 3).await,
             Err(Error::Compacted { compacted: 4, .. })
         ));
-        // Revision 5's event still has its previous value (revision 2 is newest below 5).
+        // Revision 5's event is still there, with its key's create revision and version.
         let mut watch = s.watch("/c/", 5).await.unwrap();
         let resp = watch.next().await.unwrap().unwrap();
+        let kv = &resp.events[0].kv;
         assert_eq!(
-            resp.events[0].prev.as_ref().unwrap().value,
-            Bytes::from("2")
+            (&kv.value, kv.create_revision, kv.version),
+            (&Bytes::from("3"), 1, 3)
         );
         let (a, _) = s.get("/c/a").await.unwrap();
         assert_eq!(a.unwrap().value, Bytes::from("3"));

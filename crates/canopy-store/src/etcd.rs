@@ -307,7 +307,6 @@ impl Store for EtcdStore {
         let options = WatchOptions::new()
             .with_range(prefix_end(prefix))
             .with_start_revision(start)
-            .with_prev_key()
             .with_progress_notify();
         let stream = self
             .client
@@ -366,7 +365,6 @@ impl Store for EtcdStore {
                                 Ok(Event {
                                     kind,
                                     kv: to_kv(kv)?,
-                                    prev: event.prev_kv().map(to_kv).transpose()?,
                                 })
                             })();
                             match converted {

@@ -71,9 +71,11 @@ pub struct Event {
     pub kind: EventKind,
     /// The key after the change. For a delete, `value` is empty and `mod_revision` is the
     /// revision of the deletion.
+    ///
+    /// Events do not carry the key's previous value (etcd's `prev_kv`): finding it costs
+    /// the store a read per write, and a watcher that needs it (the API server's watch cache)
+    /// already holds it.
     pub kv: KeyValue,
-    /// The key before the change, when it existed and its history was not compacted.
-    pub prev: Option<KeyValue>,
 }
 
 /// What a watch delivers: events in revision order, and how far the watch has progressed.

@@ -207,16 +207,21 @@ async fn contract(store: Arc<dyn Store>) {
     let values: Vec<_> = old.kvs.iter().map(|kv| kv.value.clone()).collect();
     assert_eq!(values, ["2", "b", "c", "d", "e"].map(Bytes::from));
 
-    // Watch from a past revision: history in order with previous values, then live events.
+    // Watch from a past revision: history in order, then live events.
     let mut watch = store.watch("/c/items/", a.mod_revision).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 8 {
         seen.extend(next(&mut watch).await.events);
     }
     assert_eq!(seen[0].kv.value, Bytes::from("1"));
-    assert_eq!(seen[1].prev.as_ref().unwrap().value, Bytes::from("1"));
+    // An update keeps the key's create revision and counts its version.
+    let update = &seen[1].kv;
+    assert_eq!(
+        (&update.value, update.create_revision, update.version),
+        (&Bytes::from("2"), a.create_revision, 2)
+    );
     let deletion = seen.iter().find(|e| e.kind == EventKind::Delete).unwrap();
-    assert_eq!(deletion.prev.as_ref().unwrap().value, Bytes::from("d"));
+    assert!(deletion.kv.key.ends_with("/d") && deletion.kv.value.is_empty());
     assert!(
         seen.windows(2)
             .all(|w| w[0].kv.mod_revision < w[1].kv.mod_revision)
