@@ -296,12 +296,27 @@ impl CachedObject {
     fn render(&self, revision: Revision, out: &mut Vec<u8>) {
         let start = out.len();
         self.packed.append_to(out);
+        self.splice_revision(out, start, revision);
+    }
+
+    /// Puts the resourceVersion field into the object's JSON that starts at `start` of `out`.
+    fn splice_revision(&self, out: &mut Vec<u8>, start: usize, revision: Revision) {
         if let Some(slot) = self.slot {
             let at = start + slot.at as usize;
             if at <= out.len() {
                 out.splice(at..at, slot.field(revision));
             }
         }
+    }
+
+    /// The object's JSON rendered from `stored`, its bytes as stored, which the caller has at
+    /// hand: the same as [`CachedObject::json`] without unpacking.
+    pub fn json_from_stored(&self, stored: &[u8]) -> Bytes {
+        debug_assert_eq!(stored.len(), self.packed.len());
+        let mut out = Vec::with_capacity(stored.len() + RV_FIELD_MAX);
+        out.extend_from_slice(stored);
+        self.splice_revision(&mut out, 0, self.revision);
+        Bytes::from(out)
     }
 
     /// The JSON as stored, which is what a compression dictionary is trained on.
@@ -1088,10 +1103,10 @@ impl WatchCache {
                 }
                 EventKind::Delete => None,
             };
-            applied.push((event.kind, revision, event.kv.key, built));
+            applied.push((event.kind, revision, event.kv.key, built, event.kv.value));
         }
         let mut inner = self.inner.write();
-        for (kind, revision, store_key, built) in applied {
+        for (kind, revision, store_key, built, stored) in applied {
             if revision <= inner.revision {
                 continue;
             }
@@ -1129,7 +1144,9 @@ impl WatchCache {
             };
             inner.revision = revision;
             let event = Arc::new(event);
-            self.dispatch(&mut inner, &event);
+            // A put's frames are rendered from the stored bytes at hand, not unpacked again.
+            let stored = (event.kind != EventType::Deleted).then_some(&stored[..]);
+            self.dispatch(&mut inner, &event, stored);
             inner.events.push_back(event);
             while inner.events.len() > self.options.window {
                 if let Some(dropped) = inner.events.pop_front() {
@@ -1145,7 +1162,9 @@ impl WatchCache {
         self.revision.send_replace(revision);
     }
 
-    fn dispatch(&self, inner: &mut Inner, event: &Arc<CacheEvent>) {
+    /// Queues an event for every watcher that sees it. `stored`: the event's object as
+    /// stored, when at hand, to render frames from.
+    fn dispatch(&self, inner: &mut Inner, event: &Arc<CacheEvent>, stored: Option<&[u8]>) {
         if inner.watchers.is_empty() {
             return;
         }
@@ -1157,7 +1176,12 @@ impl WatchCache {
             };
             let index = seen as usize;
             let frame_bytes = frames[index]
-                .get_or_insert_with(|| frame(seen, &event.object_json(seen)))
+                .get_or_insert_with(|| match (seen, stored) {
+                    (EventType::Added | EventType::Modified, Some(stored)) => {
+                        frame(seen, &event.object.json_from_stored(stored))
+                    }
+                    _ => frame(seen, &event.object_json(seen)),
+                })
                 .clone();
             let item = WatchItem {
                 event: event.clone(),
@@ -1387,6 +1411,9 @@ mod tests {
         assert!(packed.packed.is_compressed());
         assert_eq!(packed.json(), obj.json());
         assert_eq!(packed.json_len(), obj.json_len());
+        // Rendered from the stored bytes at hand, without unpacking, it is the same too.
+        assert_eq!(packed.json_from_stored(json.as_bytes()), obj.json());
+        assert_eq!(obj.json_from_stored(json.as_bytes()), obj.json());
     }
 
     #[test]

@@ -477,17 +477,10 @@ struct Presentation {
 }
 
 impl Presentation {
-    /// The frame of an event for this watcher. Plain JSON watchers share `shared`.
-    fn frame(
-        &self,
-        def: &ResourceDef,
-        seen: EventType,
-        object: &[u8],
-        shared: Option<&Bytes>,
-        first: &mut bool,
-    ) -> Bytes {
+    /// The frame of an event for this watcher.
+    fn frame(&self, def: &ResourceDef, seen: EventType, object: &[u8], first: &mut bool) -> Bytes {
         match self.output {
-            Output::Json | Output::Yaml => shared.cloned().unwrap_or_else(|| frame(seen, object)),
+            Output::Json | Output::Yaml => frame(seen, object),
             Output::Table => {
                 let obj: Value = serde_json::from_slice(object).unwrap_or(Value::Null);
                 let rv = meta::resource_version(&obj).to_string();
@@ -790,7 +783,7 @@ async fn watch_frames(
     let mut first = true;
     let mut last_sent = sub.revision;
     for obj in std::mem::take(&mut sub.initial) {
-        let f = presentation.frame(def, EventType::Added, &obj.json(), None, &mut first);
+        let f = presentation.frame(def, EventType::Added, &obj.json(), &mut first);
         tx.send(f).await.map_err(|_| ())?;
         events_sent.inc();
     }
@@ -801,7 +794,7 @@ async fn watch_frames(
     }
     for event in std::mem::take(&mut sub.backlog) {
         if let Some(seen) = event.seen_by(def, &filter) {
-            let f = presentation.frame(def, seen, &event.object_json(seen), None, &mut first);
+            let f = presentation.frame(def, seen, &event.object_json(seen), &mut first);
             tx.send(f).await.map_err(|_| ())?;
             events_sent.inc();
             last_sent = event.revision;
@@ -810,14 +803,11 @@ async fn watch_frames(
     // Backlog events predate the subscription's revision: live events resume after both.
     last_sent = last_sent.max(sub.revision);
     let render = |item: &WatchItem, first: &mut bool| {
-        let shared = (presentation.output == Output::Json).then_some(&item.frame);
-        presentation.frame(
-            def,
-            item.seen,
-            &item.event.object_json(item.seen),
-            shared,
-            first,
-        )
+        // Plain JSON watchers share the frame the cache rendered once for the event.
+        if presentation.output == Output::Json {
+            return item.frame.clone();
+        }
+        presentation.frame(def, item.seen, &item.event.object_json(item.seen), first)
     };
     // Bookmarks every minute, and one shortly before the watch ends so that its client can
     // resume from a recent revision (upstream's cacheWatcher does the same).
