@@ -182,6 +182,11 @@ const MERGE: &str = "application/merge-patch+json";
 const APPLY: &str = "application/apply-patch+yaml";
 const CM: &str = "/api/v1/namespaces/default/configmaps";
 
+/// ConfigMap `cfg` with `data.a` set to `a`.
+fn config_map(a: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": a}})
+}
+
 fn rv(obj: &Value) -> String {
     obj["metadata"]["resourceVersion"]
         .as_str()
@@ -197,7 +202,7 @@ async fn writes_on_a_lagging_cache_answer_from_the_store() {
             "POST",
             &format!("{CM}?fieldManager=editor"),
             JSON,
-            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "10"}}),
+            config_map("10"),
         )
         .await;
     assert_eq!(code, 201, "{created}");
@@ -214,7 +219,7 @@ async fn writes_on_a_lagging_cache_answer_from_the_store() {
             "PATCH",
             &format!("{CM}/cfg?fieldManager=mgr-a&force=true"),
             APPLY,
-            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "1"}}),
+            config_map("1"),
         )
         .await;
     assert_eq!(code, 200, "{forced}");
@@ -227,7 +232,7 @@ async fn writes_on_a_lagging_cache_answer_from_the_store() {
             "PATCH",
             &format!("{CM}/cfg?fieldManager=mgr-b"),
             APPLY,
-            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "1"}}),
+            config_map("1"),
         )
         .await;
     assert_eq!(code, 200, "shared apply on a lagging cache: {shared}");

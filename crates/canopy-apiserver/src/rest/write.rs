@@ -1177,39 +1177,14 @@ async fn delete_one(
             return Err(ApiError::not_found(target(def, &name)));
         };
         let fresh = start.from_store;
-        let uid_differs = options
-            .uid
-            .as_ref()
-            .is_some_and(|uid| uid != meta::uid(old));
-        let rv_differs = options
-            .resource_version
-            .as_ref()
-            .is_some_and(|rv| *rv != old_rev.to_string());
+        let failed = failed_precondition(options, old, *old_rev, def, &name);
         // Every answer but a compare-and-swap's is given from the store's state (see `Start`).
-        if !fresh && (uid_differs || rv_differs || dry_run) {
+        if !fresh && (failed.is_some() || dry_run) {
             start = stored_start(call, def, key).await?;
             continue;
         }
-        if let Some(uid) = &options.uid
-            && uid_differs
-        {
-            return Err(ApiError::conflict(
-                target(def, &name),
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta::uid(old)
-                ),
-            ));
-        }
-        if let Some(rv) = &options.resource_version
-            && rv_differs
-        {
-            return Err(ApiError::conflict(
-                target(def, &name),
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {old_rev}"
-                ),
-            ));
+        if let Some(err) = failed {
+            return Err(err);
         }
         let mut new = old.clone();
         let mut finalizers = meta::finalizers(&new);
@@ -1300,6 +1275,31 @@ async fn delete_one(
         target(def, &name),
         "too many concurrent updates; please try again",
     ))
+}
+
+/// The error of a delete whose UID or resourceVersion precondition `old` does not meet.
+fn failed_precondition(
+    options: &DeleteOptions,
+    old: &Value,
+    old_rev: Revision,
+    def: &ResourceDef,
+    name: &str,
+) -> Option<ApiError> {
+    let message = if let Some(uid) = options.uid.as_ref().filter(|uid| *uid != meta::uid(old)) {
+        format!(
+            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+            meta::uid(old)
+        )
+    } else {
+        let rv = options
+            .resource_version
+            .as_ref()
+            .filter(|rv| **rv != old_rev.to_string())?;
+        format!(
+            "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {old_rev}"
+        )
+    };
+    Some(ApiError::conflict(target(def, name), &message))
 }
 
 /// The grace period of a deletion: only pods that may be running on a node have one
